@@ -1,0 +1,314 @@
+"""Reading packed token shards: the dataset, the global sample order, and dynamic masking.
+
+Owns three small pieces, each usable alone:
+
+* `ShardDataset`: the rows of one split of a `sift-prep` output directory, memory-mapped
+  (zero-copy reads; pickling keeps only the path, so DataLoader workers reopen the maps).
+* `GlobalSampler`: a deterministic per-epoch shuffle addressed by a *global sample position*
+  (how many samples all ranks together have consumed). Rank r of w reading b samples at position p
+  takes positions p + r*b .. p + (r+1)*b - 1, so the w ranks together read exactly what one rank
+  reading w*b samples would, and a resume at position p continues where the run stopped whatever
+  the new world size is.
+* Masking: 15% (configurable) of the non-special tokens of each row, 80% -> [MASK], 10% -> a random
+  token, 10% kept, drawn from a generator seeded by (seed, epoch, global sample index). Any rank, any
+  resume, any world size reproduces the same masks. Validation uses one fixed masking (a constant
+  seed, epoch 0) so every run, whatever its training seed, is scored on the same positions.
+
+A batch is a dict of CPU tensors with dim 0 = sample: `input_ids`, `labels` (-100 where not masked),
+`attention_mask` (0 at [PAD]) and `sample_index` (the global dataset index), all int64.
+
+Must not import torch.distributed: rank and world size arrive as plain ints.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+"""Label of a position that is not masked (what torch's cross_entropy ignores)."""
+
+VALID_MASK_SEED = 0x5EED_BA5E
+"""The fixed masking seed of validation: independent of the training seed, so runs compare."""
+
+SHARD_FORMAT = "sift-shards"
+SHARD_FORMAT_VERSION = 1
+SPECIAL_TOKEN_NAMES = ("pad", "unk", "cls", "sep", "mask")
+
+
+class DataError(ValueError):
+    """A data directory that cannot be read as `sift-prep` output; the message says why."""
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """Read and check `DATA_DIR/manifest.json`; raise DataError with a one-line reason."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{data_dir}: no manifest.json (prepare the corpus with sift-prep first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != SHARD_FORMAT:
+        raise DataError(f"{path}: not a sift-prep manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != SHARD_FORMAT_VERSION:
+        raise DataError(f"{path}: shard format version {manifest.get('format_version')}, "
+                        f"this reader knows {SHARD_FORMAT_VERSION}")
+    return manifest
+
+
+class ShardDataset:
+    """The rows of one split (`train` or `valid`) of a sift-prep directory, memory-mapped."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train"):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.manifest = load_manifest(self.data_dir)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise DataError(f"{self.data_dir}: no split {split!r} (has {sorted(splits)})")
+        self._shard_meta = splits[split]["shards"]
+        counts = [s["num_sequences"] for s in self._shard_meta]
+        # starts[i] = global index of shard i's first row; starts[-1] = number of rows.
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if len(self) == 0:
+            raise DataError(f"{self.data_dir}: split {split!r} holds no sequences")
+        self._shards: list[np.ndarray] | None = None
+
+    # Pickle only the location: each process (DataLoader worker, spawned rank) maps on its own.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_shards"] = None
+        return state
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Ids of [PAD] [UNK] [CLS] [SEP] [MASK] under the names pad, unk, cls, sep, mask."""
+        return {k: int(v) for k, v in self.manifest["special_tokens"].items()}
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.data_dir / "tokenizer"
+
+    @property
+    def fingerprint(self) -> str:
+        """The tokenizer fingerprint: checkpoints record it so a resume on other data is caught."""
+        return str(self.manifest["tokenizer_fingerprint"])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _open(self) -> list[np.ndarray]:
+        if self._shards is None:
+            shards = []
+            for meta in self._shard_meta:
+                path = self.data_dir / meta["path"]
+                if not path.is_file():
+                    raise DataError(f"{path}: shard listed in the manifest is missing")
+                arr = np.load(path, mmap_mode="r")
+                if arr.ndim != 2 or arr.shape != (meta["num_sequences"], self.seq_len):
+                    raise DataError(f"{path}: shape {arr.shape}, manifest says "
+                                    f"({meta['num_sequences']}, {self.seq_len})")
+                shards.append(arr)
+            self._shards = shards
+        return self._shards
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """Token rows for global indices, as int64 (n, seq_len), in the order given."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)})")
+        shards = self._open()
+        out = np.empty((indices.size, self.seq_len), dtype=np.int64)
+        shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            out[sel] = shards[s][indices[sel] - self._starts[s]]
+        return out
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.rows(np.array([index]))[0]
+
+
+class GlobalSampler:
+    """The training order: a fresh permutation of the dataset each epoch, read by global position.
+
+    Position p (samples consumed by all ranks together since the start) maps to epoch p // N and to
+    the (p % N)-th entry of that epoch's permutation. Nothing depends on the world size.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of epoch `epoch` (cached: consecutive batches hit the same epoch)."""
+        if self._cached is None or self._cached[0] != epoch:
+            # uint32 halves the memory of the permutation of a large corpus.
+            dtype = np.uint32 if self.num_samples < 2**32 else np.int64
+            order = np.arange(self.num_samples, dtype=dtype)
+            if self.shuffle:
+                np.random.default_rng([self.seed, epoch, 0x0DE5]).shuffle(order)
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def global_indices(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices and their epochs at global positions position .. position+count-1."""
+        positions = np.arange(position, position + count, dtype=np.int64)
+        epochs = positions // self.num_samples
+        indices = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(epochs):  # at most two epochs unless count > N
+            sel = epochs == epoch
+            indices[sel] = self.epoch_order(int(epoch))[positions[sel] % self.num_samples]
+        return indices, epochs
+
+    def rank_indices(self, position: int, per_rank: int, rank: int,
+                     world_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's contiguous slice of the global batch of per_rank * world_size at position."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        return self.global_indices(position + rank * per_rank, per_rank)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Dynamic masked-LM corruption, BERT style."""
+
+    rate: float = 0.15
+    """Share of the non-special tokens of a row that become prediction targets (at least one)."""
+    mask_prob: float = 0.8
+    """Of the targets, the share replaced by [MASK]."""
+    random_prob: float = 0.1
+    """Of the targets, the share replaced by a random non-special token (the rest stay as they are)."""
+
+    def __post_init__(self):
+        if not 0.0 < self.rate < 1.0:
+            raise ValueError(f"masking.rate must be in (0, 1), got {self.rate}")
+        if self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:
+            raise ValueError("masking.mask_prob and masking.random_prob must be >= 0 and sum to <= 1,"
+                             f" got {self.mask_prob} and {self.random_prob}")
+
+
+def mask_row(tokens: np.ndarray, rng: np.random.Generator, cfg: MaskingConfig,
+             special_ids: np.ndarray, mask_id: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Corrupt one row; return (input_ids, labels) as int64 arrays of the row's length.
+
+    The number of targets is round(rate * candidates), at least one when the row has any
+    non-special token, so every sample carries a loss (a Bernoulli draw would leave some empty).
+    """
+    inputs = tokens.astype(np.int64, copy=True)
+    labels = np.full_like(inputs, IGNORE_INDEX)
+    candidates = np.flatnonzero(~np.isin(tokens, special_ids))  # (C,)
+    if candidates.size == 0:
+        return inputs, labels
+    n_targets = max(1, int(round(cfg.rate * candidates.size)))
+    targets = np.sort(rng.choice(candidates, size=n_targets, replace=False))  # (T,)
+    labels[targets] = inputs[targets]
+    u = rng.random(n_targets)
+    to_mask = targets[u < cfg.mask_prob]
+    to_random = targets[(u >= cfg.mask_prob) & (u < cfg.mask_prob + cfg.random_prob)]
+    inputs[to_mask] = mask_id
+    inputs[to_random] = _random_non_special(rng, to_random.size, special_ids, vocab_size)
+    return inputs, labels
+
+
+def _random_non_special(rng: np.random.Generator, n: int, special_ids: np.ndarray,
+                        vocab_size: int) -> np.ndarray:
+    """n token ids uniform over the vocabulary minus the special tokens (rejection sampling)."""
+    out = rng.integers(0, vocab_size, size=n)
+    bad = np.isin(out, special_ids)
+    while bad.any():  # specials are a handful of ids out of thousands: this loop runs ~never
+        out[bad] = rng.integers(0, vocab_size, size=int(bad.sum()))
+        bad = np.isin(out, special_ids)
+    return out
+
+
+def masking_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one sample's masking: a function of (seed, epoch, global index) only."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def make_batch(dataset: ShardDataset, indices: np.ndarray, epochs: np.ndarray, seed: int,
+               masking: MaskingConfig) -> dict[str, torch.Tensor]:
+    """Read and mask the rows `indices` (sample i masked by (seed, epochs[i], indices[i]))."""
+    special = dataset.special_ids
+    special_arr = np.array(sorted(set(special.values())), dtype=np.int64)
+    rows = dataset.rows(indices)  # (B, L)
+    input_ids = np.empty_like(rows)
+    labels = np.empty_like(rows)
+    epochs = np.broadcast_to(epochs, indices.shape)
+    for i, (index, epoch) in enumerate(zip(indices.tolist(), epochs.tolist())):
+        rng = masking_rng(seed, epoch, index)
+        input_ids[i], labels[i] = mask_row(rows[i], rng, masking, special_arr, special["mask"],
+                                           dataset.vocab_size)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy((rows != special["pad"]).astype(np.int64)),
+        "sample_index": torch.from_numpy(np.asarray(indices, dtype=np.int64).copy()),
+    }
+
+
+def train_batch(dataset: ShardDataset, sampler: GlobalSampler, masking: MaskingConfig,
+                position: int, per_rank: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This rank's masked micro-batch of `per_rank` samples of the global batch at `position`.
+
+    The caller advances its position by per_rank * world_size after each global micro-batch.
+    """
+    indices, epochs = sampler.rank_indices(position, per_rank, rank, world_size)
+    return make_batch(dataset, indices, epochs, sampler.seed, masking)
+
+
+def iter_train_batches(dataset: ShardDataset, sampler: GlobalSampler, masking: MaskingConfig,
+                       start_position: int, per_rank: int, rank: int,
+                       world_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Endless (position after this batch, batch) pairs from `start_position` on."""
+    position = start_position
+    while True:
+        batch = train_batch(dataset, sampler, masking, position, per_rank, rank, world_size)
+        position += per_rank * world_size
+        yield position, batch
+
+
+def validation_indices(num_samples: int, rank: int, world_size: int,
+                       max_samples: int | None = None) -> np.ndarray:
+    """This rank's contiguous share of the first `max_samples` validation rows (all by default).
+
+    Shares differ by at most one row; together they cover every row once.
+    """
+    n = num_samples if max_samples is None else min(max_samples, num_samples)
+    lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
+    return np.arange(lo, hi, dtype=np.int64)
+
+
+def validation_batches(dataset: ShardDataset, batch_size: int, masking: MaskingConfig,
+                       rank: int = 0, world_size: int = 1,
+                       max_samples: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The validation rows of this rank in batches, under the one fixed validation masking."""
+    indices = validation_indices(len(dataset), rank, world_size, max_samples)
+    for start in range(0, indices.size, batch_size):
+        chunk = indices[start:start + batch_size]
+        yield make_batch(dataset, chunk, np.zeros_like(chunk), VALID_MASK_SEED, masking)
+
+
+def num_validation_batches(num_samples: int, batch_size: int, rank: int, world_size: int,
+                           max_samples: int | None = None) -> int:
+    """How many batches `validation_batches` yields on this rank (for progress bars)."""
+    return math.ceil(validation_indices(num_samples, rank, world_size, max_samples).size / batch_size)

@@ -1,0 +1,110 @@
+"""Dynamic masking and the global sample order: pure functions, no shards needed."""
+import numpy as np
+import pytest
+
+from pipeline.data import (IGNORE_INDEX, GlobalSampler, MaskingConfig, mask_row, masking_rng,
+                           validation_indices)
+
+SPECIAL = np.array([0, 1, 2, 3, 4])
+MASK_ID, VOCAB = 4, 8192
+
+
+def _row(rng, length=128, pad_tail=0):
+    body = rng.integers(5, VOCAB, size=length - 2 - pad_tail)
+    return np.concatenate([[2], body, [3], np.zeros(pad_tail, dtype=np.int64)]).astype(np.uint16)
+
+
+def test_targets_are_rate_of_non_special_tokens_and_never_special():
+    rng = np.random.default_rng(0)
+    row = _row(rng, pad_tail=20)  # [CLS] 106 tokens [SEP] + 20 [PAD]
+    inputs, labels = mask_row(row, masking_rng(1, 0, 7), MaskingConfig(), SPECIAL, MASK_ID, VOCAB)
+    targets = np.flatnonzero(labels != IGNORE_INDEX)
+    assert targets.size == round(0.15 * 106)
+    assert not np.isin(row[targets], SPECIAL).any()
+    assert (labels[targets] == row[targets]).all()
+    untouched = np.setdiff1d(np.arange(row.size), targets)
+    assert (inputs[untouched] == row[untouched]).all()
+
+
+def test_rate_is_configurable():
+    row = _row(np.random.default_rng(0))
+    _, labels = mask_row(row, masking_rng(1, 0, 0), MaskingConfig(rate=0.3), SPECIAL, MASK_ID, VOCAB)
+    assert (labels != IGNORE_INDEX).sum() == round(0.3 * 126)
+
+
+def test_80_10_10_split_over_many_rows():
+    rng = np.random.default_rng(0)
+    masked = randomized = kept = 0
+    for index in range(400):
+        row = _row(rng)
+        inputs, labels = mask_row(row, masking_rng(3, 0, index), MaskingConfig(), SPECIAL, MASK_ID,
+                                  VOCAB)
+        t = labels != IGNORE_INDEX
+        masked += int((inputs[t] == MASK_ID).sum())
+        kept += int((inputs[t] == row[t]).sum())
+        randomized += int(((inputs[t] != MASK_ID) & (inputs[t] != row[t])).sum())
+        assert not np.isin(inputs[t & (inputs != MASK_ID)], SPECIAL).any()
+    total = masked + randomized + kept  # 400 * 19 = 7600 targets: sd of a 10% share is ~0.35%
+    assert abs(masked / total - 0.8) < 0.02
+    assert abs(randomized / total - 0.1) < 0.015
+    assert abs(kept / total - 0.1) < 0.015
+
+
+def test_masking_is_a_function_of_seed_epoch_and_index():
+    row = _row(np.random.default_rng(0))
+    cfg = MaskingConfig()
+
+    def masked(seed, epoch, index):
+        return mask_row(row, masking_rng(seed, epoch, index), cfg, SPECIAL, MASK_ID, VOCAB)
+
+    a, b = masked(1, 2, 3), masked(1, 2, 3)
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
+    for other in [(2, 2, 3), (1, 3, 3), (1, 2, 4)]:
+        assert (masked(*other)[1] != a[1]).any(), other
+
+
+def test_row_of_only_special_tokens_has_no_targets():
+    row = np.array([2, 3, 0, 0], dtype=np.uint16)
+    inputs, labels = mask_row(row, masking_rng(0, 0, 0), MaskingConfig(), SPECIAL, MASK_ID, VOCAB)
+    assert (labels == IGNORE_INDEX).all() and (inputs == row).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(rate=0.0), dict(rate=1.0), dict(mask_prob=0.95),
+                                    dict(random_prob=-0.1)])
+def test_bad_masking_config_is_rejected(kwargs):
+    with pytest.raises(ValueError, match="masking"):
+        MaskingConfig(**kwargs)
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    sampler = GlobalSampler(1000, seed=5)
+    e0, e1 = sampler.epoch_order(0).copy(), sampler.epoch_order(1).copy()
+    assert sorted(e0.tolist()) == list(range(1000)) == sorted(e1.tolist())
+    assert (e0 != e1).any()
+    assert (GlobalSampler(1000, seed=5).epoch_order(0) == e0).all()
+    assert (GlobalSampler(1000, seed=6).epoch_order(0) != e0).any()
+
+
+def test_global_indices_cross_the_epoch_boundary():
+    sampler = GlobalSampler(10, seed=0)
+    idx, ep = sampler.global_indices(7, 6)
+    assert ep.tolist() == [0, 0, 0, 1, 1, 1]
+    assert idx[:3].tolist() == sampler.epoch_order(0)[7:].tolist()
+    assert idx[3:].tolist() == sampler.epoch_order(1)[:3].tolist()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_rank_slices_tile_the_global_batch(world_size):
+    sampler = GlobalSampler(37, seed=1)
+    per_rank, position = 5, 30
+    parts = [sampler.rank_indices(position, per_rank, r, world_size)[0] for r in range(world_size)]
+    whole = sampler.global_indices(position, per_rank * world_size)[0]
+    assert np.concatenate(parts).tolist() == whole.tolist()
+
+
+def test_validation_shares_cover_every_row_once():
+    for world_size in (1, 2, 3, 5):
+        shares = [validation_indices(103, r, world_size) for r in range(world_size)]
+        assert np.concatenate(shares).tolist() == list(range(103))
+        assert max(s.size for s in shares) - min(s.size for s in shares) <= 1
+    assert validation_indices(103, 0, 1, max_samples=10).tolist() == list(range(10))
