@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtualenv; idempotent and fast when already done.
 #   bash launch/setup_env.sh [EXTRAS]     e.g. EXTRAS=dev or dev,mpi
-# The venv lives at $SIFT_VENV (default: <repo>/.venv). It is rebuilt only when pyproject.toml
-# or the requested extras change. torch is pinned first (torch==2.13.0, the CPU wheel on this
-# platform) so that no dependency can pull a multi-GB CUDA build.
+# The venv lives at $SIFT_VENV (default: <repo>/.venv). pip runs again only when pyproject.toml
+# changed or an extra is asked for that is not installed yet. torch is pinned first
+# (torch==2.13.0, the CPU wheel here) so that no dependency can pull a multi-GB CUDA build.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${SIFT_VENV:-$root/.venv}
 extras=${1:-}
 python=${PYTHON:-python3}
-want="$(sha256sum "$root/pyproject.toml" | cut -c1-16) extras=[$extras]"
-stamp="$venv/.sift-installed"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
-    exit 0
+stamp="$venv/.sift-installed"   # line 1: pyproject hash; line 2: installed extras, comma-separated
+hash=$(sha256sum "$root/pyproject.toml" | cut -c1-16)
+if [ -f "$stamp" ] && [ -x "$venv/bin/python" ] && [ "$(sed -n 1p "$stamp")" = "$hash" ]; then
+    have=",$(sed -n 2p "$stamp"),"
+    missing=""
+    for e in ${extras//,/ }; do
+        [[ "$have" == *",$e,"* ]] || missing="$missing $e"
+    done
+    [ -z "$missing" ] && exit 0
+    # keep what is there and add what is asked for
+    extras=$(sed -n 2p "$stamp"),$extras
 fi
+extras=$(echo "$extras" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -)
 echo "[setup] preparing virtualenv at $venv (extras: ${extras:-none})" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
@@ -21,5 +29,5 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 spec="$root"
 [ -n "$extras" ] && spec="$root[$extras]"
 "${pip[@]}" torch==2.13.0 -e "$spec"
-echo "$want" > "$stamp"
+printf '%s\n%s\n' "$hash" "$extras" > "$stamp"
 echo "[setup] done" >&2
