@@ -1,0 +1,316 @@
+"""BERT masked-LM with a sparse MLM head and an early-exit head: what SIFT trains and scores with.
+
+Owns `ModelConfig` (the model section of the config tree), the presets, `build_model` and
+`SiftBertForMaskedLM`. Built from `transformers` BERT modules with their standard parameter names
+(`bert.*`, `cls.predictions.*`), so a state dict minus `exit_head.*` loads in transformers' own
+`BertForMaskedLM` (see `pipeline/export.py`).
+
+Why sparse prediction: at vocab 30522 the dense MLM head (B*L*H*V multiply-adds, plus a (B, L, V)
+softmax) is most of a small model's step (bert-mini, seq 128, batch 32: ~3.7 s per dense step on
+CPU). Only ~15% of positions carry a label, so the head runs on the gathered masked hidden states
+only; `benchmarks/step_cost.py` measures the gain.
+
+The exit head reads the hidden states after encoder layer `exit_layer` (k):
+- `shared`: the final MLM head applied to layer-k states; no new parameters.
+- `separate`: its own transform + LayerNorm (a `BertLMPredictionHead` under `exit_head.*`, decoder
+  weight tied to the word embeddings, its own output bias), trained by an auxiliary loss computed
+  in `forward` from the layer-k states the full pass already has (no second pass). With
+  `exit_detach` the auxiliary loss reaches only the exit head's own parameters: the layer-k states
+  and the tied decoder weight are detached. (Under ZeRO-3 the detached path reads the tied weight
+  outside its module's forward; use `exit_detach` with ZeRO stages 0-2.)
+
+`exit_pass` runs embeddings + layers 1..k + the exit head and never touches the layers above k;
+`pipeline/scoring.py` wraps it with no-grad/eval handling.
+
+A leaf module: must not import torch.distributed, deepspeed or other pipeline modules (rank and
+world size never matter to the model).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.bert.modeling_bert import (
+    BertLMPredictionHead,
+    BertModel,
+    BertOnlyMLMHead,
+    BertPreTrainedModel,
+)
+
+IGNORE_INDEX = -100
+"""Label value at positions that carry no MLM target (the `labels` convention of the batch)."""
+
+PRESETS: dict[str, tuple[int, int]] = {
+    "bert-tiny": (2, 128),
+    "bert-mini": (4, 256),
+    "bert-small": (4, 512),
+    "bert-medium": (8, 512),
+    "bert-base": (12, 768),
+    "bert-large": (24, 1024),
+}
+"""Preset name -> (encoder layers, hidden size); heads = hidden / 64, intermediate = 4 * hidden."""
+
+EXIT_HEADS = ("shared", "separate")
+
+# Keys under which the SIFT settings ride in the BertConfig, so `SiftBertForMaskedLM` rebuilds
+# itself from `config.json` alone (save_pretrained / from_pretrained). Export strips them.
+SIFT_CONFIG_KEYS = ("sift_exit_layer", "sift_exit_head", "sift_exit_loss_weight", "sift_exit_detach")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model section: architecture preset (or BertConfig file) and the exit head."""
+
+    preset: str = "bert-mini"
+    """One of PRESETS (bert-tiny 2L/128H ... bert-large 24L/1024H). Ignored when config_file is set."""
+
+    config_file: str | None = None
+    """Optional path to a BertConfig JSON; overrides the preset's architecture. vocab_size and
+    pad_token_id always come from the data (build_model arguments); dropout from the fields below."""
+
+    exit_layer: int = 1
+    """k: the exit head reads the hidden states after encoder layer k (1-based, 1..num layers)."""
+
+    exit_head: str = "shared"
+    """'shared' (the final MLM head on layer-k states) or 'separate' (own transform + LayerNorm,
+    decoder tied to the word embeddings, trained by an auxiliary loss)."""
+
+    exit_loss_weight: float = 1.0
+    """Weight of the auxiliary exit loss in `.loss` (only used by exit_head='separate')."""
+
+    exit_detach: bool = False
+    """When True the auxiliary exit loss trains only the exit head: no gradient reaches the trunk."""
+
+    hidden_dropout: float = 0.1
+    """Dropout on embeddings and hidden states (BertConfig.hidden_dropout_prob)."""
+
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (BertConfig.attention_probs_dropout_prob)."""
+
+    def __post_init__(self) -> None:
+        if self.config_file is None and self.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if not isinstance(self.exit_layer, int) or self.exit_layer < 1:
+            raise ValueError(f"model.exit_layer must be an int >= 1, got {self.exit_layer!r}")
+        if self.exit_head not in EXIT_HEADS:
+            raise ValueError(f"model.exit_head must be one of {EXIT_HEADS}, got {self.exit_head!r}")
+        if not (math.isfinite(self.exit_loss_weight) and self.exit_loss_weight >= 0):
+            raise ValueError(f"model.exit_loss_weight must be finite and >= 0, got {self.exit_loss_weight!r}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {p!r}")
+
+
+def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_id: int) -> BertConfig:
+    """The BertConfig for `cfg` (preset or file) with the data's vocab and the SIFT exit settings."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if not 0 <= pad_token_id < vocab_size:
+        raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary (size {vocab_size})")
+    if cfg.config_file is not None:
+        path = Path(cfg.config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.config_file not found: {path}")
+        try:
+            config = BertConfig.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"model.config_file {path} is not a valid JSON BertConfig: {exc}") from exc
+        if config.max_position_embeddings < max_seq_len:
+            raise ValueError(
+                f"model.config_file {path}: max_position_embeddings {config.max_position_embeddings} "
+                f"< sequence length {max_seq_len}"
+            )
+    else:
+        layers, hidden = PRESETS[cfg.preset]
+        config = BertConfig(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=hidden // 64,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=max_seq_len,
+        )
+    if not 1 <= cfg.exit_layer <= config.num_hidden_layers:
+        raise ValueError(
+            f"model.exit_layer must be in 1..{config.num_hidden_layers} for this model, got {cfg.exit_layer}"
+        )
+    config.vocab_size = vocab_size
+    config.pad_token_id = pad_token_id
+    config.hidden_dropout_prob = cfg.hidden_dropout
+    config.attention_probs_dropout_prob = cfg.attention_dropout
+    config.tie_word_embeddings = True
+    config.is_decoder = False
+    config.sift_exit_layer = cfg.exit_layer
+    config.sift_exit_head = cfg.exit_head
+    config.sift_exit_loss_weight = cfg.exit_loss_weight
+    config.sift_exit_detach = cfg.exit_detach
+    return config
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_id: int) -> "SiftBertForMaskedLM":
+    """A freshly initialised SiftBertForMaskedLM (fp32, CPU, train mode)."""
+    model = SiftBertForMaskedLM(bert_config(cfg, vocab_size, max_seq_len, pad_token_id))
+    model.train()
+    return model
+
+
+@dataclass
+class SiftMaskedLMOutput(ModelOutput):
+    """Output of SiftBertForMaskedLM.forward.
+
+    loss: mlm_loss (+ exit_loss_weight * exit_loss for a separate exit head); None without labels.
+    logits: (num_masked, vocab) at the positions where labels != -100, in row-major (sample,
+        position) order, when labels are given; dense (B, L, vocab) when labels is None.
+    mlm_loss: mean cross-entropy over the masked tokens of the batch (0.0 when none is masked).
+    exit_loss: the exit head's mean masked cross-entropy (separate head only; None for shared).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    exit_loss: torch.Tensor | None = None
+
+
+def masked_mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over rows; 0.0 (still in the graph) when there are no rows.
+
+    A plain `cross_entropy(reduction='mean')` returns NaN for zero rows, which would poison a step
+    whose micro-batch happens to have no masked token; sum / max(n, 1) avoids a host sync.
+    """
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")  # ()
+    return total / max(targets.numel(), 1)
+
+
+class SiftBertForMaskedLM(BertPreTrainedModel):
+    """transformers' BertForMaskedLM layout (bert.*, cls.predictions.*) + sparse head + exit head."""
+
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.exit_layer = int(getattr(config, "sift_exit_layer", 1))
+        self.exit_head_kind = getattr(config, "sift_exit_head", "shared")
+        self.exit_loss_weight = float(getattr(config, "sift_exit_loss_weight", 1.0))
+        self.exit_detach = bool(getattr(config, "sift_exit_detach", False))
+        if self.exit_head_kind not in EXIT_HEADS:
+            raise ValueError(f"config.sift_exit_head must be one of {EXIT_HEADS}, got {self.exit_head_kind!r}")
+        if not 1 <= self.exit_layer <= config.num_hidden_layers:
+            raise ValueError(f"config.sift_exit_layer must be in 1..{config.num_hidden_layers}, got {self.exit_layer}")
+
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        if self.exit_head_kind == "separate":
+            self.exit_head = BertLMPredictionHead(config)
+            # Instance attribute (read by post_init) so the tie exists only when the head does.
+            self._tied_weights_keys = {
+                **type(self)._tied_weights_keys,
+                "exit_head.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                "exit_head.decoder.bias": "exit_head.bias",
+            }
+        else:
+            self.exit_head = None
+        self.post_init()
+
+    # transformers' hooks for resize_token_embeddings and tying.
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.bert.encoder.layer)
+
+    def trunk(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        num_layers: int | None = None,
+        capture_layer: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings + encoder layers 1..num_layers (all when None); layers above are never called.
+
+        Returns (last hidden states (B, L, H), hidden states after layer `capture_layer` or None).
+        """
+        n = self.num_layers if num_layers is None else num_layers
+        if not 0 <= n <= self.num_layers:
+            raise ValueError(f"num_layers must be in 0..{self.num_layers}, got {n}")
+        x = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, L, H)
+        # The same mask BertModel builds (None when nothing is padded under sdpa).
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask)
+        captured = x if capture_layer == 0 else None
+        for i, layer in enumerate(self.bert.encoder.layer[:n], start=1):
+            x = layer(x, mask)  # (B, L, H)
+            if i == capture_layer:
+                captured = x
+        return x, captured
+
+    def exit_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Exit-head logits (..., V) for layer-k hidden states (..., H)."""
+        if self.exit_head is None:  # shared: the final MLM head, no new parameters
+            return self.cls(hidden)
+        if self.exit_detach:
+            # Only the exit head's transform, LayerNorm and bias learn from the auxiliary loss.
+            h = self.exit_head.transform(hidden.detach())
+            return F.linear(h, self.exit_head.decoder.weight.detach(), self.exit_head.decoder.bias)
+        return self.exit_head(hidden)
+
+    def exit_pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Exit-head logits (num_masked, V) at labels != -100; runs layers 1..exit_layer only.
+
+        Grad and dropout follow the caller's mode; `pipeline.scoring.score_exit` is the no-grad,
+        eval-mode wrapper.
+        """
+        h, _ = self.trunk(input_ids, attention_mask, token_type_ids, num_layers=self.exit_layer)  # (B, L, H)
+        return self.exit_head_logits(h[labels.ne(IGNORE_INDEX)])  # (N, V)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> SiftMaskedLMOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        need_exit = labels is not None and self.exit_head is not None
+        h, h_exit = self.trunk(
+            input_ids, attention_mask, token_type_ids, capture_layer=self.exit_layer if need_exit else None
+        )  # (B, L, H), (B, L, H) | None
+        if labels is None:
+            return SiftMaskedLMOutput(logits=self.cls(h))  # (B, L, V): dense, as transformers returns
+
+        masked = labels.ne(IGNORE_INDEX)  # (B, L)
+        targets = labels[masked]  # (N,)
+        logits = self.cls(h[masked])  # (N, V): the head runs only where there is a target
+        mlm_loss = masked_mean_ce(logits, targets)
+        exit_loss = None
+        loss = mlm_loss
+        if need_exit:
+            exit_loss = masked_mean_ce(self.exit_head_logits(h_exit[masked]), targets)
+            loss = mlm_loss + self.exit_loss_weight * exit_loss
+        return SiftMaskedLMOutput(loss=loss, logits=logits, mlm_loss=mlm_loss, exit_loss=exit_loss)

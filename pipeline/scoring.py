@@ -1,0 +1,128 @@
+"""Per-sample scores for selection: the early-exit pass (SIFT) and the full model (full-loss, eval).
+
+A sample's score is the mean over its masked tokens (labels != -100) of either the cross-entropy
+of the true token (`metric="loss"`) or the entropy of the predicted distribution
+(`metric="entropy"`). A sample with no masked token scores 0.0: it carries no training signal
+either (its MLM loss term is empty), and a finite value keeps the selector's ordering total; NaN is
+reserved for a genuinely non-finite model output.
+
+`score_exit` runs embeddings + layers 1..k + the exit head only (`SiftBertForMaskedLM.exit_pass`),
+`score_full` the whole model; both run under no_grad with dropout off and restore the model's
+train/eval mode. Scores come back as float32 (B,) on the device of `batch["input_ids"]`.
+
+Depends on pipeline.model (the passes) and pipeline.selection (the policy table); must not import
+torch.distributed or deepspeed: scoring is per rank, the selector gathers.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model import IGNORE_INDEX, SiftBertForMaskedLM
+from pipeline.selection import SelectionConfig, random_scores, scoring_for
+
+METRICS = ("loss", "entropy")
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-token score (N,) float32 from logits (N, V) and true ids (N,)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    logits = logits.float()
+    if metric == "loss":
+        return F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    logp = F.log_softmax(logits, dim=-1)  # (N, V)
+    return -(logp.exp() * logp).sum(dim=-1)  # (N,)
+
+
+def per_sample_mean(values: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token `values` (N,) per row of the (B, L) boolean `masked`; 0.0 for empty rows.
+
+    `values` must be in the row-major order of `masked.nonzero()` (the order boolean indexing
+    `h[masked]` produces).
+    """
+    counts = masked.sum(dim=1)  # (B,)
+    if values.numel() != int(counts.sum()):
+        raise ValueError(f"{values.numel()} token values for {int(counts.sum())} masked positions")
+    rows = torch.repeat_interleave(torch.arange(masked.shape[0], device=masked.device), counts)  # (N,)
+    sums = torch.zeros(masked.shape[0], dtype=torch.float32, device=values.device)
+    sums.index_add_(0, rows.to(values.device), values.float())  # (B,)
+    return sums / counts.to(values.device).clamp(min=1)
+
+
+def _unwrap(model: nn.Module) -> SiftBertForMaskedLM:
+    """The SiftBertForMaskedLM inside a DeepSpeed engine / DDP wrapper (their `.module`)."""
+    inner = model
+    while not isinstance(inner, SiftBertForMaskedLM) and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    if not isinstance(inner, SiftBertForMaskedLM):
+        raise TypeError(f"expected a SiftBertForMaskedLM (or a wrapper of one), got {type(model).__name__}")
+    return inner
+
+
+def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    missing = [k for k in ("input_ids", "labels") if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; has {sorted(batch)}")
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    mask = batch.get("attention_mask")
+    mask = None if mask is None else mask.to(device, non_blocking=True)
+    types = batch.get("token_type_ids")
+    types = None if types is None else types.to(device, non_blocking=True)
+    return ids, mask, labels, types
+
+
+def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exit_only: bool) -> torch.Tensor:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    net = _unwrap(model)
+    device = next(net.parameters()).device
+    ids, mask, labels, types = _inputs(batch, device)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            if exit_only:
+                logits = net.exit_pass(ids, mask, labels, types)  # (N, V)
+            else:
+                logits = net(ids, attention_mask=mask, labels=labels, token_type_ids=types).logits  # (N, V)
+            masked = labels.ne(IGNORE_INDEX)  # (B, L)
+            scores = per_sample_mean(token_scores(logits, labels[masked], metric), masked)  # (B,)
+    finally:
+        net.train(was_training)
+    return scores.to(batch["input_ids"].device)
+
+
+def score_exit(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss") -> torch.Tensor:
+    """(B,) float32 early-exit scores: embeddings + layers 1..exit_layer + exit head only."""
+    return _score(model, batch, metric, exit_only=True)
+
+
+def score_full(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss") -> torch.Tensor:
+    """(B,) float32 scores from the whole model (full-loss policy; Spearman against score_exit)."""
+    return _score(model, batch, metric, exit_only=False)
+
+
+def score_candidates(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    cfg: SelectionConfig,
+    *,
+    seed: int,
+    step: int,
+    rank: int,
+) -> torch.Tensor | None:
+    """Scores for `cfg.policy` (the policy table applied): None for 'none', else (B,) float32."""
+    plan = scoring_for(cfg.policy)
+    if plan.scorer == "none":
+        return None
+    if plan.scorer == "random":
+        n = batch["input_ids"].shape[0]
+        return random_scores(n, seed, step, rank).to(batch["input_ids"].device)
+    if plan.scorer == "exit":
+        return score_exit(model, batch, plan.metric)
+    return score_full(model, batch, plan.metric)

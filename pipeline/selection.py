@@ -1,0 +1,162 @@
+"""Selection policies as pure functions: how many candidates, how many kept, which ones.
+
+Owns `SelectionConfig` and the helpers every rank evaluates identically: `is_active` (should we
+select at this step), `num_candidates` / `num_selected` (pool sizes), `top_k_indices` (scores ->
+indices: descending, ties by lower index, NaN after every other score) and `random_scores` (the
+`random` control: uniform scores from a generator seeded by (seed, step, rank), so the global
+top-k of the union is a uniform random subset and no global RNG is touched), plus `scoring_for`,
+the policy -> (scorer, metric) table the trainer reads instead of re-encoding it.
+
+Pure: no model, no process group, no I/O. Must not import torch.distributed, deepspeed or other
+pipeline modules; rank enters only as an int seed component.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+POLICIES = ("none", "random", "sift-loss", "sift-entropy", "full-loss")
+POOLS = ("expand", "shrink")
+SCOPES = ("global", "local")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """The selection section: which samples of a candidate pool get the full forward+backward."""
+
+    policy: str = "sift-loss"
+    """none (vanilla) | random (same count, uniform: the control) | sift-loss / sift-entropy
+    (early-exit loss / predictive entropy) | full-loss (the whole model's loss, Selective Backprop)."""
+
+    fraction: float = 0.5
+    """f in (0, 1]: the share of candidates kept."""
+
+    start_step: int = 0
+    """Optimizer steps before selection starts; before it the trainer behaves like policy 'none'."""
+
+    pool: str = "expand"
+    """expand: load ceil(B/f) candidates, train on B (optimizer batch unchanged);
+    shrink: load B, train on max(1, round(f*B)) (as in the SIFT paper)."""
+
+    scope: str = "global"
+    """global: one top-k over the candidates of all ranks (all-gather + exchange);
+    local: each rank its own top-k, no communication (the baseline)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"selection.policy must be one of {POLICIES}, got {self.policy!r}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"selection.fraction must be in (0, 1], got {self.fraction!r}")
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
+            raise ValueError(f"selection.start_step must be an int >= 0, got {self.start_step!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"selection.pool must be one of {POOLS}, got {self.pool!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"selection.scope must be one of {SCOPES}, got {self.scope!r}")
+
+
+@dataclass(frozen=True)
+class PolicyScoring:
+    """How a policy scores its candidates."""
+
+    scorer: str
+    """'none' (no selection), 'random' (random_scores), 'exit' (scoring.score_exit) or 'full'
+    (scoring.score_full)."""
+
+    metric: str | None
+    """'loss' or 'entropy' for the model scorers; None otherwise."""
+
+
+_SCORING = {
+    "none": PolicyScoring("none", None),
+    "random": PolicyScoring("random", None),
+    "sift-loss": PolicyScoring("exit", "loss"),
+    "sift-entropy": PolicyScoring("exit", "entropy"),
+    "full-loss": PolicyScoring("full", "loss"),
+}
+
+
+def scoring_for(policy: str) -> PolicyScoring:
+    """The scorer and metric a policy uses (see PolicyScoring)."""
+    if policy not in _SCORING:
+        raise ValueError(f"unknown selection policy {policy!r}; expected one of {POLICIES}")
+    return _SCORING[policy]
+
+
+def _check_batch(train_micro_batch: int) -> None:
+    if isinstance(train_micro_batch, bool) or not isinstance(train_micro_batch, int) or train_micro_batch < 1:
+        raise ValueError(f"train_micro_batch must be an int >= 1, got {train_micro_batch!r}")
+
+
+def num_candidates(train_micro_batch: int, cfg: SelectionConfig) -> int:
+    """Candidates loaded per rank while selection is active: expand ceil(B/f), shrink B; 'none': B."""
+    _check_batch(train_micro_batch)
+    if cfg.policy == "none" or cfg.pool == "shrink":
+        return train_micro_batch
+    # round() first so that B / f computed as 320.00000000000006 (B=32, f=0.1) is 320, not 321.
+    return math.ceil(round(train_micro_batch / cfg.fraction, 9))
+
+
+def num_selected(train_micro_batch: int, cfg: SelectionConfig) -> int:
+    """Samples trained on per rank while selection is active: expand B, shrink max(1, round(f*B)).
+
+    Python's round (half to even) as the contract states: B=5, f=0.5 keeps 2. 'none': B.
+    """
+    _check_batch(train_micro_batch)
+    if cfg.policy == "none" or cfg.pool == "expand":
+        return train_micro_batch
+    return max(1, round(cfg.fraction * train_micro_batch))
+
+
+def is_active(cfg: SelectionConfig, step: int) -> bool:
+    """Whether this optimizer step selects (policy is not 'none' and step >= start_step)."""
+    return cfg.policy != "none" and step >= cfg.start_step
+
+
+def pool_sizes(train_micro_batch: int, cfg: SelectionConfig, step: int) -> tuple[int, int]:
+    """(candidates to load, samples to train on) per rank at `step`.
+
+    Before start_step (or for 'none') both are B: no pool, train on everything.
+    """
+    if not is_active(cfg, step):
+        _check_batch(train_micro_batch)
+        return train_micro_batch, train_micro_batch
+    return num_candidates(train_micro_batch, cfg), num_selected(train_micro_batch, cfg)
+
+
+def top_k_indices(scores: torch.Tensor | Sequence[float] | np.ndarray, k: int) -> torch.Tensor:
+    """Indices (int64, (k,)) of the k highest scores, highest first.
+
+    Ties go to the lower index; NaN ranks after every other score (-inf included), so a NaN is
+    chosen only when fewer than k non-NaN scores exist. Deterministic: identical inputs give
+    identical outputs on every rank.
+    """
+    s = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) \
+        else np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"scores must be 1-D, got shape {s.shape}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= s.size:
+        raise ValueError(f"k must be an int in 0..{s.size}, got {k!r}")
+    nan = np.isnan(s)
+    neg = np.where(nan, 0.0, -s)  # ascending -s == descending s
+    # lexsort: the last key is primary: non-NaN first, then by score descending, then by index.
+    order = np.lexsort((np.arange(s.size), neg, nan))
+    return torch.from_numpy(order[:k].astype(np.int64))
+
+
+def random_scores(n: int, seed: int, step: int, rank: int) -> torch.Tensor:
+    """n i.i.d. uniform [0, 1) scores (float32, (n,)) from a generator seeded by (seed, step, rank).
+
+    Every rank draws its own i.i.d. scores, so the global top-k of the union is a uniform random
+    subset of all candidates; the same (seed, step, rank) always gives the same scores.
+    """
+    for name, v in (("n", n), ("seed", seed), ("step", step), ("rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"random_scores: {name} must be an int >= 0, got {v!r}")
+    rng = np.random.default_rng([int(seed), int(step), int(rank)])  # SeedSequence over the triple
+    return torch.from_numpy(rng.random(n, dtype=np.float32))
