@@ -1,0 +1,179 @@
+"""The wire: every collective the project uses, and nothing else.
+
+This is the ONLY module in the project that imports `torch.distributed` (and, lazily,
+`deepspeed.comm`). Everything else takes `rank` and `world_size` as plain ints from
+`get_dist_info()` and calls the helpers below, each of which returns its input unchanged (or the
+single-process answer) when no process group is initialized, so the same code runs in one process,
+under `torchrun`, and under the `deepspeed` launcher (DeepSpeed initializes `torch.distributed`
+itself, so the plain `torch.distributed` calls here see its group).
+
+Backends: gloo (CPU) and nccl (GPU). nccl only moves CUDA tensors, so helpers stage their buffers
+on `wire_device()` and hand results back on the caller's device; under gloo that is a no-op.
+
+gloo and `all_to_all_single`: checked on torch 2.13.0+cpu with 2-4 gloo ranks (uneven split sizes,
+zero-size splits, uint8 and int64 buffers): supported, so row exchange is one `all_to_all_single`.
+
+Must not import: anything from `pipeline` (this module sits below all of it).
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "get_dist_info", "is_distributed", "wire_device", "barrier", "all_gather_tensor",
+    "all_gather_varlen", "all_to_all_rows", "all_reduce", "broadcast_object",
+    "all_gather_object", "init_distributed", "destroy_process_group",
+]
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def is_distributed() -> bool:
+    """True when a `torch.distributed` process group is initialized (by us, torchrun or DeepSpeed)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_dist_info() -> tuple[int, int]:
+    """(rank, world_size) of the default group; (0, 1) when there is no process group."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wire_device() -> torch.device:
+    """Where collective buffers must live: the current CUDA device under nccl, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Block until every rank arrives; a no-op without a process group."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Stack every rank's same-shaped `tensor`: (world_size, *tensor.shape), on tensor's device."""
+    if not is_distributed():
+        return tensor.unsqueeze(0)
+    _, world = get_dist_info()
+    t = tensor.detach().to(wire_device()).contiguous()
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return torch.stack(parts).to(tensor.device)  # (W, *shape)
+
+
+def all_gather_varlen(tensor: torch.Tensor,
+                      counts: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Gather tensors whose dim 0 differs by rank; returns one tensor per rank, in rank order.
+
+    All dims but 0 (and the dtype) must match across ranks. `counts`, when the caller already
+    knows every rank's dim 0, saves the collective that would learn them. Implementation: gather
+    counts, pad to the max, all_gather, trim; a rank with zero rows contributes an empty tensor.
+    """
+    if not is_distributed():
+        return [tensor]
+    n = tensor.shape[0]
+    if counts is None:
+        counts = all_gather_tensor(torch.tensor([n], dtype=torch.int64)).view(-1).tolist()
+    counts = [int(c) for c in counts]
+    rank, _ = get_dist_info()
+    if counts[rank] != n:
+        raise ValueError(f"rank {rank}: counts[{rank}]={counts[rank]} but the tensor has {n} rows")
+    max_n = max(counts)
+    t = tensor.detach().to(wire_device())
+    padded = torch.zeros((max_n, *t.shape[1:]), dtype=t.dtype, device=t.device)  # (max_n, ...)
+    padded[:n] = t
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return [p[:c].to(tensor.device) for p, c in zip(parts, counts)]
+
+
+def all_to_all_rows(rows: torch.Tensor, send_counts: Sequence[int],
+                    recv_counts: Sequence[int]) -> torch.Tensor:
+    """One `all_to_all_single` of rows: rank r sends `send_counts[d]` consecutive rows to rank d.
+
+    rows: (sum(send_counts), R), grouped by destination rank in rank order. Returns
+    (sum(recv_counts), R), grouped by source rank in rank order; within a source, rows keep the
+    order the source sent them in. Without a process group, returns `rows` unchanged.
+    """
+    if not is_distributed():
+        return rows
+    send_counts = [int(c) for c in send_counts]
+    recv_counts = [int(c) for c in recv_counts]
+    if rows.shape[0] != sum(send_counts):
+        raise ValueError(f"{rows.shape[0]} rows to send but send_counts sum to {sum(send_counts)}")
+    src = rows.detach().to(wire_device()).contiguous()
+    out = torch.empty((sum(recv_counts), *src.shape[1:]), dtype=src.dtype, device=src.device)
+    dist.all_to_all_single(out, src, output_split_sizes=recv_counts,
+                           input_split_sizes=send_counts)
+    return out.to(rows.device)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce across ranks ("sum" | "mean" | "max" | "min"); returns a new tensor, input untouched.
+
+    "mean" divides the sum by the world size (use a float tensor).
+    """
+    if op not in (*_REDUCE_OPS, "mean"):
+        raise ValueError(f"op must be one of sum, mean, max, min; got {op!r}")
+    if not is_distributed():
+        return tensor.clone()
+    t = tensor.detach().to(wire_device()).clone()
+    dist.all_reduce(t, op=_REDUCE_OPS["sum" if op == "mean" else op])
+    if op == "mean":
+        t = t / get_dist_info()[1]
+    return t.to(tensor.device)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (pickled; for small control data only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=wire_device())
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (pickled; for small control data only)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_dist_info()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
+                     auto_mpi_discovery: bool = True) -> tuple[int, int]:
+    """Join the process group through DeepSpeed (env://, or MPI discovery under mpirun).
+
+    backend: None lets DeepSpeed pick (nccl with CUDA, gloo on CPU with DS_ACCELERATOR=cpu).
+    A no-op when a group already exists. Returns (rank, world_size).
+    """
+    if not is_distributed():
+        import deepspeed.comm as ds_comm  # lazy: importing deepspeed costs seconds
+
+        ds_comm.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery,
+                                 timeout=datetime.timedelta(seconds=timeout_s))
+    return get_dist_info()
+
+
+def destroy_process_group() -> None:
+    """Tear the group down (DeepSpeed's own call when DeepSpeed is loaded); a no-op without one."""
+    if not is_distributed():
+        return
+    import sys
+
+    if "deepspeed.comm" in sys.modules:  # DeepSpeed also drops its cached group references
+        import deepspeed.comm as ds_comm
+
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+    if is_distributed():
+        dist.destroy_process_group()

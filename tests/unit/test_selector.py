@@ -1,0 +1,298 @@
+"""The pure selector: plan against a brute-force sorted reference, row packing, exchange lists."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import comm
+from pipeline.selector import (SelectorStats, exchange_lists, min_samples_moved, pack_rows, plan,
+                               plan_arrays, select_and_exchange, select_mask, unpack_rows)
+
+NAN, INF = float("nan"), float("inf")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference_selection(scores_per_rank, k):
+    """Brute force: sort every (score, global index) with Python's sort; NaN last; take k."""
+    items = []
+    g = 0
+    for r, scores in enumerate(scores_per_rank):
+        for i, s in enumerate(scores):
+            s = float(s)
+            items.append(((1, 0.0, g) if math.isnan(s) else (0, -s, g), (r, i)))
+            g += 1
+    items.sort(key=lambda t: t[0])
+    return [ri for _, ri in items[:k]]
+
+
+def check_plan(scores_per_rank, quota):
+    """Every acceptance property of one plan; returns it."""
+    world = len(scores_per_rank)
+    result = plan(scores_per_rank, quota)
+    assert len(result) == world
+    assert all(len(row) == quota for row in result)  # each rank exactly q
+    flat = [pair for row in result for pair in row]
+    assert len(set(flat)) == len(flat)  # nothing twice
+    ref = reference_selection(scores_per_rank, quota * world)
+    assert set(flat) == set(ref)  # the union is the global top-k
+    selected_on = np.bincount([r for r, _ in ref], minlength=world)
+    surplus = selected_on > quota
+    moved = 0
+    for dst, row in enumerate(result):
+        for src, idx in row:
+            assert 0 <= idx < len(scores_per_rank[src])
+            if src != dst:
+                moved += 1
+                assert surplus[src], f"rank {src} sent a sample but was not in surplus"
+        kept = sum(1 for src, _ in row if src == dst)
+        assert kept == min(selected_on[dst], quota)  # locality first
+    expected_moves = int(np.maximum(selected_on - quota, 0).sum())
+    assert moved == expected_moves == min_samples_moved(scores_per_rank, quota)  # the minimum
+    return result
+
+
+# ----------------------------------------------------------------------------- hand cases
+
+
+def test_plan_keeps_local_samples_and_pours_surplus_to_short_ranks():
+    scores = [[1.0, 5.0, 3.0], [9.0, 8.0, 7.0, 6.0], []]
+    assert check_plan(scores, 2) == [[(0, 1), (0, 2)], [(1, 0), (1, 1)], [(1, 2), (1, 3)]]
+
+
+def test_plan_order_is_kept_by_local_index_then_received_by_source():
+    scores = [[10.0, 9.0, 8.0, 7.0, 6.0], [11.0, 12.0, 13.0, 14.0], [0.0, 5.5], [0.1]]
+    assert check_plan(scores, 3) == [
+        [(0, 0), (0, 1), (0, 2)],
+        [(1, 0), (1, 1), (1, 2)],
+        [(2, 0), (2, 1), (0, 3)],  # short by one: the first surplus sample (rank 0's)
+        [(3, 0), (0, 4), (1, 3)],  # kept first, then received by (source rank, local index)
+    ]
+
+
+def test_ties_go_to_the_lower_global_index():
+    scores = [[2.0, 2.0, 2.0], [2.0, 2.0]]
+    assert check_plan(scores, 2) == [[(0, 0), (0, 1)], [(1, 0), (0, 2)]]
+    # all equal: the first K in rank-major order win
+    assert set(p for row in plan([[1.0] * 3, [1.0] * 3, [1.0] * 3], 1) for p in row) == \
+        {(0, 0), (0, 1), (0, 2)}
+
+
+def test_non_finite_scores_order():
+    # +inf first, -inf after every finite score, NaN after -inf
+    scores = [[NAN, -INF, 0.0], [INF, NAN, -1e300]]
+    assert set(p for row in check_plan(scores, 1) for p in row) == {(1, 0), (0, 2)}
+    assert set(p for row in check_plan(scores, 2) for p in row) == \
+        {(1, 0), (0, 2), (1, 2), (0, 1)}
+    # NaNs fill only when non-NaN candidates run out, lowest index first
+    assert set(p for row in check_plan([[NAN, NAN], [NAN, 1.0]], 1) for p in row) == \
+        {(1, 1), (0, 0)}
+
+
+def test_plan_rejects_bad_input_with_clear_errors():
+    with pytest.raises(ValueError, match="only 3 candidates.*2 x 2 ranks = 4"):
+        plan([[1.0, 2.0], [3.0]], 2)
+    with pytest.raises(ValueError, match="quota must be a positive int"):
+        plan([[1.0]], 0)
+    with pytest.raises(ValueError, match="quota must be a positive int"):
+        plan([[1.0]], True)
+    with pytest.raises(ValueError, match="quota must be a positive int"):
+        plan([[1.0]], 1.0)
+    with pytest.raises(ValueError, match="one sequence of scores per rank"):
+        plan([], 1)
+    with pytest.raises(ValueError, match="rank 1: scores must be 1-D"):
+        plan([[1.0], [[1.0]]], 1)
+    with pytest.raises(ValueError, match="sum\\(counts\\)=3"):
+        plan_arrays(np.zeros(2), [1, 2], 1)
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        plan_arrays(np.zeros(2), [3, -1], 1)
+
+
+def test_select_mask_matches_a_stable_descending_sort():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, size=200).astype(np.float64)
+    s[rng.random(200) < 0.1] = NAN
+    s[rng.random(200) < 0.05] = -INF
+    order = np.argsort(-s, kind="stable")  # numpy puts NaN last
+    for k in (0, 1, 37, 150, 199, 200):
+        assert set(np.flatnonzero(select_mask(s, k))) == set(order[:k].tolist())
+
+
+def test_plan_accepts_numpy_and_torch_inputs_alike():
+    rng = np.random.default_rng(1)
+    lists = [rng.random(n).tolist() for n in (5, 0, 9, 3)]
+    expected = plan(lists, 4)
+    assert plan([np.asarray(x) for x in lists], 4) == expected
+    assert plan([torch.tensor(x, dtype=torch.float64) for x in lists], 4) == expected
+
+
+# ----------------------------------------------------------------------------- properties
+
+score_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from([0.0, 1.0, -1.0, NAN, INF, -INF]),  # duplicates on purpose
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_plan_properties_small_worlds(data):
+    world = data.draw(st.integers(1, 8), label="world")
+    scores = data.draw(st.lists(st.lists(score_values, max_size=10), min_size=world,
+                                max_size=world), label="scores")
+    total = sum(len(s) for s in scores)
+    if total < world:
+        with pytest.raises(ValueError, match="candidates"):
+            plan(scores, 1)
+        return
+    quota = data.draw(st.integers(1, total // world), label="quota")
+    check_plan(scores, quota)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(world=st.sampled_from([1, 2, 3, 4, 7, 16, 64, 255, 256, 1024]),
+       max_count=st.integers(0, 64), kind=st.sampled_from(["random", "dup", "nonfinite"]),
+       quota_frac=st.floats(0.01, 1.0), zero_rank=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_plan_properties_large_worlds(world, max_count, kind, quota_frac, zero_rank, seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, max_count + 1, size=world)
+    if zero_rank:
+        counts[rng.integers(world)] = 0
+    n = int(counts.sum())
+    if kind == "random":
+        flat = rng.standard_normal(n)
+    elif kind == "dup":
+        flat = rng.integers(0, 3, size=n).astype(np.float64)
+    else:
+        flat = rng.choice([NAN, INF, -INF, 0.0, 1.0, 2.5], size=n)
+    scores = np.split(flat, np.cumsum(counts)[:-1])
+    if n < world:
+        with pytest.raises(ValueError, match="candidates"):
+            plan(scores, 1)
+        return
+    quota = max(1, int(quota_frac * (n // world)))
+    check_plan(scores, quota)
+
+
+# ----------------------------------------------------------------------------- packing / exchange
+
+def _batch(n, seed=0, seq=7):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, 30522, (n, seq), generator=g),
+        "labels": torch.randint(-100, 30522, (n, seq), generator=g),
+        "attention_mask": torch.randint(0, 2, (n, seq), generator=g),
+        "sample_index": torch.arange(seed * 1000, seed * 1000 + n),
+        "weights": torch.randn(n, 2, 3, generator=g).to(torch.bfloat16),
+        "tokens16": torch.randint(0, 65535, (n, seq), generator=g).to(torch.uint16),
+        "flag": torch.rand(n, generator=g) > 0.5,
+    }
+
+
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_pack_unpack_round_trip_is_byte_exact(n):
+    batch = _batch(n)
+    rows, layout = pack_rows(batch)
+    assert rows.dtype == torch.uint8 and rows.shape[0] == n
+    assert rows.shape[1] == sum(math.prod(v.shape[1:]) * v.element_size() for v in batch.values())
+    back = unpack_rows(rows, layout)
+    assert back.keys() == batch.keys()
+    for k, v in batch.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_pack_rejects_inconsistent_batches():
+    with pytest.raises(ValueError, match="disagree on the sample count"):
+        pack_rows({"a": torch.zeros(3, 2), "b": torch.zeros(4)})
+    with pytest.raises(ValueError, match="dim 0 = sample"):
+        pack_rows({"a": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="empty"):
+        pack_rows({})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exchange_lists_rebuild_every_ranks_micro_batch(seed):
+    """Route rows between simulated ranks exactly as all_to_all_single would, then rebuild."""
+    rng = np.random.default_rng(seed)
+    world = int(rng.integers(1, 7))
+    counts = rng.integers(0, 12, size=world)
+    counts[0] += world  # enough candidates for quota >= 1
+    flat = rng.standard_normal(int(counts.sum()))
+    quota = int(rng.integers(1, int(counts.sum()) // world + 1))
+    src, idx = plan_arrays(flat, counts, quota)
+    batches = [_batch(int(c), seed=r) for r, c in enumerate(counts)]
+    packed = [pack_rows(b)[0] for b in batches]
+    layout = pack_rows(batches[0])[1]
+    exs = [exchange_lists(src, idx, r) for r in range(world)]
+    # the wire: sender s's block for d lands in d's buffer at source position s
+    sent = []
+    for s, ex in enumerate(exs):
+        blocks = torch.split(packed[s][torch.as_tensor(ex["send_index"])],
+                             ex["send_counts"].tolist())
+        sent.append(blocks)
+    for d, ex in enumerate(exs):
+        assert [int(sent[s][d].shape[0]) for s in range(world)] == ex["recv_counts"].tolist()
+        recv = torch.cat([sent[s][d] for s in range(world)])
+        out = torch.empty((quota, packed[d].shape[1]), dtype=torch.uint8)
+        out[torch.as_tensor(ex["local_slots"])] = packed[d][torch.as_tensor(ex["local_index"])]
+        out[torch.as_tensor(ex["remote_slots"])] = recv[torch.as_tensor(ex["recv_pos"])]
+        expected = torch.stack([packed[s][i] for s, i in zip(src[d], idx[d])]) if quota else out
+        assert torch.equal(out, expected)
+        rebuilt = unpack_rows(out, layout)
+        assert rebuilt["sample_index"].tolist() == [s * 1000 + i for s, i in zip(src[d], idx[d])]
+
+
+# ----------------------------------------------------------------------------- no process group
+
+
+def test_select_and_exchange_without_a_group_is_the_local_top_k():
+    assert comm.get_dist_info() == (0, 1)
+    batch = _batch(6, seed=3)
+    scores = torch.tensor([0.5, 3.0, NAN, 3.0, -1.0, 2.0])
+    for scope in ("global", "local"):
+        out, stats = select_and_exchange(batch, scores, 3, scope=scope)
+        assert out["sample_index"].tolist() == [3001, 3003, 3005]  # plan order = local index
+        for k, v in batch.items():
+            assert torch.equal(out[k].view(torch.uint8), v[[1, 3, 5]].view(torch.uint8))
+        assert stats == SelectorStats(samples_moved=0, bytes_moved=0,
+                                      mean_score_selected=pytest.approx(8.0 / 3),
+                                      mean_score_all=pytest.approx(7.5 / 5), source_counts=[3])
+
+
+def test_select_and_exchange_rejects_bad_input():
+    batch = _batch(4)
+    with pytest.raises(ValueError, match="scope"):
+        select_and_exchange(batch, torch.zeros(4), 2, scope="world")
+    with pytest.raises(ValueError, match=r"scores must have shape \(4,\)"):
+        select_and_exchange(batch, torch.zeros(5), 2)
+    with pytest.raises(ValueError, match="quota"):
+        select_and_exchange(batch, torch.zeros(4), 0)
+    with pytest.raises(ValueError, match="only 4 candidates"):
+        select_and_exchange(batch, torch.zeros(4), 5)
+
+
+def test_selector_stats_validates():
+    with pytest.raises(ValueError):
+        SelectorStats(-1, 0, 0.0, 0.0, [1])
+    with pytest.raises(ValueError):
+        SelectorStats(0, 0, 0.0, 0.0, [-1])
+
+
+@pytest.mark.parametrize("kind", ["random", "dup", "nonfinite"])
+def test_plan_properties_at_1024_ranks(kind):
+    """The largest world the acceptance names, with uneven counts and a rank with none."""
+    rng = np.random.default_rng({"random": 0, "dup": 1, "nonfinite": 2}[kind])
+    counts = rng.integers(0, 65, size=1024)
+    counts[17] = 0
+    n = int(counts.sum())
+    flat = {"random": rng.standard_normal(n),
+            "dup": rng.integers(0, 3, size=n).astype(np.float64),
+            "nonfinite": rng.choice([NAN, INF, -INF, 0.0, 1.0], size=n)}[kind]
+    check_plan(np.split(flat, np.cumsum(counts)[:-1]), 16)
