@@ -1,0 +1,167 @@
+"""score_exit / score_full: hand-computed values, layers above k never run, modes restored."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.model import ModelConfig, build_model
+from pipeline.scoring import per_sample_mean, score_candidates, score_exit, score_full, token_scores
+from pipeline.selection import SelectionConfig, random_scores
+from tests.unit.test_model_support import real_batch, train_tokenizer
+
+VOCAB = 600
+SEQ = 48
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(shared_data, tmp_path_factory):
+    return train_tokenizer(shared_data, tmp_path_factory.mktemp("tok"), vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer_dir, shared_data):
+    return real_batch(tokenizer_dir, shared_data, batch_size=5, seq_len=SEQ, seed=2, first_line=40)
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    cfg = {"preset": "bert-mini", "exit_layer": 1, **kw}
+    m = build_model(ModelConfig(**cfg), VOCAB, SEQ, pad_token_id=0)
+    return m
+
+
+def hand_scores(m, batch, layer: int, head, metric: str) -> list[float]:
+    """Per-sample scores the slow way: HF hidden states of `layer`, a head, a loop over tokens."""
+    m.eval()
+    with torch.no_grad():
+        hs = m.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=True).hidden_states[layer]  # (B, L, H)
+        logits = head(hs)  # (B, L, V)
+    out = []
+    for b in range(logits.shape[0]):
+        vals = []
+        for t in range(logits.shape[1]):
+            y = int(batch["labels"][b, t])
+            if y == -100:
+                continue
+            p = torch.softmax(logits[b, t].double(), dim=-1)
+            vals.append(-math.log(p[y]) if metric == "loss" else float(-(p * p.log()).sum()))
+        out.append(sum(vals) / len(vals) if vals else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("metric", ["loss", "entropy"])
+@pytest.mark.parametrize("exit_head", ["shared", "separate"])
+def test_exit_scores_equal_a_hand_computation(batch, metric, exit_head):
+    m = model(exit_head=exit_head, exit_layer=2)
+    head = m.cls if exit_head == "shared" else m.exit_head
+    expected = hand_scores(m, batch, layer=2, head=head, metric=metric)
+    got = score_exit(m, batch, metric)
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["loss", "entropy"])
+def test_full_scores_equal_a_hand_computation(batch, metric):
+    m = model(exit_head="separate")
+    expected = hand_scores(m, batch, layer=m.num_layers, head=m.cls, metric=metric)
+    torch.testing.assert_close(score_full(m, batch, metric), torch.tensor(expected, dtype=torch.float32),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_shared_exit_at_the_last_layer_is_the_full_model(batch):
+    m = model(exit_head="shared", exit_layer=4)
+    torch.testing.assert_close(score_exit(m, batch), score_full(m, batch), rtol=1e-6, atol=1e-6)
+    # ...and at layer 1 it is not (the test can tell the two apart).
+    early = model(exit_head="shared", exit_layer=1)
+    assert not torch.allclose(score_exit(early, batch), score_full(early, batch), atol=1e-3)
+
+
+@pytest.mark.parametrize("exit_layer", [1, 3])
+def test_exit_pass_never_calls_layers_above_k(batch, exit_layer):
+    m = model(exit_head="separate", exit_layer=exit_layer)
+    calls = [0] * m.num_layers
+    handles = [layer.register_forward_hook(lambda mod, i, o, n=n: calls.__setitem__(n, calls[n] + 1))
+               for n, layer in enumerate(m.bert.encoder.layer)]
+    head_calls = []
+    handles.append(m.cls.register_forward_hook(lambda *a: head_calls.append(1)))
+    try:
+        score_exit(m, batch, "loss")
+        score_exit(m, batch, "entropy")
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [2] * exit_layer + [0] * (m.num_layers - exit_layer)
+    assert head_calls == []  # the separate exit head, not the final one
+    calls[:] = [0] * m.num_layers
+    handles = [layer.register_forward_hook(lambda mod, i, o, n=n: calls.__setitem__(n, calls[n] + 1))
+               for n, layer in enumerate(m.bert.encoder.layer)]
+    try:
+        score_full(m, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [1] * m.num_layers
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_scoring_restores_the_mode_and_runs_without_dropout_or_grad(batch, training):
+    m = model(hidden_dropout=0.5, attention_dropout=0.5)
+    m.train(training)
+    a, b = score_exit(m, batch), score_exit(m, batch)
+    assert m.training is training and all(x.training is training for x in m.modules())
+    assert torch.equal(a, b)  # dropout off: deterministic even for a model in train mode
+    assert not a.requires_grad
+    m.train(training)
+    f1, f2 = score_full(m, batch), score_full(m, batch)
+    assert m.training is training and torch.equal(f1, f2)
+
+
+def test_sample_without_masked_tokens_scores_zero(batch):
+    m = model()
+    labels = batch["labels"].clone()
+    labels[2] = -100
+    b = {**batch, "labels": labels}
+    s_loss, s_ent, s_full = score_exit(m, b), score_exit(m, b, "entropy"), score_full(m, b)
+    for s in (s_loss, s_ent, s_full):
+        assert s[2].item() == 0.0 and bool((s[[0, 1, 3, 4]] > 0).all())
+    # The other samples' scores do not depend on it.
+    torch.testing.assert_close(s_loss[[0, 1, 3, 4]], score_exit(m, batch)[[0, 1, 3, 4]])
+
+
+def test_per_sample_mean_and_token_scores_by_hand():
+    masked = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
+    vals = torch.tensor([1.0, 3.0, 5.0])
+    assert per_sample_mean(vals, masked).tolist() == [2.0, 0.0, 5.0]
+    with pytest.raises(ValueError, match="3 masked positions"):
+        per_sample_mean(vals[:2], masked)
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    torch.testing.assert_close(token_scores(logits, torch.tensor([0, 1]), "loss"),
+                               torch.tensor([math.log(2.0), math.log(4.0)]))
+    torch.testing.assert_close(token_scores(logits, torch.tensor([0, 1]), "entropy"),
+                               torch.tensor([math.log(2.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]))
+    with pytest.raises(ValueError, match="metric"):
+        token_scores(logits, torch.tensor([0, 1]), "margin")
+
+
+def test_score_candidates_applies_the_policy_table(batch):
+    m = model()
+    kw = {"seed": 7, "step": 3, "rank": 1}
+    assert score_candidates(m, batch, SelectionConfig(policy="none"), **kw) is None
+    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy="random"), **kw), random_scores(5, 7, 3, 1))
+    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy="sift-loss"), **kw), score_exit(m, batch))
+    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy="sift-entropy"), **kw),
+                       score_exit(m, batch, "entropy"))
+    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy="full-loss"), **kw), score_full(m, batch))
+
+
+def test_bad_inputs_are_clear_errors(batch):
+    m = model()
+    with pytest.raises(KeyError, match="labels"):
+        score_exit(m, {"input_ids": batch["input_ids"]})
+    with pytest.raises(ValueError, match="metric"):
+        score_exit(m, batch, "accuracy")
+    with pytest.raises(TypeError, match="SiftBertForMaskedLM"):
+        score_exit(torch.nn.Linear(2, 2), batch)

@@ -1,0 +1,156 @@
+"""Selection policies: pool sizes, exact top-k with index ties and NaN last, uniform random control."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from pipeline.selection import (
+    POLICIES,
+    SelectionConfig,
+    is_active,
+    num_candidates,
+    num_selected,
+    pool_sizes,
+    random_scores,
+    scoring_for,
+    top_k_indices,
+)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"policy": "oracle"}, "policy"),
+    ({"fraction": 0.0}, "fraction"),
+    ({"fraction": 1.5}, "fraction"),
+    ({"fraction": "half"}, "fraction"),
+    ({"start_step": -1}, "start_step"),
+    ({"start_step": 1.5}, "start_step"),
+    ({"pool": "grow"}, "pool"),
+    ({"scope": "world"}, "scope"),
+])
+def test_selection_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SelectionConfig(**kw)
+
+
+def test_defaults():
+    cfg = SelectionConfig()
+    assert (cfg.policy, cfg.fraction, cfg.start_step, cfg.pool, cfg.scope) == ("sift-loss", 0.5, 0, "expand", "global")
+
+
+@pytest.mark.parametrize("batch, fraction, pool, candidates, selected", [
+    (32, 0.5, "expand", 64, 32),
+    (32, 0.5, "shrink", 32, 16),
+    (32, 0.1, "expand", 320, 32),  # 32 / 0.1 is 320.00000000000006 in floating point
+    (30, 0.7, "expand", 43, 30),   # ceil(42.86)
+    (5, 0.5, "shrink", 5, 2),      # round half to even, as the contract says round(f*B)
+    (7, 0.5, "shrink", 7, 4),
+    (3, 0.1, "shrink", 3, 1),      # never zero
+    (8, 1.0, "expand", 8, 8),
+    (8, 1.0, "shrink", 8, 8),
+])
+def test_pool_sizes(batch, fraction, pool, candidates, selected):
+    cfg = SelectionConfig(fraction=fraction, pool=pool)
+    assert num_candidates(batch, cfg) == candidates
+    assert num_selected(batch, cfg) == selected
+
+
+@pytest.mark.parametrize("pool", ["expand", "shrink"])
+def test_none_policy_and_steps_before_start_train_on_everything(pool):
+    cfg = SelectionConfig(policy="sift-loss", fraction=0.25, start_step=10, pool=pool)
+    assert [is_active(cfg, s) for s in (0, 9, 10, 11)] == [False, False, True, True]
+    assert pool_sizes(16, cfg, 9) == (16, 16)
+    assert pool_sizes(16, cfg, 10) == ((64, 16) if pool == "expand" else (16, 4))
+    none = SelectionConfig(policy="none", fraction=0.25, pool=pool)
+    assert not is_active(none, 10**6)
+    assert (num_candidates(16, none), num_selected(16, none)) == (16, 16)
+
+
+def test_pool_size_inputs_are_checked():
+    with pytest.raises(ValueError, match="train_micro_batch"):
+        num_candidates(0, SelectionConfig())
+    with pytest.raises(ValueError, match="train_micro_batch"):
+        num_selected(2.0, SelectionConfig())
+
+
+def test_scoring_table_covers_every_policy():
+    table = {p: (scoring_for(p).scorer, scoring_for(p).metric) for p in POLICIES}
+    assert table == {"none": ("none", None), "random": ("random", None), "sift-loss": ("exit", "loss"),
+                     "sift-entropy": ("exit", "entropy"), "full-loss": ("full", "loss")}
+    with pytest.raises(ValueError, match="unknown selection policy"):
+        scoring_for("oracle")
+
+
+# ---- top-k ----------------------------------------------------------------------------------
+
+def test_top_k_ties_by_index_and_nan_last():
+    s = [0.5, float("nan"), 2.0, 0.5, float("-inf"), 2.0, float("nan"), 0.5]
+    assert top_k_indices(s, 8).tolist() == [2, 5, 0, 3, 7, 4, 1, 6]
+    assert top_k_indices(torch.tensor(s), 3).tolist() == [2, 5, 0]
+    assert top_k_indices(np.array(s), 0).tolist() == []
+    assert top_k_indices(s, 1).dtype == torch.int64
+
+
+def test_top_k_rejects_bad_k_and_shapes():
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_indices([1.0, 2.0], 3)
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_indices([1.0, 2.0], -1)
+    with pytest.raises(ValueError, match="1-D"):
+        top_k_indices([[1.0, 2.0]], 1)
+
+
+def brute_force_top_k(scores: list[float], k: int) -> list[int]:
+    def key(i):
+        s = scores[i]
+        return (math.isnan(s), -s if not math.isnan(s) else 0.0, i)
+    return sorted(range(len(scores)), key=key)[:k]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([0.0, 1.0, -1.0, float("nan"), float("inf"), float("-inf")]),
+                          st.floats(-5, 5, width=32)), max_size=40), st.data())
+def test_top_k_matches_brute_force(scores, data):
+    k = data.draw(st.integers(0, len(scores)))
+    assert top_k_indices(torch.tensor(scores, dtype=torch.float32), k).tolist() == brute_force_top_k(scores, k)
+
+
+# ---- random control -------------------------------------------------------------------------
+
+def test_random_scores_are_reproducible_and_differ_by_seed_step_rank():
+    a = random_scores(16, seed=1, step=5, rank=2)
+    assert a.dtype == torch.float32 and a.shape == (16,) and bool(((a >= 0) & (a < 1)).all())
+    assert torch.equal(a, random_scores(16, seed=1, step=5, rank=2))
+    for other in (random_scores(16, 2, 5, 2), random_scores(16, 1, 6, 2), random_scores(16, 1, 5, 3)):
+        assert not torch.equal(a, other)
+    state = torch.random.get_rng_state()
+    random_scores(8, 0, 0, 0)
+    assert torch.equal(state, torch.random.get_rng_state())  # no global RNG touched
+    with pytest.raises(ValueError, match="seed"):
+        random_scores(4, -1, 0, 0)
+
+
+def _selection_counts(world: int, per_rank: int, k: int, steps: int, draw) -> np.ndarray:
+    counts = np.zeros(world * per_rank, dtype=np.int64)
+    for step in range(steps):
+        union = torch.cat([draw(step, r) for r in range(world)])  # (world * per_rank,)
+        counts[top_k_indices(union, k).numpy()] += 1
+    return counts
+
+
+def test_random_global_top_k_is_uniform_over_the_union():
+    world, per_rank, k, steps = 4, 8, 8, 3000
+    counts = _selection_counts(world, per_rank, k, steps,
+                               lambda step, r: random_scores(per_rank, seed=123, step=step, rank=r))
+    assert counts.sum() == k * steps
+    p = chisquare(counts).pvalue  # H0: every candidate equally likely (k/n per step)
+    assert p > 1e-3, (p, counts.tolist())
+    # The same statistic rejects a biased rule: rank r's scores shrunk by (1 + r / 4).
+    biased = _selection_counts(world, per_rank, k, steps,
+                               lambda step, r: random_scores(per_rank, 123, step, r) / (1 + r / 4))
+    assert chisquare(biased).pvalue < 1e-6
