@@ -1,0 +1,389 @@
+"""The data-prep run: sources -> (tokenizer) -> shards + manifest, resumable and idempotent.
+
+Owns `PrepConfig` and `prepare()`: the order of the two passes, the train/valid split, batching
+documents into the tokenizer, the resume state and cleanup on failure. Reading is sources.py,
+the tokenizer is tokenizer.py, rows and shard files are shards.py, JSON is manifest.py.
+
+Two passes over the inputs. Pass 1 validates every input (so a bad file fails before anything is
+written), counts documents for the split and streams the text into the WordPiece trainer. Pass 2
+tokenizes with `encode_batch_fast` (Rust threads, `--workers` of them) in batches of about
+`batch_chars` characters and packs; after each shard the stream position is recorded in the
+state file, so a killed run resumes at the first missing shard and produces the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from data_prep import manifest as mf
+from data_prep import shards as sh
+from data_prep import sources as src
+from data_prep import tokenizer as tk
+from data_prep.errors import PrepError
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """Everything a data-prep run needs; CLI flags map one to one."""
+
+    output: Path
+    """Output directory (created; an existing sift-prep output is resumed or reused)."""
+    inputs: tuple[str, ...] = ()
+    """Input specs; empty = the embedded State of the Union corpus."""
+    valid_inputs: tuple[str, ...] = ()
+    """Inputs whose documents all go to the valid split."""
+    tokenizer: str | None = None
+    """Existing tokenizer (tokenizer.json, local dir or hub name); None = train WordPiece."""
+    vocab_size: int = 8192
+    """WordPiece vocabulary size when training."""
+    seq_len: int = 128
+    """Tokens per row, [CLS] and [SEP] included."""
+    valid_fraction: float | None = None
+    """Share of documents sent to valid; None = 0.005, or 0 when valid_inputs are given."""
+    lowercase: bool | None = None
+    """Lowercase (and strip accents); None = True when training, the tokenizer's own otherwise."""
+    read: src.ReadOptions = field(default_factory=src.ReadOptions)
+    """Decoding and document boundaries."""
+    workers: int = 0
+    """Tokenizer threads; 0 = min(cores, 8)."""
+    shard_rows: int = 16384
+    """Rows per shard (the last shard of a split may have fewer)."""
+    batch_chars: int = 1 << 20
+    """Characters of text per encode_batch call (bounds memory; large enough to keep threads busy)."""
+    progress: bool | None = None
+    """tqdm bars on stderr; None = only when stderr is a terminal."""
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 8:
+            raise PrepError("--seq-len", f"must be at least 8, got {self.seq_len}")
+        if self.seq_len > 1 << 20:
+            raise PrepError("--seq-len", f"unreasonably large: {self.seq_len}")
+        if self.vocab_size < 16:
+            raise PrepError("--vocab-size", f"must be at least 16, got {self.vocab_size}")
+        f = self.valid_fraction
+        if f is not None and not 0.0 <= f < 1.0:
+            raise PrepError("--valid-fraction", f"must be in [0, 1), got {f}")
+        if self.shard_rows < 1:
+            raise PrepError("--shard-rows", f"must be at least 1, got {self.shard_rows}")
+        if self.workers < 0:
+            raise PrepError("--workers", f"must be >= 1, got {self.workers}")
+        if self.batch_chars < 1:
+            raise ValueError("batch_chars must be >= 1")
+
+    @property
+    def effective_valid_fraction(self) -> float:
+        if self.valid_fraction is not None:
+            return self.valid_fraction
+        return 0.0 if self.valid_inputs else 0.005
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers or min(os.cpu_count() or 1, 8)
+
+    def settings(self) -> dict:
+        """What decides the output bytes (workers, progress and batch size do not)."""
+        return {
+            "tokenizer": self.tokenizer or "trained-wordpiece",
+            "vocab_size": None if self.tokenizer else self.vocab_size,
+            "lowercase": self.lowercase if self.tokenizer else self.lowercase is not False,
+            "seq_len": self.seq_len,
+            "valid_fraction": self.effective_valid_fraction,
+            "doc_boundary": self.read.doc_boundary,
+            "text_field": self.read.text_field,
+            "encoding_errors": self.read.encoding_errors,
+            "shard_rows": self.shard_rows,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def valid_key(doc: int) -> float:
+    """A uniform number in [0, 1) fixed by the document's position alone (no RNG)."""
+    digest = hashlib.sha256(b"sift-prep-valid:%d" % doc).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_of(doc: int, valid_only: bool, fraction: float, fallback: int | None) -> str:
+    """"valid" for --valid-input documents, a `fraction` of the rest by key, and the fallback."""
+    if valid_only or doc == fallback or valid_key(doc) < fraction:
+        return "valid"
+    return "train"
+
+
+def fallback_doc(auto_docs: list[int], fraction: float) -> int | None:
+    """With fraction > 0 and >= 2 documents but none picked, the lowest-key one goes to valid."""
+    if fraction <= 0 or len(auto_docs) < 2 or any(valid_key(d) < fraction for d in auto_docs):
+        return None
+    return min(auto_docs, key=valid_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Document stream
+
+
+@dataclass(frozen=True)
+class Piece:
+    doc: int
+    text: str
+    ends: bool
+    valid_only: bool
+
+
+def iter_corpus(sources: list[src.Source], opts: src.ReadOptions) -> Iterator[Piece]:
+    """Every piece of every source, with a global document index (the order of the inputs)."""
+    doc = 0
+    for source in sources:
+        for text, ends in src.iter_pieces(source, opts):
+            yield Piece(doc, text, ends, source.valid_only)
+            if ends:
+                doc += 1
+
+
+def _bar(progress: bool, **kw):
+    from tqdm import tqdm
+
+    return tqdm(disable=not progress, file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class _Pass1:
+    """Counts documents (for the split) while passing text on to the tokenizer trainer."""
+
+    def __init__(self) -> None:
+        self.num_docs = 0
+        self.auto_docs: list[int] = []  # candidates for the valid fraction (documents are small ints)
+        self.error: BaseException | None = None
+
+    def texts(self, pieces: Iterator[Piece], bar) -> Iterator[str]:
+        # An exception raised inside tokenizers' train_from_iterator comes back re-wrapped; keep
+        # the original to re-raise it after training returns.
+        try:
+            for p in pieces:
+                if p.ends:
+                    self.num_docs += 1
+                    if not p.valid_only:
+                        self.auto_docs.append(p.doc)
+                    bar.update(1)
+                yield p.text
+        except BaseException as e:
+            self.error = e
+
+
+def _scan(cfg: PrepConfig, sources, trainer: bool, progress: bool):
+    """Pass 1: validate and count everything; train the tokenizer on the text when asked."""
+    counter = _Pass1()
+    with _bar(progress, desc="scan" if not trainer else "scan+train", unit="doc") as bar:
+        texts = counter.texts(iter_corpus(sources, cfg.read), bar)
+        tok = None
+        if trainer:
+            lowercase = cfg.lowercase is not False
+            try:
+                tok = tk.train_wordpiece(texts, cfg.vocab_size, lowercase, show_progress=progress)
+            except Exception:
+                if counter.error is None:
+                    raise
+        else:
+            for _ in texts:
+                pass
+    if counter.error is not None:
+        raise counter.error
+    return counter, tok
+
+
+def _verify(out: Path, manifest: dict) -> None:
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = out / shard["path"]
+            try:
+                with open(path, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+            except FileNotFoundError:
+                digest = None
+            if digest != shard["sha256"]:
+                raise PrepError(str(out), f"{shard['path']} is missing or does not match its sha256 "
+                                          "in manifest.json; remove the directory to rebuild it")
+
+
+def _clear_temp_files(out: Path) -> None:
+    for sub in (out, out / "train", out / "valid"):
+        if sub.is_dir():
+            for p in sub.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+
+
+def _empty_split() -> dict:
+    return {"shards": [], "num_tokens": 0, "next": [0, 0], "complete": False}
+
+
+def prepare(cfg: PrepConfig, log=print) -> dict:
+    """Run (or resume, or confirm) data prep into cfg.output; returns the manifest."""
+    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    tk.set_threads(cfg.effective_workers)
+    out = cfg.output
+    sources = src.resolve_inputs(cfg.inputs) if cfg.inputs else [src.embedded_source()]
+    sources += src.resolve_inputs(cfg.valid_inputs, valid_only=True)
+    settings = cfg.settings()
+    source_entries = [s.fingerprint() for s in sources]
+
+    status, existing = mf.inspect_output(out)
+    tmp_root = Path(tempfile.mkdtemp(prefix="sift-prep-"))
+    tmp_tok_dir = tmp_root / "tokenizer"
+    tmp_tok_dir.mkdir()  # mkdir honours the umask; mkdtemp's 0700 would be copied into OUT
+    try:
+        tok, fp = None, None
+        if cfg.tokenizer:
+            tok = tk.load_tokenizer(cfg.tokenizer)
+            if cfg.lowercase is None:
+                # Ask the normalizer rather than trusting a config flag.
+                norm = tok.normalizer
+                settings["lowercase"] = bool(norm and norm.normalize_str("A") == "a")
+            tk.save_hf(tok, tmp_tok_dir, cfg.seq_len, settings["lowercase"])
+            fp = tk.fingerprint(tmp_tok_dir)
+            if existing is not None and existing.get("tokenizer_fingerprint") != fp:
+                raise PrepError(str(out), "holds shards made with another tokenizer (fingerprint "
+                                          f"{str(existing.get('tokenizer_fingerprint'))[:12]} != {fp[:12]}); "
+                                          "choose another --output")
+        if existing is not None:
+            why = mf.mismatch(existing, settings, source_entries)
+            if why:
+                raise PrepError(str(out), f"{why}; choose another --output or remove it")
+        if status == "complete":
+            _verify(out, existing)
+            (out / mf.STATE).unlink(missing_ok=True)
+            log(f"sift-prep: {out} is up to date")
+            return existing
+
+        # Partial run with its tokenizer in place: reuse it (retraining costs a pass).
+        reuse = (status == "partial" and (out / "tokenizer" / "tokenizer.json").is_file()
+                 and tk.fingerprint(out / "tokenizer") == existing.get("tokenizer_fingerprint"))
+        counter, trained = _scan(cfg, sources, trainer=not cfg.tokenizer and not reuse, progress=progress)
+        if reuse:
+            tok = tk.load_tokenizer(str(out / "tokenizer" / "tokenizer.json"))
+            fp = existing["tokenizer_fingerprint"]
+        elif trained is not None:
+            tok = trained
+            tk.save_hf(tok, tmp_tok_dir, cfg.seq_len, settings["lowercase"])
+            fp = tk.fingerprint(tmp_tok_dir)
+        return _write(cfg, out, status, existing if reuse else None, sources, settings, source_entries,
+                      tok, fp, tmp_tok_dir, counter, progress, log)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, tmp_tok_dir,
+           counter, progress, log) -> dict:
+    """Pass 2 and the manifest; a fresh output is removed again if this fails."""
+    fresh = status == "fresh"
+    created_dir = not out.exists()
+    try:
+        specials = tk.special_token_ids(tok)
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        dtype = sh.dtype_for(vocab_size)
+        layout = sh.RowLayout(cfg.seq_len, specials["cls"], specials["sep"], specials["pad"])
+        fraction = cfg.effective_valid_fraction
+        fallback = fallback_doc(counter.auto_docs, fraction)
+        if state is None:
+            (out / "train").mkdir(parents=True, exist_ok=True)
+            (out / "valid").mkdir(exist_ok=True)
+            _clear_temp_files(out)
+            state = {"format": "sift-prep-state", "settings": settings, "sources": source_entries,
+                     "tokenizer_fingerprint": fp, "splits": {s: _empty_split() for s in mf.SPLITS}}
+            mf.write_json_atomic(out / mf.STATE, state)
+            if (out / "tokenizer").exists():
+                shutil.rmtree(out / "tokenizer")
+            shutil.copytree(tmp_tok_dir, out / ".tokenizer.tmp")
+            os.replace(out / ".tokenizer.tmp", out / "tokenizer")
+        else:
+            _clear_temp_files(out)
+            done = sum(len(s["shards"]) for s in state["splits"].values())
+            log(f"sift-prep: resuming {out} ({done} shards already written)")
+
+        packers = {}
+        for name in mf.SPLITS:
+            s = state["splits"][name]
+            packers[name] = sh.Packer(layout, cfg.shard_rows, dtype, sh.Position(*s["next"]))
+
+        def flush(name: str, rows: np.ndarray, after: sh.Position, complete: bool = False) -> None:
+            s = state["splits"][name]
+            entry = sh.write_shard(out, name, len(s["shards"]), rows)
+            s["shards"].append(entry)
+            s["num_tokens"] += sh.count_tokens(rows, layout.pad_id)
+            s["next"] = [after.doc, after.skip]
+            s["complete"] = complete
+            # The shard is on disk before the state names it: a kill in between rewrites it.
+            mf.write_json_atomic(out / mf.STATE, state)
+
+        def encode(batch: list[tuple[str, Piece]]) -> None:
+            encodings = tok.encode_batch_fast([p.text for _, p in batch], add_special_tokens=False)
+            for (name, p), enc in zip(batch, encodings):
+                packers[name].add(p.doc, np.asarray(enc.ids, dtype=np.uint32), p.ends)
+                while packers[name].ready():
+                    flush(name, *packers[name].take_shard())
+
+        batch: list[tuple[str, Piece]] = []
+        chars = 0
+        with _bar(progress, desc="tokenize", unit="doc", total=counter.num_docs) as bar:
+            for p in iter_corpus(sources, cfg.read):
+                if p.ends:
+                    bar.update(1)
+                name = split_of(p.doc, p.valid_only, fraction, fallback)
+                if state["splits"][name]["complete"] or not packers[name].wants(p.doc):
+                    continue
+                batch.append((name, p))
+                chars += len(p.text)
+                if chars >= cfg.batch_chars:
+                    encode(batch)
+                    batch, chars = [], 0
+            if batch:
+                encode(batch)
+        for name in mf.SPLITS:
+            if not state["splits"][name]["complete"]:
+                last = packers[name].finish()
+                if last is not None:
+                    flush(name, *last, complete=True)
+                else:
+                    state["splits"][name]["complete"] = True
+        if not state["splits"]["train"]["shards"]:
+            raise PrepError(str(out), "no training documents (every document went to valid)")
+
+        splits = {}
+        for name in mf.SPLITS:
+            s = state["splits"][name]
+            splits[name] = {"num_sequences": sum(x["num_sequences"] for x in s["shards"]),
+                            "num_tokens": s["num_tokens"], "shards": s["shards"]}
+        manifest = mf.build_manifest(
+            seq_len=cfg.seq_len, dtype=dtype.name, vocab_size=vocab_size,
+            lowercase=settings["lowercase"], special_tokens=specials, tokenizer_fingerprint=fp,
+            splits=splits, sources=source_entries, settings=settings)
+        mf.write_json_atomic(out / mf.MANIFEST, manifest)
+        (out / mf.STATE).unlink()
+        t, v = splits["train"], splits["valid"]
+        log(f"sift-prep: wrote {out}: train {t['num_sequences']} x {cfg.seq_len} "
+            f"({len(t['shards'])} shards), valid {v['num_sequences']} x {cfg.seq_len}, vocab {vocab_size}")
+        return manifest
+    except PrepError:
+        # Bad input found only now (e.g. a file changed between passes): leave no partial output.
+        if fresh:
+            if created_dir:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for p in out.iterdir():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise

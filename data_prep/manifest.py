@@ -1,0 +1,102 @@
+"""manifest.json (the finished output's contract) and the resume state of a run in progress.
+
+Owns: the manifest's layout (format "sift-shards", format_version 1), atomic JSON writes, reading
+an existing output directory to say what it is (fresh, complete, in progress, or foreign), and
+the comparison that decides whether an existing output may be reused.
+Must not import tokenizers or read any corpus.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+from data_prep import __version__
+from data_prep.errors import PrepError
+
+FORMAT = "sift-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = ".sift-prep-state.json"
+SPLITS = ("train", "valid")
+# Settings that decide the trained tokenizer: a change there means "another tokenizer".
+TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "lowercase")
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Sorted, indented JSON written under a temp name, fsynced, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    """The object in `path`, or None when the file is absent."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrepError(str(path), f"unreadable JSON ({e}); remove the output directory") from e
+
+
+def inspect_output(out: Path) -> tuple[str, dict | None]:
+    """("fresh", None) | ("complete", manifest) | ("partial", state); foreign dirs are an error."""
+    if not out.exists():
+        return "fresh", None
+    if not out.is_dir():
+        raise PrepError(str(out), "output exists and is not a directory")
+    manifest = read_json(out / MANIFEST)
+    if manifest is not None:
+        if manifest.get("format") != FORMAT:
+            raise PrepError(str(out), f"{MANIFEST} is not a {FORMAT} manifest; refusing to write here")
+        return "complete", manifest
+    state = read_json(out / STATE)
+    if state is not None:
+        return "partial", state
+    if any(out.iterdir()):
+        raise PrepError(str(out), "output directory is not empty and holds no sift-prep output; "
+                                  "refusing to write into it")
+    return "fresh", None
+
+
+def mismatch(existing: dict, settings: dict, sources: list[dict]) -> str | None:
+    """Why an existing output (manifest or state) cannot be reused for this run, or None."""
+    old = existing.get("settings", {})
+    tok_diff = [k for k in TOKENIZER_SETTINGS if old.get(k) != settings.get(k)]
+    if tok_diff:
+        what = ", ".join(f"{k} {old.get(k)!r} != {settings.get(k)!r}" for k in tok_diff)
+        return f"holds shards made with another tokenizer ({what})"
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        return f"holds shards made with other settings ({', '.join(diff)})"
+    if existing.get("sources") != sources:
+        return "holds shards made from other inputs (paths, sizes or sha256 differ)"
+    return None
+
+
+def build_manifest(*, seq_len: int, dtype: str, vocab_size: int, lowercase: bool,
+                   special_tokens: dict, tokenizer_fingerprint: str, splits: dict,
+                   sources: list[dict], settings: dict) -> dict:
+    """The manifest object; `created` is the only field that differs between identical runs."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "vocab_size": vocab_size,
+        "lowercase": lowercase,
+        "special_tokens": special_tokens,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "splits": splits,
+        "sources": sources,
+        "settings": settings,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }

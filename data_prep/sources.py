@@ -1,0 +1,366 @@
+"""Input discovery and decoding: user input specs -> `Source`s -> documents as text pieces.
+
+Owns: resolving paths, directories (recursive), globs and `hf:NAME[:CONFIG]`; decompression
+(.gz/.bz2/.xz, orthogonal to the format); formats (plain text, JSONL, Parquet, Hugging Face
+`datasets`); decoding with strict/replace error handling; document boundaries; input validation
+(missing path, empty file, binary file, undecodable bytes, missing text field).
+Must not import tokenizers, numpy or anything that writes output.
+
+Memory stays bounded: files are read in 1 MiB chunks and a long document is cut into pieces of
+at most about `max_piece_chars` characters at line ends. Cutting at a line end changes no token
+for a BERT-style pre-tokenizer (a newline is whitespace, and whitespace always splits words), so
+the pieces of a document tokenize to exactly the tokens of the whole document.
+"""
+from __future__ import annotations
+
+import bz2
+import codecs
+import glob
+import gzip
+import hashlib
+import json
+import lzma
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+from data_prep.errors import PrepError
+
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+PARQUET_SUFFIXES = {".parquet"}
+# What a directory walk picks up (explicitly named files are read whatever their suffix).
+DIRECTORY_SUFFIXES = {".txt", ".text", ".md", ".rst", ".jsonl", ".ndjson", ".parquet"}
+EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "state_union.jsonl.xz"
+EMBEDDED_NAME = "embedded:state_union.jsonl.xz"
+
+_CHUNK_BYTES = 1 << 20
+_SNIFF_BYTES = 8192
+# Line breaks Python's str.splitlines knows but a plain "\n" split does not. BertNormalizer
+# deletes control characters such as NEL (U+0085) instead of treating them as spaces, which would
+# glue the words on either side together (webtext/wine.txt uses NEL line ends).
+_LINE_BREAKS = str.maketrans({c: "\n" for c in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How sources are decoded and cut into documents."""
+
+    text_field: str = "text"
+    """JSONL / Parquet / HF field holding the document text."""
+    encoding_errors: str = "strict"
+    """"strict": undecodable UTF-8 is an error naming the byte offset; "replace": U+FFFD."""
+    doc_boundary: str = "file"
+    """Plain text: "file" (one file = one document) or "blank-line" (blank-line separated blocks)."""
+    max_piece_chars: int = 65536
+    """Longest piece of a document handed to the tokenizer at once (cut at line ends)."""
+
+    def __post_init__(self) -> None:
+        if self.encoding_errors not in ("strict", "replace"):
+            raise ValueError(f"encoding_errors must be strict or replace, not {self.encoding_errors!r}")
+        if self.doc_boundary not in ("file", "blank-line"):
+            raise ValueError(f"doc_boundary must be file or blank-line, not {self.doc_boundary!r}")
+        if not self.text_field:
+            raise ValueError("text_field must not be empty")
+        if self.max_piece_chars < 1:
+            raise ValueError("max_piece_chars must be >= 1")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a file (any format, maybe compressed) or a Hugging Face dataset."""
+
+    name: str
+    """What messages and the manifest call it: the path as found, or `hf:NAME[:CONFIG]`."""
+    kind: str
+    """"text", "jsonl", "parquet" or "hf"."""
+    path: Path | None = None
+    """The file (None for "hf")."""
+    compression: str | None = None
+    """".gz", ".bz2", ".xz" or None."""
+    valid_only: bool = False
+    """Given with --valid-input: every document goes to the valid split."""
+
+    def fingerprint(self) -> dict:
+        """Manifest entry: name, kind, size in bytes and sha256 of the raw file."""
+        entry = {"path": self.name, "kind": self.kind, "split": "valid" if self.valid_only else "auto"}
+        if self.path is not None:
+            entry["bytes"] = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        return entry
+
+
+def classify(path: Path) -> tuple[str, str | None]:
+    """(kind, compression) from a file name: the format suffix sits before the compression one."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    fmt = suffixes[-1] if suffixes else ""
+    if fmt in JSONL_SUFFIXES:
+        return "jsonl", compression
+    if fmt in PARQUET_SUFFIXES:
+        return "parquet", compression
+    return "text", compression
+
+
+def _wanted_in_directory(path: Path) -> bool:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return bool(suffixes) and suffixes[-1] in DIRECTORY_SUFFIXES
+
+
+def _walk(directory: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            p = Path(root) / name
+            if not name.startswith(".") and _wanted_in_directory(p) and p.is_file():
+                found.append(p)
+    return found
+
+
+def _file_source(path: Path, valid_only: bool) -> Source:
+    kind, compression = classify(path)
+    return Source(name=str(path), kind=kind, path=path, compression=compression, valid_only=valid_only)
+
+
+def resolve_inputs(specs: Iterable[str], valid_only: bool = False) -> list[Source]:
+    """Input specs (files, directories, globs, `hf:NAME[:CONFIG]`) -> sources in a fixed order.
+
+    Directories are walked recursively in sorted order (hidden entries and files without a text,
+    JSONL or Parquet suffix skipped); globs are expanded sorted. A file found twice is read once.
+    """
+    sources: list[Source] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            sources.append(_file_source(path, valid_only))
+
+    for spec in specs:
+        if spec.startswith("hf:"):
+            if len(spec) <= 3:
+                raise PrepError(spec, "expected hf:NAME or hf:NAME:CONFIG")
+            sources.append(Source(name=spec, kind="hf", valid_only=valid_only))
+            continue
+        path = Path(spec)
+        if path.is_dir():
+            files = _walk(path)
+            if not files:
+                raise PrepError(spec, "directory holds no text, JSONL or Parquet files "
+                                      f"(looked for {', '.join(sorted(DIRECTORY_SUFFIXES))})")
+            for f in files:
+                add(f)
+        elif path.is_file():
+            add(path)
+        elif path.exists():
+            raise PrepError(spec, "not a regular file or directory")
+        elif glob.has_magic(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise PrepError(spec, "no file matches this pattern")
+            for m in matches:
+                mp = Path(m)
+                for f in (_walk(mp) if mp.is_dir() else [mp]):
+                    add(f)
+        else:
+            raise PrepError(spec, "no such file or directory")
+    return sources
+
+
+def embedded_source() -> Source:
+    """The embedded default corpus: State of the Union addresses 1945-2006, one JSON line each."""
+    return Source(name=EMBEDDED_NAME, kind="jsonl", path=EMBEDDED_CORPUS, compression=".xz")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _open_raw(source: Source) -> BinaryIO:
+    assert source.path is not None
+    opener = COMPRESSIONS.get(source.compression or "", open)
+    return opener(source.path, "rb")
+
+
+def _raw_chunks(source: Source) -> Iterator[bytes]:
+    """Decompressed bytes in chunks; a NUL byte in the first 8 KiB means a binary file."""
+    try:
+        with _open_raw(source) as f:
+            first = True
+            while chunk := f.read(_CHUNK_BYTES):
+                if first and b"\0" in chunk[:_SNIFF_BYTES]:
+                    raise PrepError(source.name, "binary file (NUL bytes), not text")
+                first = False
+                yield chunk
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise PrepError(source.name, f"cannot read ({type(e).__name__}: {e})") from e
+
+
+def _lines(source: Source, errors: str) -> Iterator[str]:
+    """Decoded lines ending in "\\n" (universal newlines, NEL etc. count as line ends)."""
+    if source.path is not None and source.path.stat().st_size == 0:
+        raise PrepError(source.name, "empty file")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = 0
+    rest = ""
+    for chunk in _raw_chunks(source):
+        try:
+            text = decoder.decode(chunk)
+        except UnicodeDecodeError as e:
+            raise PrepError(source.name, f"invalid UTF-8 at byte {offset + e.start} "
+                                         "(use --encoding-errors replace to substitute U+FFFD)") from e
+        offset += len(chunk)
+        if "\0" in text:
+            raise PrepError(source.name, "binary file (NUL bytes), not text")
+        text = rest + text
+        # A chunk may end between "\r" and "\n": hold the "\r" back so CRLF stays one line end.
+        if text.endswith("\r"):
+            text, rest = text[:-1], "\r"
+        else:
+            rest = ""
+        lines = text.replace("\r\n", "\n").translate(_LINE_BREAKS).split("\n")
+        rest = lines.pop() + rest
+        for line in lines:
+            yield line + "\n"
+    try:
+        tail = decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise PrepError(source.name, f"invalid UTF-8 at byte {offset + e.start} (truncated "
+                                     "character; use --encoding-errors replace)") from e
+    rest = (rest + tail).replace("\r\n", "\n").translate(_LINE_BREAKS)
+    for line in rest.split("\n"):
+        if line:
+            yield line + "\n"
+
+
+def _text_pieces(lines: Iterator[str], blank_line: bool, max_chars: int) -> Iterator[tuple[str, bool]]:
+    """Lines -> (piece, ends_document); whitespace-only documents are dropped."""
+    buf: list[str] = []
+    size = 0
+    started = False  # this document already yielded a piece
+    for line in lines:
+        if blank_line and not line.strip():
+            if buf or started:
+                yield "".join(buf), True
+            buf, size, started = [], 0, False
+            continue
+        buf.append(line)
+        size += len(line)
+        if size >= max_chars:
+            piece = "".join(buf)
+            if started or piece.strip():
+                yield piece, False
+                started = True
+            buf, size = [], 0
+    piece = "".join(buf)
+    if started or piece.strip():
+        yield piece, True
+
+
+def _split_record(text: str, max_chars: int) -> Iterator[tuple[str, bool]]:
+    """One in-memory record -> pieces cut at line ends (a record without line ends stays whole)."""
+    text = text.replace("\r\n", "\n").translate(_LINE_BREAKS)
+    if len(text) <= max_chars:
+        yield text, True
+        return
+    yield from _text_pieces(iter(text.splitlines(keepends=True)), False, max_chars)
+
+
+def _record_text(record: object, field: str, where: str, subject: str) -> str | None:
+    if not isinstance(record, dict):
+        raise PrepError(subject, f"{where}: expected a JSON object, got {type(record).__name__}")
+    if field not in record:
+        raise PrepError(subject, f"{where}: no {field!r} field (choose one with --text-field; "
+                                 f"fields here: {', '.join(map(str, list(record)[:10]))})")
+    value = record[field]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise PrepError(subject, f"{where}: field {field!r} is {type(value).__name__}, not text")
+    return value
+
+
+def _jsonl_records(source: Source, opts: ReadOptions) -> Iterator[str]:
+    for n, line in enumerate(_lines(source, opts.encoding_errors), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrepError(source.name, f"line {n}: not valid JSON ({e.msg})") from e
+        text = _record_text(record, opts.text_field, f"line {n}", source.name)
+        if text is not None:
+            yield text
+
+
+def _parquet_records(source: Source, opts: ReadOptions) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if source.path.stat().st_size == 0:
+        raise PrepError(source.name, "empty file")
+    try:
+        with _open_raw(source) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if opts.text_field not in names:
+                raise PrepError(source.name, f"no {opts.text_field!r} column (choose one with "
+                                             f"--text-field; columns: {', '.join(names[:10])})")
+            for batch in pf.iter_batches(batch_size=1024, columns=[opts.text_field]):
+                for value in batch.column(0).to_pylist():
+                    if value is not None and not isinstance(value, str):
+                        raise PrepError(source.name, f"column {opts.text_field!r} holds "
+                                                     f"{type(value).__name__}, not text")
+                    if value is not None:
+                        yield value
+    except (pa.ArrowException, OSError) as e:
+        raise PrepError(source.name, f"cannot read Parquet ({str(e).splitlines()[0]})") from e
+
+
+def _hf_records(source: Source, opts: ReadOptions) -> Iterator[str]:
+    name, _, config = source.name[3:].partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        records = iter(ds)
+        first = next(records, None)
+    except Exception as e:  # datasets raises many types (network, hub, config): all are "cannot load"
+        msg = (str(e).strip().splitlines() or [""])[0][:300]
+        raise PrepError(source.name, f"cannot load Hugging Face dataset ({type(e).__name__}: {msg})") from e
+    if first is None:
+        return
+    text = _record_text(first, opts.text_field, "record 0", source.name)
+    if text is not None:
+        yield text
+    for n, record in enumerate(records, start=1):
+        text = _record_text(record, opts.text_field, f"record {n}", source.name)
+        if text is not None:
+            yield text
+
+
+def iter_pieces(source: Source, opts: ReadOptions) -> Iterator[tuple[str, bool]]:
+    """A source's documents as (piece, ends_document) pairs; raises PrepError on bad input.
+
+    A source that yields no document with text (an empty file, only whitespace, every record
+    empty) is an error: it almost always means the wrong file or the wrong --text-field.
+    """
+    if source.kind == "text":
+        pieces = _text_pieces(_lines(source, opts.encoding_errors),
+                              opts.doc_boundary == "blank-line", opts.max_piece_chars)
+    else:
+        records = {"jsonl": _jsonl_records, "parquet": _parquet_records, "hf": _hf_records}[source.kind]
+        pieces = (p for text in records(source, opts) if text.strip()
+                  for p in _split_record(text, opts.max_piece_chars))
+    any_text = False
+    for piece in pieces:
+        any_text = True
+        yield piece
+    if not any_text:
+        raise PrepError(source.name, "no text (only whitespace or empty records)")

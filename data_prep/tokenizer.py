@@ -1,0 +1,135 @@
+"""The tokenizer: train a WordPiece one, or load an existing one; save it in Hugging Face format.
+
+Owns: the WordPiece recipe (BertNormalizer, BertPreTokenizer, WordPiece decoder, special tokens
+[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4), loading local or named tokenizers, the Hugging Face
+save (so `AutoTokenizer.from_pretrained(OUT/"tokenizer")` encodes exactly like the
+`tokenizers.Tokenizer` we used) and the fingerprint (sha256 of the saved tokenizer.json).
+Must not import numpy or the shard writer; reads no corpus itself (documents come in as an
+iterator of strings).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from data_prep.errors import PrepError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
+
+
+def new_wordpiece(lowercase: bool):
+    """An untrained BERT-style WordPiece tokenizer (normalizer, pre-tokenizer, decoder)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # strip_accents follows lowercase, as in BERT's uncased / cased vocabularies.
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool, show_progress: bool = True):
+    """Train WordPiece on a stream of texts (streamed: the corpus is never held in memory)."""
+    from tokenizers import processors, trainers
+
+    tok = new_wordpiece(lowercase)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=show_progress)
+    tok.train_from_iterator(texts, trainer=trainer)
+    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    if ids != list(range(len(SPECIAL_TOKENS))):  # the trainer puts special tokens first
+        raise RuntimeError(f"trained tokenizer has special ids {ids}, expected 0..4")
+    # The post-processor only matters for users of the saved tokenizer (AutoTokenizer adds
+    # [CLS]/[SEP] like BERT); shards are encoded with add_special_tokens=False.
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def load_tokenizer(spec: str):
+    """A `tokenizers.Tokenizer` from a tokenizer.json, a local Hugging Face dir or a hub name.
+
+    Only fast (Rust-backed) tokenizers are accepted: the shard writer needs batch encoding.
+    Network or unknown-name failures become a PrepError naming `spec`.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise PrepError(spec, f"not a tokenizers JSON file ({str(e).splitlines()[0]})") from e
+    else:
+        if path.is_dir() and not (path / "tokenizer.json").is_file():
+            raise PrepError(spec, "directory has no tokenizer.json (only fast tokenizers are supported)")
+        try:
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(spec)
+        except Exception as e:  # OSError offline, ValueError/KeyError for odd configs
+            msg = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PrepError(spec, f"cannot load tokenizer ({type(e).__name__}: {msg})") from e
+        if not getattr(hf, "is_fast", False) or getattr(hf, "backend_tokenizer", None) is None:
+            raise PrepError(spec, "not a fast (tokenizers-backed) tokenizer")
+        tok = hf.backend_tokenizer
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def special_token_ids(tok) -> dict[str, int]:
+    """{pad, unk, cls, sep, mask: id}; cls, sep and pad are required to build shards."""
+    ids = {}
+    for key, token in zip(SPECIAL_KEYS, SPECIAL_TOKENS):
+        i = tok.token_to_id(token)
+        if i is None:  # e.g. RoBERTa-style names
+            alt = {"pad": "<pad>", "unk": "<unk>", "cls": "<s>", "sep": "</s>", "mask": "<mask>"}[key]
+            i = tok.token_to_id(alt)
+        ids[key] = i
+    missing = [k for k in ("pad", "cls", "sep") if ids[k] is None]
+    if missing:
+        raise PrepError("--tokenizer", f"tokenizer lacks the special tokens {missing} "
+                                       "([PAD]/[CLS]/[SEP] or <pad>/<s>/</s>)")
+    return ids
+
+
+def save_hf(tok, directory: Path, seq_len: int, lowercase: bool) -> None:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`.
+
+    transformers 5 no longer writes special_tokens_map.json; we write it ourselves because the
+    shard format promises it. tokenizer_class is set to PreTrainedTokenizerFast, a name that both
+    transformers 4 and 5 resolve, so the output loads with either.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    ids = special_token_ids(tok)
+    names = {k: tok.id_to_token(i) for k, i in ids.items() if i is not None}
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=seq_len, do_lower_case=lowercase,
+        **{f"{k}_token": v for k, v in names.items()})
+    hf.save_pretrained(str(directory))
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({f"{k}_token": v for k, v in names.items()}, indent=2, sort_keys=True) + "\n")
+
+
+def fingerprint(directory: Path) -> str:
+    """sha256 hex of the saved tokenizer.json: identical files encode identically."""
+    with open(directory / "tokenizer.json", "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def set_threads(workers: int) -> None:
+    """Size the Rust thread pool tokenizers' batch encoding uses (before its first use)."""
+    os.environ["RAYON_NUM_THREADS"] = str(workers)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
