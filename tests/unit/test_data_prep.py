@@ -1,0 +1,210 @@
+"""Unit tests for data_prep's pure parts and readers, on real corpora and a real tokenizer."""
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import build, shards, sources
+from data_prep import tokenizer as tk
+from data_prep.errors import PrepError
+
+LAYOUT = shards.RowLayout(seq_len=10, cls_id=2, sep_id=3, pad_id=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row layout and packing
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 17, 40])
+def test_make_rows_layout(n):
+    stream = np.arange(100, 100 + n, dtype=np.uint32)
+    rows = shards.make_rows(stream, LAYOUT, np.dtype(np.uint16))
+    body = LAYOUT.body
+    assert rows.shape == (-(-n // body), 10) and rows.dtype == np.uint16
+    assert (rows[:, 0] == 2).all()
+    # Every row: [CLS] body [SEP] then only [PAD]; the bodies concatenated give the stream back.
+    got = []
+    for r in rows:
+        sep = int(np.flatnonzero(r == 3)[0])
+        assert (r[sep + 1:] == 0).all()
+        got.extend(r[1:sep].tolist())
+    assert got == stream.tolist()
+    assert (rows[:-1, -1] == 3).all()
+
+
+def test_make_rows_rejects_short_rows():
+    with pytest.raises(ValueError):
+        shards.RowLayout(seq_len=7, cls_id=2, sep_id=3, pad_id=0)
+
+
+def _docs(seed: int, num_docs: int) -> list[list[np.ndarray]]:
+    """Documents as lists of pieces of random ids (>= 5, so never a special id)."""
+    rng = np.random.default_rng(seed)
+    return [[rng.integers(5, 1000, size=int(rng.integers(0, 30)), dtype=np.uint32)
+             for _ in range(int(rng.integers(1, 4)))] for _ in range(num_docs)]
+
+
+def _pack(docs, shard_rows, start=shards.Position(0, 0)):
+    packer = shards.Packer(LAYOUT, shard_rows, np.dtype(np.uint16), start)
+    out = []
+    for d, pieces in enumerate(docs):
+        if not packer.wants(d):
+            continue
+        for i, ids in enumerate(pieces):
+            packer.add(d, ids, ends_document=i == len(pieces) - 1)
+            while packer.ready():
+                out.append(packer.take_shard())
+    last = packer.finish()
+    return out + ([last] if last is not None else [])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shard_rows", [1, 3])
+def test_packer_matches_flat_stream_and_resumes_at_every_shard(seed, shard_rows):
+    docs = _docs(seed, 25)
+    stream = np.concatenate([np.append(np.concatenate(p), 3) for p in docs]).astype(np.uint32)
+    expect = shards.make_rows(stream, LAYOUT, np.dtype(np.uint16))
+    got = _pack(docs, shard_rows)
+    assert all(len(rows) == shard_rows for rows, _ in got[:-1])
+    np.testing.assert_array_equal(np.concatenate([rows for rows, _ in got]), expect)
+    # Resuming from the position recorded after shard i reproduces shards i+1.. exactly.
+    for i, (_, after) in enumerate(got[:-1]):
+        resumed = _pack(docs, shard_rows, start=after)
+        assert len(resumed) == len(got) - i - 1
+        for (a, _), (b, _) in zip(resumed, got[i + 1:]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_dtype_for_vocab():
+    assert shards.dtype_for(65536) == np.uint16 and shards.dtype_for(65537) == np.uint32
+
+
+# ---------------------------------------------------------------------------------------------
+# Train / valid split
+
+
+def test_split_is_a_fraction_of_documents_and_deterministic():
+    picked = [d for d in range(20000) if build.split_of(d, False, 0.05, None) == "valid"]
+    assert 800 < len(picked) < 1200
+    assert picked == [d for d in range(20000) if build.valid_key(d) < 0.05]
+    assert build.split_of(3, True, 0.0, None) == "valid"
+
+
+def test_fallback_sends_exactly_one_document_to_valid():
+    docs = list(range(5))
+    f = min(build.valid_key(d) for d in docs) / 2  # small enough that no key is below it
+    fb = build.fallback_doc(docs, f)
+    assert fb in docs and [d for d in docs if build.split_of(d, False, f, fb) == "valid"] == [fb]
+    assert build.fallback_doc([0], f) is None and build.fallback_doc(docs, 0.0) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _texts(source, **kw):
+    opts = sources.ReadOptions(**kw)
+    docs, cur = [], []
+    for piece, ends in sources.iter_pieces(source, opts):
+        cur.append(piece)
+        if ends:
+            docs.append("".join(cur))
+            cur = []
+    assert not cur
+    return docs
+
+
+def test_directory_walk_is_sorted_and_skips_files_without_text_suffix(shared_data):
+    found = sources.resolve_inputs([str(shared_data / "nltk" / "webtext")])
+    names = [Path(s.name).name for s in found]
+    assert names == sorted(names) and "README" not in names and "firefox.txt" in names
+    assert all(s.kind == "text" for s in found)
+
+
+def test_glob_and_missing_paths(shared_data):
+    found = sources.resolve_inputs([str(shared_data / "nltk" / "state_union" / "19[45]*.txt")])
+    assert len(found) > 5 and all(Path(s.name).name[:3] in ("194", "195") for s in found)
+    with pytest.raises(PrepError, match="no such file"):
+        sources.resolve_inputs([str(shared_data / "nope.txt")])
+    with pytest.raises(PrepError, match="no file matches"):
+        sources.resolve_inputs([str(shared_data / "*.nothing")])
+
+
+@pytest.mark.parametrize("suffix,opener", [(".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open)])
+def test_compressed_text_reads_like_plain(shared_data, tmp_path, suffix, opener):
+    plain = shared_data / "nltk" / "webtext" / "firefox.txt"  # ISO-8859-1, CRLF line ends
+    packed = tmp_path / f"firefox.txt{suffix}"
+    with opener(packed, "wb") as f:
+        f.write(plain.read_bytes())
+    (a,), (b,) = sources.resolve_inputs([str(plain)]), sources.resolve_inputs([str(packed)])
+    assert b.kind == "text" and b.compression == suffix
+    ta = _texts(a, encoding_errors="replace")
+    assert ta == _texts(b, encoding_errors="replace") and "\r" not in ta[0]
+
+
+def test_strict_decoding_names_the_byte(shared_data):
+    (s,) = sources.resolve_inputs([str(shared_data / "nltk" / "webtext" / "pirates.txt")])
+    with pytest.raises(PrepError, match=r"invalid UTF-8 at byte \d+"):
+        _texts(s)
+
+
+def test_nel_line_breaks_separate_words(shared_data):
+    (s,) = sources.resolve_inputs([str(shared_data / "nltk" / "webtext" / "wine.txt")])
+    (text,) = _texts(s, encoding_errors="replace")
+    assert "\x85" not in text
+    raw = (shared_data / "nltk" / "webtext" / "wine.txt").read_bytes().decode("utf-8", "replace")
+    assert text.count("\n") >= raw.count("\n") + raw.count("\x85")
+
+
+def test_blank_line_documents(shared_data):
+    (s,) = sources.resolve_inputs([str(shared_data / "wikitext-2" / "test.txt")])
+    docs = _texts(s, doc_boundary="blank-line")
+    whole = _texts(s)
+    assert len(whole) == 1 and len(docs) > 100
+    assert all(d.strip() and "\n\n" not in d for d in docs)
+    assert "".join(docs).split() == whole[0].split()
+
+
+def test_jsonl_and_parquet_records(shared_data, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((shared_data / "nltk" / "movie_reviews" / "pos").glob("*.txt"))[:20]
+    texts = [f.read_text() for f in files]
+    jl = tmp_path / "reviews.jsonl.gz"
+    with gzip.open(jl, "wt") as f:
+        for t in texts:
+            f.write(json.dumps({"body": t, "id": 1}) + "\n")
+    pqf = tmp_path / "reviews.parquet"
+    pq.write_table(pa.table({"body": texts}), pqf)
+    for path in (jl, pqf):
+        (s,) = sources.resolve_inputs([str(path)])
+        assert _texts(s, text_field="body") == texts
+        with pytest.raises(PrepError, match="'text'"):
+            _texts(s)
+
+
+def test_pieces_tokenize_like_whole_documents(shared_data):
+    """Cutting a long document at line ends must not change a single token."""
+    path = shared_data / "nltk" / "abc" / "rural.txt"
+    (s,) = sources.resolve_inputs([str(path)])
+    tok = tk.train_wordpiece(_texts(s, max_piece_chars=1 << 30), vocab_size=1000, lowercase=True,
+                             show_progress=False)
+    pieces = list(sources.iter_pieces(s, sources.ReadOptions(max_piece_chars=5000)))
+    assert len(pieces) > 10 and [e for _, e in pieces].count(True) == 1
+    whole = tok.encode("".join(p for p, _ in pieces), add_special_tokens=False).ids
+    cut = [i for e in tok.encode_batch([p for p, _ in pieces], add_special_tokens=False) for i in e.ids]
+    assert cut == whole
+
+
+def test_read_options_checks():
+    with pytest.raises(ValueError):
+        sources.ReadOptions(encoding_errors="ignore")
+    with pytest.raises(ValueError):
+        sources.ReadOptions(doc_boundary="page")
