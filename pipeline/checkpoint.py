@@ -1,0 +1,157 @@
+"""Checkpoints: DeepSpeed's engine state plus our client state, and an atomic `latest`.
+
+Layout under the checkpoint directory:
+
+  step_00000020/            engine.save_checkpoint output (model, ZeRO partitions, optimizer)
+      sift_state.json       our client state, also readable without torch (resume, export)
+  latest                    the tag of the newest *complete* checkpoint (written last, atomically)
+  tokenizer/                copy of the data's tokenizer, so sift-export needs only this directory
+
+The client state holds the data position in global samples (what makes resume exact whatever the
+new world size), the step, counters, selector totals, rank 0's RNG states, the config and its
+fingerprint, and the tokenizer fingerprint. DeepSpeed's own `latest` is disabled: ours moves only
+after every rank finished writing (a barrier), by writing a temp file and `os.replace`, so a
+process killed mid-save leaves `latest` on the previous complete checkpoint.
+
+Must not import torch.distributed or deepspeed.comm: the barrier comes from pipeline.comm.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import comm
+
+LATEST = "latest"
+STATE_FILE = "sift_state.json"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says why."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states (tensors as lists so the state is plain JSON)."""
+    return {"python": repr(random.getstate()), "numpy": repr(np.random.get_state()[1][:4].tolist()),
+            "torch": torch.get_rng_state().tolist()}
+
+
+def write_latest(ckpt_dir: Path, tag: str) -> None:
+    """Point `latest` at `tag`: temp file, fsync, rename (atomic on POSIX)."""
+    tmp = ckpt_dir / f".{LATEST}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(tag + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_dir / LATEST)
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names, or None when there is no `latest` yet."""
+    path = Path(ckpt_dir) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not (Path(ckpt_dir) / tag / STATE_FILE).is_file():
+        raise CheckpointError(f"{path} names {tag!r}, but {Path(ckpt_dir) / tag / STATE_FILE} "
+                              "is missing (checkpoint directory damaged)")
+    return tag
+
+
+def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
+    """(load_dir, tag) to resume from, or None for a fresh start.
+
+    'none': None. 'auto': what `latest` in ckpt_dir names, None when there is none. A path: a
+    checkpoint directory with `latest`, or one tag directory inside it.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        tag = read_latest(ckpt_dir)
+        return None if tag is None else (Path(ckpt_dir), tag)
+    path = Path(resume)
+    if (path / LATEST).is_file():
+        return path, read_latest(path)
+    if (path / STATE_FILE).is_file():
+        return path.parent, path.name
+    raise CheckpointError(f"--resume {resume}: neither a checkpoint directory with '{LATEST}' nor "
+                          f"a checkpoint tag directory with {STATE_FILE}")
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with our state file (complete saves), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir()
+                  if TAG_RE.match(p.name) and (p / STATE_FILE).is_file())
+
+
+def prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
+    """Delete all but the newest `keep_last` step directories (never `protect`); 0 keeps all."""
+    if keep_last <= 0:
+        return
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name))
+    for tag in tags[:-keep_last]:
+        if tag != protect:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def params_finite(engine: Any) -> bool:
+    """Whether this rank's share of the weights is finite (ZeRO-3: the local partitions)."""
+    for p in engine.module.parameters():
+        t = getattr(p, "ds_tensor", None)  # ZeRO-3 keeps the real values in the partition
+        t = p.data if t is None or p.data.numel() else t
+        if t.numel() and not torch.isfinite(t).all():
+            return False
+    return True
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
+         tokenizer_dir: Path | None, rank: int, crash_before_latest: bool = False) -> str:
+    """Collective: every rank calls it. Returns the tag. Refuses to save non-finite weights."""
+    ok = torch.tensor([1.0 if params_finite(engine) else 0.0])
+    if comm.all_reduce(ok, "min").item() < 1.0:
+        raise CheckpointError(f"refusing to checkpoint step {step}: the weights hold NaN/inf")
+    tag = tag_for(step)
+    ckpt_dir = Path(ckpt_dir)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer_dir is not None and not (ckpt_dir / "tokenizer").is_dir():
+            shutil.copytree(tokenizer_dir, ckpt_dir / "tokenizer")
+    state = {**client_state, "step": step, "tag": tag, "rng": rng_state()}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"sift": state}, save_latest=False)
+    if rank == 0:  # the JSON copy marks the directory complete for `latest`/export
+        tmp = ckpt_dir / tag / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, ckpt_dir / tag / STATE_FILE)
+    comm.barrier()  # every rank's files are on disk before `latest` moves
+    if crash_before_latest and rank == 0:  # test hook: die between the files and `latest`
+        os.kill(os.getpid(), 9)
+    if rank == 0:
+        write_latest(ckpt_dir, tag)
+    comm.barrier()
+    return tag
+
+
+def load(engine: Any, load_dir: Path, tag: str) -> dict[str, Any]:
+    """Collective: restore the engine from (load_dir, tag); returns our client state."""
+    path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {Path(load_dir) / tag}")
+    if "sift" in (client or {}):
+        return client["sift"]
+    return json.loads((Path(load_dir) / tag / STATE_FILE).read_text())

@@ -1,0 +1,385 @@
+"""The typed training configuration: a TOML recipe plus dotted `--set` overrides.
+
+Owns the tree `TrainConfig` of small frozen sections and the loader (CLI > file > defaults).
+Sections are owned by the component that reads them: `masking` is `pipeline.data.MaskingConfig`,
+`model` is `pipeline.model.ModelConfig`, `selection` is `pipeline.selection.SelectionConfig`; the
+trainer's own sections (data, optim, budget, eval, checkpoint, logging, run, debug) live here.
+Constructors get their own section, never the whole tree.
+
+What the DeepSpeed JSON owns (precision, ZeRO stage, gradient clipping, the batch-size triplet) is
+deliberately absent: `pipeline.engine` reads those back from the engine.
+
+Unknown sections or keys, wrong types and inconsistent values are `ConfigError`s naming the key.
+Must not import torch.distributed or deepspeed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.data import MaskingConfig
+from pipeline.model import ModelConfig
+from pipeline.selection import SelectionConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the problem."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the prepared shards are (the output directory of `sift-prep`)."""
+
+    data_dir: str = ""
+    """sift-prep output directory (manifest.json, tokenizer/, train/, valid/). Required."""
+    train_split: str = "train"
+    """Split trained on."""
+    valid_split: str = "valid"
+    """Split evaluated on."""
+
+    def __post_init__(self):
+        _check(bool(self.data_dir), "data.data_dir is required (the sift-prep output directory)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (warmup, then decay). Clipping is DeepSpeed's."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from 0 to lr."""
+    decay: str = "linear"
+    """After warmup: 'linear' or 'cosine' down to min_lr_ratio * lr at decay_steps, or 'constant'."""
+    decay_steps: int | None = None
+    """Step at which the decay ends; None: budget.steps (required then unless decay='constant')."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay as a fraction of lr."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    max_nonfinite_in_row: int = 5
+    """A non-finite loss skips its micro-batch; this many in a row stop the run with an error."""
+
+    def __post_init__(self):
+        _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.decay in ("linear", "cosine", "constant"),
+               f"optim.decay must be linear, cosine or constant, got {self.decay!r}")
+        _check(self.decay_steps is None or self.decay_steps > 0, "optim.decay_steps must be > 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "optim.eps must be > 0")
+        _check(self.max_nonfinite_in_row >= 1, "optim.max_nonfinite_in_row must be >= 1")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """When to stop: the first budget reached ends the run (at least one must be set)."""
+
+    steps: int | None = 1000
+    """Optimizer steps."""
+    samples: int | None = None
+    """Samples backpropagated, summed over all ranks."""
+    wall_time_s: float | None = None
+    """Seconds of training (the trainer's clock, from the first step; evaluation included)."""
+    target_accuracy: float | None = None
+    """Validation masked-LM accuracy that ends the run when an evaluation reaches it."""
+
+    def __post_init__(self):
+        _check(any(v is not None for v in dataclasses.astuple(self)),
+               "budget: set at least one of steps, samples, wall_time_s, target_accuracy")
+        _check(self.steps is None or self.steps >= 1, "budget.steps must be >= 1")
+        _check(self.samples is None or self.samples >= 1, "budget.samples must be >= 1")
+        _check(self.wall_time_s is None or self.wall_time_s > 0, "budget.wall_time_s must be > 0")
+        _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+               "budget.target_accuracy must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Periodic validation: masked-LM accuracy and loss, Spearman(exit loss, full loss)."""
+
+    every_steps: int = 100
+    """Evaluate every this many optimizer steps (0: only at start and end)."""
+    batch_size: int = 32
+    """Validation sequences per rank per forward."""
+    max_samples: int | None = 512
+    """Validation sequences used (the first ones; None: the whole split)."""
+    at_start: bool = True
+    """Evaluate before the first step (the 'before' accuracy)."""
+    at_end: bool = True
+    """Evaluate after the last step."""
+
+    def __post_init__(self):
+        _check(self.every_steps >= 0, "eval.every_steps must be >= 0")
+        _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
+        _check(self.max_samples is None or self.max_samples >= 1, "eval.max_samples must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """DeepSpeed checkpoints plus our client state; `latest` names the last complete one."""
+
+    dir: str | None = None
+    """Checkpoint directory; None: <run.output_dir>/checkpoints."""
+    every_steps: int = 0
+    """Save every this many optimizer steps (0: only at the end)."""
+    at_end: bool = True
+    """Save when the run ends."""
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted after `latest` moves); 0 keeps all."""
+    resume: str = "none"
+    """'none', 'auto' (the checkpoint `latest` names, if any) or a checkpoint (tag) directory."""
+
+    def __post_init__(self):
+        _check(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
+        _check(self.keep_last >= 0, "checkpoint.keep_last must be >= 0")
+        _check(bool(self.resume), "checkpoint.resume must be 'none', 'auto' or a path")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go: TensorBoard, metrics.jsonl, a progress bar (all on rank 0)."""
+
+    every_steps: int = 10
+    """Log train scalars every this many optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <output_dir>/tensorboard."""
+    progress_bar: bool = True
+    """Show a tqdm bar on rank 0."""
+
+    def __post_init__(self):
+        _check(self.every_steps >= 1, "logging.every_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run as a whole."""
+
+    output_dir: str = "runs/default"
+    """Everything the run writes goes under here."""
+    seed: int = 42
+    """Seeds model init, data order, masking, dropout and random selection."""
+    ds_config: str = "ds_configs/cpu_zero2_fp32.json"
+    """The DeepSpeed JSON (precision, ZeRO stage, clipping, micro batch, accumulation)."""
+    dist_timeout_s: float = 600.0
+    """Collective timeout: a dead rank fails the job after at most about this long."""
+
+    def __post_init__(self):
+        _check(bool(self.output_dir), "run.output_dir must not be empty")
+        _check(self.seed >= 0, "run.seed must be >= 0")
+        _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    """Fault injection for tests; leave at the defaults in real runs."""
+
+    nonfinite_at_micro_batches: tuple[int, ...] = ()
+    """Micro-batch attempts (0-based, counting skipped ones; = optimizer step + skips so far when
+    accumulation is 1) whose loss is replaced by NaN (skip-and-count tests)."""
+    kill_rank: int = -1
+    """With kill_at_step: this rank SIGKILLs itself (dead-rank tests). -1: never."""
+    kill_at_step: int = -1
+    """The optimizer step at whose start kill_rank dies."""
+    crash_in_checkpoint_at_step: int = -1
+    """Rank 0 SIGKILLs itself after writing this step's checkpoint files, before `latest` moves."""
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "masking": MaskingConfig, "model": ModelConfig,
+    "selection": SelectionConfig, "optim": OptimConfig, "budget": BudgetConfig,
+    "eval": EvalConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+    "run": RunConfig, "debug": DebugConfig,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole training configuration; one section per component."""
+
+    data: DataConfig
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self):
+        _check(self.optim.decay == "constant" or self.optim.decay_steps is not None
+               or self.budget.steps is not None,
+               "optim.decay needs a horizon: set optim.decay_steps or budget.steps "
+               "(or use optim.decay = 'constant')")
+        _check(self.optim.warmup_steps < self.decay_horizon() or self.optim.decay == "constant",
+               f"optim.warmup_steps ({self.optim.warmup_steps}) must be below the decay horizon "
+               f"({self.decay_horizon()})")
+
+    def decay_horizon(self) -> int:
+        """The step where the LR decay ends (optim.decay_steps, else budget.steps)."""
+        return self.optim.decay_steps or self.budget.steps or 1
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run.output_dir) / "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """sha256 of the settings that define the training trajectory (not budgets or logging),
+        so a resume with a longer budget matches and one with another model or seed does not."""
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("data", "masking", "model", "selection", "optim")}
+        keep["seed"] = self.run.seed
+        keep["ds_config"] = self.run.ds_config
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` (from TOML) as type `tp`, or a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        _check(len(value) == len(args), f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        _check(isinstance(value, bool), f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool),
+               f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def build_section(cls: type, values: dict[str, Any], name: str) -> Any:
+    """One section from a mapping: unknown keys and wrong types are ConfigErrors."""
+    _check(isinstance(values, dict), f"[{name}] must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        _check(key in hints, f"unknown key '{name}.{key}' (known keys of [{name}]: {', '.join(known)})")
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:  # the section's own __post_init__ checks
+        raise ConfigError(str(exc)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=1e-3' -> (['optim', 'lr'], 0.001). Values are TOML (bare words become strings)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    _check(bool(sep) and bool(key), f"--set expects section.key=value, got {text!r}")
+    parts = key.split(".")
+    _check(len(parts) == 2 and all(parts), f"--set key must be section.key, got {key!r}")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as sift-loss or a path
+    if raw.lower() in ("none", "null"):
+        value = None
+    return parts, value
+
+
+def merge_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `tree` with each `section.key=value` applied in order (later wins)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        out.setdefault(section, {})
+        _check(isinstance(out[section], dict), f"[{section}] must be a table")
+        out[section][key] = value
+    return out
+
+
+def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a nested mapping (missing sections and keys take their defaults)."""
+    _check(isinstance(tree, dict), "the configuration must be a table of sections")
+    for name in tree:
+        _check(name in SECTIONS, f"unknown section [{name}] (known: {', '.join(SECTIONS)})")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = {k: v for k, v in tree.get(name, {}).items()} if isinstance(tree.get(name, {}), dict) \
+            else tree[name]
+        # An explicit None means "the default": drop it unless the field is optional.
+        if isinstance(values, dict):
+            hints = typing.get_type_hints(cls)
+            values = {k: v for k, v in values.items()
+                      if not (v is None and k in hints and type(None) not in typing.get_args(hints[k]))}
+        sections[name] = build_section(cls, values, name)
+    try:
+        return TrainConfig(**sections)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """CLI > file > defaults: read the TOML recipe at `path` (optional), apply `overrides`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        _check(p.is_file(), f"config file not found: {p}")
+        try:
+            tree = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    return config_from_dict(merge_overrides(tree, overrides))

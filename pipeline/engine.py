@@ -1,0 +1,130 @@
+"""DeepSpeed setup: the JSON config, the optimizer, `deepspeed.initialize`, and the facts read back.
+
+Owns: reading and checking a `ds_configs/*.json` file (it owns precision, ZeRO stage, clipping and
+the batch-size triplet; our TOML never repeats them), AdamW with no decay on biases and LayerNorm,
+the learning-rate schedule (a pure function of the step, so a resume needs no scheduler state),
+and `EngineFacts`: micro batch, accumulation, ZeRO stage and precision as the *engine* reports
+them after initialize (academic-budget-bert's lesson: read them back, never trust a second copy).
+
+The optimizer is ours (torch AdamW) rather than DeepSpeed's JSON "optimizer" block, so the optim
+section of the TOML is the one place for lr, betas and weight decay; a JSON that also names an
+optimizer or scheduler is rejected instead of silently overriding it.
+
+Must not import torch.distributed or deepspeed.comm (collectives live in pipeline.comm).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError, OptimConfig
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the initialized engine says about itself."""
+
+    micro_batch: int
+    """Samples per rank per forward/backward (train_micro_batch_size_per_gpu)."""
+    grad_accum: int
+    """Micro-batches per optimizer step."""
+    train_batch: int
+    """Samples per optimizer step over all ranks (micro_batch * grad_accum * world)."""
+    zero_stage: int
+    precision: str
+    """'fp32', 'bf16' or 'fp16'."""
+    gradient_clipping: float
+    world_size: int
+
+
+def load_ds_config(path: str | Path, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON at `path`, checked: a consistent batch triplet, no optimizer/scheduler."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"run.ds_config: DeepSpeed config not found: {p}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p}: not valid JSON ({exc})") from None
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ConfigError(f"{p}: remove the '{key}' block: the [optim] section of the training "
+                              "config owns the optimizer and learning-rate schedule")
+    check_batch_triplet(cfg, world_size, str(p))
+    return cfg
+
+
+def check_batch_triplet(cfg: dict[str, Any], world_size: int, where: str = "ds_config") -> None:
+    """train_batch_size == micro * accumulation * world when all three are given; >= 1 each."""
+    vals = {k: cfg.get(k) for k in BATCH_KEYS}
+    for k, v in vals.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{where}: {k} must be a positive integer, got {v!r}")
+    tb, mb, ga = (vals[k] for k in BATCH_KEYS)
+    if mb is None and tb is None:
+        raise ConfigError(f"{where}: set train_micro_batch_size_per_gpu (or train_batch_size)")
+    if tb is not None and mb is not None and ga is not None and tb != mb * ga * world_size:
+        raise ConfigError(f"{where}: inconsistent batch sizes: train_batch_size {tb} != "
+                          f"micro {mb} x accumulation {ga} x world size {world_size}")
+    if tb is not None and mb is not None and ga is None and tb % (mb * world_size):
+        raise ConfigError(f"{where}: train_batch_size {tb} is not a multiple of micro {mb} x "
+                          f"world size {world_size}")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices, none on biases and LayerNorm (BERT practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: OptimConfig, horizon: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then decay to the floor."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return cfg.lr
+    floor = cfg.lr * cfg.min_lr_ratio
+    span = max(horizon - cfg.warmup_steps, 1)
+    t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)  # 0 -> 1 over the decay
+    if cfg.decay == "linear":
+        return floor + (cfg.lr - floor) * (1.0 - t)
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    """Write `lr` into every param group (the ZeRO wrappers expose the base optimizer's groups)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str, Any]
+                 ) -> tuple[Any, EngineFacts]:
+    """`deepspeed.initialize` with our AdamW; returns the engine and the facts it reports."""
+    import deepspeed  # lazy: importing deepspeed costs seconds
+
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                                  betas=optim.betas, eps=optim.eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    facts = EngineFacts(
+        micro_batch=int(engine.train_micro_batch_size_per_gpu()),
+        grad_accum=int(engine.gradient_accumulation_steps()),
+        train_batch=int(engine.train_batch_size()),
+        zero_stage=int(engine.zero_optimization_stage()),
+        precision=precision,
+        gradient_clipping=float(engine.gradient_clipping() or 0.0),
+        world_size=int(engine.world_size),
+    )
+    return engine, facts

@@ -1,0 +1,109 @@
+"""Where the numbers go: TensorBoard scalars, metrics.jsonl, a progress bar, summary.json.
+
+Owns `MetricsWriter`. Only rank 0 writes; on other ranks every method is a no-op, so the trainer
+calls it unconditionally. DeepSpeed's own TensorBoard monitor logs only the learning rate, hence
+our own SummaryWriter. Scalar names (TensorBoard tags; the JSONL keys are the same):
+
+  train/loss, train/exit_score, train/lr, train/grad_norm, train/samples_backpropagated,
+  train/nonfinite_skipped, select/fraction, select/score_selected, select/score_all,
+  select/bytes_moved, select/samples_moved, perf/samples_per_s, perf/tokens_per_s,
+  time/data_s, time/score_s, time/select_s, time/forward_backward_s, time/optimizer_s,
+  eval/accuracy, eval/loss, eval/spearman_exit_vs_full.
+
+Must not import torch.distributed or deepspeed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+TRAIN_SCALARS = (
+    "train/loss", "train/exit_score", "train/lr", "train/grad_norm", "train/samples_backpropagated",
+    "train/nonfinite_skipped", "select/fraction", "select/score_selected", "select/score_all",
+    "select/bytes_moved", "select/samples_moved", "perf/samples_per_s", "perf/tokens_per_s",
+    "time/data_s", "time/score_s", "time/select_s", "time/forward_backward_s", "time/optimizer_s",
+)
+EVAL_SCALARS = ("eval/accuracy", "eval/loss", "eval/spearman_exit_vs_full")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; null reads back unambiguously
+    return v
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temp name, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """TensorBoard + JSONL + tqdm on rank 0; no-ops elsewhere."""
+
+    def __init__(self, output_dir: str | Path, rank: int, tensorboard: bool = True,
+                 progress_bar: bool = True, total_steps: int | None = None, initial_step: int = 0):
+        self.active = rank == 0
+        self.output_dir = Path(output_dir)
+        self._tb = None
+        self._bar = None
+        self._jsonl = None
+        if not self.active:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                             dynamic_ncols=True)
+
+    def log(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
+        """One record: every scalar to TensorBoard at `step`, one JSON line."""
+        if not self.active:
+            return
+        record = {"kind": kind, "step": step, **{k: _jsonable(float(v)) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if v is not None and math.isfinite(float(v)):
+                    self._tb.add_scalar(k, float(v), step)
+
+    def progress(self, steps: int = 1, **postfix: float) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        """A line for the user (through tqdm so the bar stays intact)."""
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def summary(self, obj: dict[str, Any]) -> None:
+        if self.active:
+            write_json_atomic(self.output_dir / "summary.json",
+                              {k: _jsonable(v) for k, v in obj.items()})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None

@@ -1,0 +1,77 @@
+"""Entry point: `deepspeed --module pipeline.train --config FILE [--set key=value ...]`.
+
+Also `sift-train` (torchrun, or one process) and `mpirun -np N sift-train ...` (DeepSpeed's MPI
+discovery). Parse, join the process group, train, tear down (teardown guarded). Every failure ends
+the process non-zero with one line naming the rank, so the launcher reports which rank failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from pipeline import comm
+from pipeline.config import ConfigError, load_config
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sift-train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="TOML training recipe (e.g. launch/recipes/quickstart.toml)")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one setting (repeatable; beats the file)")
+    p.add_argument("--resume", help="'auto' (the checkpoint `latest` names, if any) or a checkpoint path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # added by the deepspeed launcher; LOCAL_RANK is in the env
+    return p.parse_args(argv)
+
+
+def _single_process_env() -> None:
+    """Without a launcher or MPI, make env:// rendezvous work for one process on this machine."""
+    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"))
+    if not launched:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = [o for group in args.overrides for o in group]
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"sift-train: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _single_process_env()
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    try:
+        rank, world_size = comm.init_distributed(timeout_s=cfg.run.dist_timeout_s)
+        from pipeline.trainer import run  # after init: importing deepspeed's engine is slow
+
+        run(cfg, rank, world_size)
+        return 0
+    except KeyboardInterrupt:
+        print(f"sift-train: rank {rank}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line naming the rank; the traceback for the log
+        import traceback
+
+        traceback.print_exc()
+        print(f"sift-train: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)  # a peer may be gone: skip teardown collectives that could hang
+    finally:
+        try:
+            comm.destroy_process_group()
+        except Exception:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

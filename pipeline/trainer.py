@@ -1,0 +1,454 @@
+"""The training loop: candidates -> scores -> selection -> DeepSpeed forward/backward/step.
+
+Owns `Trainer` (train() -> train_step() -> micro_step(), reading top to bottom), `TrainState`
+(everything a resume needs besides the engine: the data position in *global samples*, counters),
+and `run(cfg, rank, world_size)` which builds data, model and engine and drives one run.
+
+Determinism (what makes resume exact): masking is seeded by (seed, epoch, sample), the data order
+by (seed, epoch), random-selection scores by (seed, micro-batch, rank), and dropout by reseeding
+torch's generator from (seed, micro-batch, rank) before every forward; the learning rate is a pure
+function of the step. So a resumed run needs only the engine checkpoint plus `TrainState`.
+
+Non-finite losses: every micro-batch's loss goes through one all-reduce (sum of losses, count of
+non-finite ones), the sync that lets every rank agree to skip a micro-batch before backward could
+spread NaN gradients. Skipped micro-batches are counted; `optim.max_nonfinite_in_row` in a row stop
+the run with `NonFiniteLossError`, and checkpoints refuse non-finite weights.
+
+Collectives only through pipeline.comm; must not import torch.distributed or deepspeed.comm.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint, comm
+from pipeline.config import TrainConfig
+from pipeline.data import GlobalSampler, ShardDataset, train_batch, validation_batches
+from pipeline.engine import EngineFacts, build_engine, load_ds_config, lr_at, set_lr
+from pipeline.evaluation import evaluate_local, summarize
+from pipeline.metrics import MetricsWriter
+from pipeline.model import build_model
+from pipeline.scoring import score_candidates
+from pipeline.selection import pool_sizes
+from pipeline.selector import select_and_exchange
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stops instead of training on garbage."""
+
+
+@dataclass
+class TrainState:
+    """Progress that is not in the engine; saved in every checkpoint's client state."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    position: int = 0
+    """Global samples consumed (candidates loaded by all ranks together): the data position."""
+    micro_index: int = 0
+    """Micro-batch attempts so far (seeds dropout and random scores; counts skipped ones)."""
+    samples_backpropagated: int = 0
+    """Samples that got the full forward+backward, all ranks together."""
+    nonfinite_skipped: int = 0
+    nonfinite_in_row: int = 0
+    samples_moved: int = 0
+    """Selector totals (all ranks): samples and bytes exchanged between ranks."""
+    bytes_moved: int = 0
+    train_time_s: float = 0.0
+    """Training wall time accumulated over every session of this run (eval included)."""
+
+
+def _seed_for(seed: int, micro_index: int, rank: int) -> int:
+    """Dropout seed of one micro-batch on one rank: a pure function, so resume replays it."""
+    return (seed * 1_000_003 + micro_index * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+class Trainer:
+    """One run's loop over an initialized DeepSpeed engine."""
+
+    def __init__(self, cfg: TrainConfig, engine: Any, facts: EngineFacts, train_set: ShardDataset,
+                 valid_set: ShardDataset, writer: MetricsWriter, rank: int, world_size: int):
+        self.cfg = cfg
+        self.engine = engine
+        self.facts = facts
+        self.train_set = train_set
+        self.valid_set = valid_set
+        self.writer = writer
+        self.rank = rank
+        self.world_size = world_size
+        self.sampler = GlobalSampler(len(train_set), cfg.run.seed)
+        self.state = TrainState()
+        self.device = engine.device
+        self.ckpt_dir = cfg.checkpoint_dir()
+        self.evals: list[dict[str, float]] = []
+        self._session_start = time.perf_counter()
+        self._time0 = 0.0
+        self._step_losses: list[float] = []
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        """Run until a budget is reached; returns the summary (also written to summary.json)."""
+        cfg = self.cfg
+        if cfg.eval.at_start and self.state.step == 0:
+            self.evaluate()
+        last_saved = last_eval = self.state.step
+        reason = self.budget_reached()
+        window = _Window()
+        while reason is None:
+            self._maybe_die()
+            record = self.train_step()
+            self.state.step += 1
+            window.add(record)
+            step = self.state.step
+            if step % cfg.logging.every_steps == 0:
+                self.writer.log(step, window.scalars(self))
+                window = _Window()
+            self.writer.progress(1, loss=record["train/loss"], lr=record["train/lr"])
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                self.evaluate()
+                last_eval = step
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                self.save()
+                last_saved = step
+            reason = self.budget_reached()
+        if cfg.eval.at_end and last_eval != self.state.step:
+            self.evaluate()
+        if cfg.checkpoint.at_end and last_saved != self.state.step:
+            self.save()
+        return self.summary(reason)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: grad_accum micro-batches that went through, then the update."""
+        lr = lr_at(self.state.step, self.cfg.optim, self.cfg.decay_horizon())
+        set_lr(self.engine, lr)
+        totals = _Totals()
+        done = 0
+        while done < self.facts.grad_accum:
+            done += self.micro_step(totals)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "train/loss": totals.loss / max(totals.micro, 1),
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            **totals.scalars(),
+        }
+
+    def micro_step(self, totals: "_Totals") -> int:
+        """Load candidates, score, select, forward+backward, step. 1 if trained, 0 if skipped."""
+        cfg, st = self.cfg, self.state
+        t0 = time.perf_counter()
+        n_cand, quota = pool_sizes(self.facts.micro_batch, cfg.selection, st.step)
+        batch = train_batch(self.train_set, self.sampler, cfg.masking, st.position, n_cand,
+                            self.rank, self.world_size)  # dict of (n_cand, L) CPU tensors
+        st.position += n_cand * self.world_size
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        t1 = time.perf_counter()
+        scores = score_candidates(self.engine.module, batch, cfg.selection, seed=cfg.run.seed,
+                                  step=st.micro_index, rank=self.rank)  # (n_cand,) or None
+        t2 = time.perf_counter()
+        if scores is not None:
+            batch, stats = select_and_exchange(batch, scores, quota, cfg.selection.scope)
+            totals.add_selection(stats, n_cand, quota)
+            st.samples_moved += stats.samples_moved
+            st.bytes_moved += stats.bytes_moved
+        t3 = time.perf_counter()
+
+        torch.manual_seed(_seed_for(cfg.run.seed, st.micro_index, self.rank))  # dropout
+        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"])
+        loss = out.loss
+        if st.micro_index in cfg.debug.nonfinite_at_micro_batches:
+            loss = loss * float("nan")  # test hook
+        st.micro_index += 1
+        # sync point, worth it: all ranks must agree to skip before a NaN reaches the gradients
+        flags = comm.all_reduce(torch.stack([loss.detach().float(),
+                                             (~torch.isfinite(loss.detach())).float()]), "sum")
+        if flags[1].item() > 0:
+            st.nonfinite_skipped += 1
+            st.nonfinite_in_row += 1
+            self.writer.message(f"step {st.step}: non-finite loss on {int(flags[1].item())} rank(s); "
+                                f"micro-batch skipped ({st.nonfinite_in_row} in a row, "
+                                f"{st.nonfinite_skipped} in all)")
+            if st.nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
+                raise NonFiniteLossError(
+                    f"stopping at step {st.step}: {st.nonfinite_in_row} non-finite losses in a row "
+                    f"(optim.max_nonfinite_in_row = {cfg.optim.max_nonfinite_in_row}); no checkpoint "
+                    "was written with them; lower the learning rate or check the data")
+            totals.time(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3, 0.0)
+            return 0
+        st.nonfinite_in_row = 0
+        self.engine.backward(loss)
+        t4 = time.perf_counter()
+        self.engine.step()  # DeepSpeed updates only at the accumulation boundary
+        t5 = time.perf_counter()
+
+        n_trained = batch["input_ids"].shape[0] * self.world_size
+        st.samples_backpropagated += n_trained
+        totals.add_loss(float(flags[0]) / self.world_size,
+                        None if out.exit_loss is None else float(out.exit_loss))
+        totals.samples += n_trained
+        totals.tokens += int(batch["attention_mask"].sum()) * self.world_size  # approx: local x W
+        totals.time(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
+        return 1
+
+    # ------------------------------------------------------------------ budgets, eval, checkpoints
+
+    def elapsed(self) -> float:
+        return self.state.train_time_s + time.perf_counter() - self._session_start
+
+    def budget_reached(self) -> str | None:
+        """The name of the first budget reached, else None (identical on every rank)."""
+        b = self.cfg.budget
+        if b.steps is not None and self.state.step >= b.steps:
+            return "steps"
+        if b.samples is not None and self.state.samples_backpropagated >= b.samples:
+            return "samples"
+        if b.target_accuracy is not None and self.evals and self.evals[-1]["accuracy"] >= b.target_accuracy:
+            return "target_accuracy"
+        if b.wall_time_s is not None:
+            # ranks' clocks differ: take the slowest, so all stop at the same step
+            t = comm.all_reduce(torch.tensor([self.elapsed()], dtype=torch.float64), "max").item()
+            if t >= b.wall_time_s:
+                return "wall_time"
+        return None
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation on all ranks (equal shares, so ZeRO-3's collective forwards line up)."""
+        cfg = self.cfg.eval
+        n = len(self.valid_set) if cfg.max_samples is None else min(cfg.max_samples, len(self.valid_set))
+        n -= n % self.world_size  # equal row counts -> equal batch counts on every rank
+        if n == 0:
+            raise ValueError(f"validation split has {len(self.valid_set)} rows, fewer than the "
+                             f"{self.world_size} ranks")
+        batches = validation_batches(self.valid_set, cfg.batch_size, self.cfg.masking, self.rank,
+                                     self.world_size, max_samples=n)
+        sums = evaluate_local(self.engine.module, batches, self.device)
+        totals = comm.all_reduce(torch.tensor([sums.loss_sum, sums.correct, sums.tokens],
+                                              dtype=torch.float64), "sum")
+        scores = comm.all_gather_object((sums.exit_losses, sums.full_losses))
+        metrics = summarize(float(totals[0]), int(totals[1]), int(totals[2]),
+                            [x for e, _ in scores for x in e], [x for _, f in scores for x in f])
+        metrics["step"] = self.state.step
+        metrics["samples_backpropagated"] = self.state.samples_backpropagated
+        metrics["elapsed_s"] = self.elapsed()
+        self.evals.append(metrics)
+        self.writer.log(self.state.step, {"eval/accuracy": metrics["accuracy"],
+                                          "eval/loss": metrics["loss"],
+                                          "eval/spearman_exit_vs_full": metrics["spearman_exit_vs_full"],
+                                          "eval/samples_backpropagated": self.state.samples_backpropagated,
+                                          "eval/elapsed_s": metrics["elapsed_s"]}, kind="eval")
+        self.writer.message(f"eval step {self.state.step}: accuracy {metrics['accuracy']:.4f} "
+                            f"loss {metrics['loss']:.4f} "
+                            f"spearman(exit, full) {metrics['spearman_exit_vs_full']:.3f}")
+        return metrics
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "train_state": {**dataclasses.asdict(self.state), "train_time_s": self.elapsed()},
+            "world_size": self.world_size,
+            "config": self.cfg.to_dict(),
+            "config_fingerprint": self.cfg.fingerprint(),
+            "tokenizer_fingerprint": self.train_set.fingerprint,
+            "model": {"vocab_size": self.train_set.vocab_size, "max_seq_len": self.train_set.seq_len,
+                      "pad_token_id": self.train_set.special_ids["pad"]},
+            "evals": self.evals,
+        }
+
+    def save(self) -> str:
+        crash = self.cfg.debug.crash_in_checkpoint_at_step == self.state.step
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, self.client_state(),
+                              self.train_set.tokenizer_dir, self.rank, crash_before_latest=crash)
+        if self.rank == 0:
+            checkpoint.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last, protect=tag)
+        comm.barrier()
+        self.writer.message(f"checkpoint {self.ckpt_dir / tag}")
+        return tag
+
+    def resume(self, load_dir: Path, tag: str) -> None:
+        client = checkpoint.load(self.engine, load_dir, tag)
+        if client["tokenizer_fingerprint"] != self.train_set.fingerprint:
+            raise checkpoint.CheckpointError(
+                f"{load_dir / tag} was trained with another tokenizer (fingerprint "
+                f"{client['tokenizer_fingerprint'][:12]}..., the data has {self.train_set.fingerprint[:12]}...)")
+        if client["config_fingerprint"] != self.cfg.fingerprint():
+            self.writer.message(f"warning: resuming {load_dir / tag} with changed settings "
+                                "(data, masking, model, selection, optim, seed or ds_config)")
+        fields = {f.name for f in dataclasses.fields(TrainState)}
+        self.state = TrainState(**{k: v for k, v in client["train_state"].items() if k in fields})
+        self.state.nonfinite_in_row = 0
+        self.evals = list(client.get("evals", []))
+        self._session_start = time.perf_counter()
+        self.writer.message(f"resumed from {load_dir / tag}: step {self.state.step}, global sample "
+                            f"position {self.state.position} (saved by {client['world_size']} ranks, "
+                            f"now {self.world_size})")
+
+    def summary(self, reason: str | None) -> dict[str, Any]:
+        first, last = (self.evals[0], self.evals[-1]) if self.evals else ({}, {})
+        return {
+            "stop_reason": reason,
+            "steps": self.state.step,
+            "samples_backpropagated": self.state.samples_backpropagated,
+            "global_sample_position": self.state.position,
+            "nonfinite_skipped": self.state.nonfinite_skipped,
+            "samples_moved": self.state.samples_moved,
+            "bytes_moved": self.state.bytes_moved,
+            "train_time_s": self.elapsed(),
+            "accuracy_before": first.get("accuracy"),
+            "accuracy_after": last.get("accuracy"),
+            "loss_after": last.get("loss"),
+            "spearman_after": last.get("spearman_exit_vs_full"),
+            "world_size": self.world_size,
+            "zero_stage": self.facts.zero_stage,
+            "precision": self.facts.precision,
+            "micro_batch": self.facts.micro_batch,
+            "grad_accum": self.facts.grad_accum,
+            "policy": self.cfg.selection.policy,
+            "evals": self.evals,
+        }
+
+    def _maybe_die(self) -> None:
+        d = self.cfg.debug
+        if d.kill_rank == self.rank and d.kill_at_step == self.state.step:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: a rank dies without a word
+
+
+@dataclass
+class _Totals:
+    """Per-step sums for the train scalars."""
+
+    loss: float = 0.0
+    exit_loss: float = 0.0
+    micro: int = 0
+    exit_micro: int = 0
+    samples: int = 0
+    tokens: int = 0
+    candidates: int = 0
+    selected: int = 0
+    score_selected: float = 0.0
+    score_all: float = 0.0
+    selections: int = 0
+    samples_moved: int = 0
+    bytes_moved: int = 0
+    times: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def add_loss(self, loss: float, exit_loss: float | None) -> None:
+        self.loss += loss
+        self.micro += 1
+        if exit_loss is not None:
+            self.exit_loss += exit_loss
+            self.exit_micro += 1
+
+    def add_selection(self, stats: Any, n_cand: int, quota: int) -> None:
+        self.candidates += n_cand
+        self.selected += quota
+        self.score_selected += stats.mean_score_selected
+        self.score_all += stats.mean_score_all
+        self.selections += 1
+        self.samples_moved += stats.samples_moved
+        self.bytes_moved += stats.bytes_moved
+
+    def time(self, *parts: float) -> None:
+        self.times = tuple(a + b for a, b in zip(self.times, parts))
+
+    def scalars(self) -> dict[str, float]:
+        nan = float("nan")
+        s = self.selections
+        return {
+            "train/exit_score": self.score_all / s if s else nan,
+            "train/exit_loss": self.exit_loss / self.exit_micro if self.exit_micro else nan,
+            "select/fraction": self.selected / self.candidates if self.candidates else 1.0,
+            "select/score_selected": self.score_selected / s if s else nan,
+            "select/score_all": self.score_all / s if s else nan,
+            "select/samples_moved": float(self.samples_moved),
+            "select/bytes_moved": float(self.bytes_moved),
+            "_samples": float(self.samples), "_tokens": float(self.tokens),
+            **{f"time/{n}_s": t for n, t in zip(("data", "score", "select", "forward_backward",
+                                                  "optimizer"), self.times)},
+        }
+
+
+class _Window:
+    """Averages the per-step records between two log lines."""
+
+    def __init__(self):
+        self.records: list[dict[str, float]] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, record: dict[str, float]) -> None:
+        self.records.append(record)
+
+    def scalars(self, trainer: Trainer) -> dict[str, float]:
+        n = len(self.records)
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out: dict[str, float] = {}
+        for key in self.records[0]:
+            if key.startswith("_"):
+                continue
+            vals = [r[key] for r in self.records]
+            out[key] = sum(vals) / n if key.startswith(("train/", "select/fraction", "select/score")) \
+                else sum(vals)
+        out["train/lr"] = self.records[-1]["train/lr"]
+        st = trainer.state
+        out["train/samples_backpropagated"] = float(st.samples_backpropagated)
+        out["train/nonfinite_skipped"] = float(st.nonfinite_skipped)
+        out["perf/samples_per_s"] = sum(r["_samples"] for r in self.records) / dt
+        out["perf/tokens_per_s"] = sum(r["_tokens"] for r in self.records) / dt
+        return out
+
+
+def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
+    """Build data, model and engine from `cfg`, resume if asked, train, write the summary."""
+    train_set = ShardDataset(cfg.data.data_dir, cfg.data.train_split)
+    valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
+    ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, train_set.vocab_size, train_set.seq_len, train_set.special_ids["pad"])
+    engine, facts = build_engine(model, cfg.optim, ds_config)
+    out_dir = Path(cfg.run.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from pipeline.metrics import write_json_atomic
+
+        write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config,
+                                                    "engine": dataclasses.asdict(facts)})
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir())
+    writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, cfg.logging.progress_bar,
+                           total_steps=cfg.budget.steps)
+    trainer = Trainer(cfg, engine, facts, train_set, valid_set, writer, rank, world_size)
+    try:
+        writer.message(f"engine: {world_size} rank(s), ZeRO-{facts.zero_stage}, {facts.precision}, "
+                       f"micro batch {facts.micro_batch} x accumulation {facts.grad_accum}, "
+                       f"policy {cfg.selection.policy} ({cfg.selection.scope}, f={cfg.selection.fraction})")
+        if resume_from is not None:
+            trainer.resume(*resume_from)
+            if writer._bar is not None:
+                writer._bar.update(trainer.state.step)
+        summary = trainer.train()
+        writer.summary(summary)
+        writer.message(f"done ({summary['stop_reason']}): {summary['steps']} steps, accuracy "
+                       f"{_fmt(summary['accuracy_before'])} -> {_fmt(summary['accuracy_after'])}")
+        return summary
+    finally:
+        writer.close()
+
+
+def resolve_path(path: str) -> str:
+    """`path` as given when it exists, else relative to the repository (for installed scripts)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return str(p)
+    repo = Path(__file__).resolve().parents[1] / p
+    return str(repo) if repo.exists() else str(p)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
