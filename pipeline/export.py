@@ -19,23 +19,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-from pipeline.model import SIFT_CONFIG_KEYS, SiftBertForMaskedLM
+from pipeline.model import SIFT_CONFIG_KEYS, unwrap_model
 
 EXIT_HEAD_PREFIX = "exit_head."
 
 
-def _unwrap(model: nn.Module) -> SiftBertForMaskedLM:
-    inner = model
-    while not isinstance(inner, SiftBertForMaskedLM) and isinstance(getattr(inner, "module", None), nn.Module):
-        inner = inner.module  # a DeepSpeed engine or DDP wrapper
-    if not isinstance(inner, SiftBertForMaskedLM):
-        raise TypeError(f"expected a SiftBertForMaskedLM (or a wrapper of one), got {type(model).__name__}")
-    return inner
-
-
 def hf_config(model: nn.Module) -> BertConfig:
     """The model's BertConfig as stock transformers sees it: no sift_* keys, BertForMaskedLM."""
-    d = _unwrap(model).config.to_dict()
+    d = unwrap_model(model).config.to_dict()
     for key in SIFT_CONFIG_KEYS:
         d.pop(key, None)
     d["architectures"] = ["BertForMaskedLM"]
@@ -48,7 +39,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """fp32 CPU copies of the standard BERT weights (bert.*, cls.predictions.*), exit head dropped."""
     return {
         k: v.detach().to("cpu", torch.float32).clone()
-        for k, v in _unwrap(model).state_dict().items()
+        for k, v in unwrap_model(model).state_dict().items()
         if not k.startswith(EXIT_HEAD_PREFIX)
     }
 

@@ -191,6 +191,16 @@ def masked_mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return total / max(targets.numel(), 1)
 
 
+def unwrap_model(model: nn.Module) -> "SiftBertForMaskedLM":
+    """The SiftBertForMaskedLM itself, or the one inside a DeepSpeed engine / DDP wrapper (`.module`)."""
+    inner = model
+    while not isinstance(inner, SiftBertForMaskedLM) and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    if not isinstance(inner, SiftBertForMaskedLM):
+        raise TypeError(f"expected a SiftBertForMaskedLM (or a wrapper of one), got {type(model).__name__}")
+    return inner
+
+
 class SiftBertForMaskedLM(BertPreTrainedModel):
     """transformers' BertForMaskedLM layout (bert.*, cls.predictions.*) + sparse head + exit head."""
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model import IGNORE_INDEX, SiftBertForMaskedLM
+from pipeline.model import IGNORE_INDEX, unwrap_model
 from pipeline.selection import SelectionConfig, random_scores, scoring_for
 
 METRICS = ("loss", "entropy")
@@ -44,23 +44,14 @@ def per_sample_mean(values: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     `values` must be in the row-major order of `masked.nonzero()` (the order boolean indexing
     `h[masked]` produces).
     """
-    counts = masked.sum(dim=1)  # (B,)
-    if values.numel() != int(counts.sum()):
-        raise ValueError(f"{values.numel()} token values for {int(counts.sum())} masked positions")
-    rows = torch.repeat_interleave(torch.arange(masked.shape[0], device=masked.device), counts)  # (N,)
+    # nonzero() syncs with the device, as the boolean gather of the masked states already did.
+    rows = masked.nonzero(as_tuple=True)[0].to(values.device)  # (N,) sample of each masked token
+    if values.shape != rows.shape:
+        raise ValueError(f"{values.numel()} token values for {rows.numel()} masked positions")
     sums = torch.zeros(masked.shape[0], dtype=torch.float32, device=values.device)
-    sums.index_add_(0, rows.to(values.device), values.float())  # (B,)
-    return sums / counts.to(values.device).clamp(min=1)
-
-
-def _unwrap(model: nn.Module) -> SiftBertForMaskedLM:
-    """The SiftBertForMaskedLM inside a DeepSpeed engine / DDP wrapper (their `.module`)."""
-    inner = model
-    while not isinstance(inner, SiftBertForMaskedLM) and isinstance(getattr(inner, "module", None), nn.Module):
-        inner = inner.module
-    if not isinstance(inner, SiftBertForMaskedLM):
-        raise TypeError(f"expected a SiftBertForMaskedLM (or a wrapper of one), got {type(model).__name__}")
-    return inner
+    sums.index_add_(0, rows, values.float())  # (B,)
+    counts = masked.sum(dim=1).to(values.device)  # (B,)
+    return sums / counts.clamp(min=1)
 
 
 def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -79,7 +70,7 @@ def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[to
 def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exit_only: bool) -> torch.Tensor:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    net = _unwrap(model)
+    net = unwrap_model(model)
     device = next(net.parameters()).device
     ids, mask, labels, types = _inputs(batch, device)
     was_training = net.training
