@@ -37,7 +37,7 @@ import torch
 from pipeline import comm
 
 __all__ = ["SelectorStats", "plan", "plan_arrays", "select_mask", "min_samples_moved",
-           "exchange_lists", "pack_rows", "unpack_rows", "select_and_exchange"]
+           "RankPlan", "rank_plan", "pack_rows", "unpack_rows", "select_and_exchange"]
 
 SCOPES = ("global", "local")
 
@@ -87,13 +87,30 @@ def _check_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
     return c.astype(np.int64)
 
 
+def _as_scores(scores, n: int | None = None) -> np.ndarray:
+    """Flat scores as float32/float64 numpy (float32 kept: same order, half the partition work)."""
+    s = np.asarray(scores)
+    if s.dtype not in (np.float32, np.float64):
+        s = s.astype(np.float64)
+    if s.ndim != 1 or (n is not None and s.shape[0] != n):
+        raise ValueError(f"scores must be 1-D with sum(counts)={n} entries, got shape {s.shape}")
+    return s
+
+
+def _too_few(n: int, c: np.ndarray, q: int) -> str:
+    w = c.shape[0]
+    return (f"only {n} candidates across {w} ranks (counts {c.tolist()[:16]}"
+            f"{'...' if w > 16 else ''}) but quota {q} x {w} ranks = {q * w} samples must be "
+            f"selected")
+
+
 def select_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask (N,) of the top `k` of flat `scores`: descending, ties and NaNs by lower index.
 
     NaN ranks below every other value (-inf included). O(N): one partition finds the k-th key,
     then ties at that key go to the lowest indices, which equals a stable descending sort's top k.
     """
-    s = np.asarray(scores, dtype=np.float64)  # (N,)
+    s = _as_scores(scores)  # (N,)
     n = s.shape[0]
     if not 0 <= k <= n:
         raise ValueError(f"cannot select {k} of {n} scores")
@@ -123,16 +140,11 @@ def plan_arrays(scores: np.ndarray, counts: Sequence[int] | np.ndarray,
     """
     q = _check_quota(quota)
     c = _check_counts(counts)
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or s.shape[0] != int(c.sum()):
-        raise ValueError(f"scores must be 1-D with sum(counts)={int(c.sum())} entries, "
-                         f"got shape {s.shape}")
+    s = _as_scores(scores, int(c.sum()))
     w = c.shape[0]
     k_total = q * w
     if s.shape[0] < k_total:
-        raise ValueError(f"only {s.shape[0]} candidates across {w} ranks (counts {c.tolist()[:16]}"
-                         f"{'...' if w > 16 else ''}) but quota {q} x {w} ranks = {k_total} "
-                         f"samples must be selected")
+        raise ValueError(_too_few(s.shape[0], c, q))
     starts = np.cumsum(c) - c  # (W,) global index of each rank's first candidate
     g = np.flatnonzero(select_mask(s, k_total))  # (K,) selected global indices, ascending
     owner = np.repeat(np.arange(w), c)[g]  # (K,) rank-major, so already grouped by owner
@@ -187,37 +199,69 @@ def min_samples_moved(scores_per_rank: Sequence[Sequence[float]], quota: int) ->
     return int(np.maximum(np.bincount(owner, minlength=counts.shape[0]) - q, 0).sum())
 
 
-def exchange_lists(src: np.ndarray, idx: np.ndarray, rank: int) -> dict[str, np.ndarray]:
-    """What `rank` sends and how it rebuilds its micro-batch, from the plan arrays (W, q).
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's share of the plan, and what it sends: all a rank needs to run the exchange.
 
-    Returns int64 arrays: send_index (rows of this rank's candidates to send, grouped by
-    destination rank, each group in the destination's plan order), send_counts (W,),
-    recv_counts (W,), and, for the output micro-batch (q rows): local_slots / local_index (slots
-    filled from this rank's own candidates) and remote_slots / recv_pos (slots filled from row
-    recv_pos of the received buffer, which arrives grouped by source rank).
+    Equal to row `rank` of `plan_arrays` (tested), but computed in O(N) for the selection mask plus
+    O(world + candidates): the full (world, quota) arrays are never built on the hot path.
     """
-    w, _ = src.shape
-    outgoing = src == rank  # (W, q)
-    outgoing[rank] = False
-    dst_rows, _ = np.nonzero(outgoing)  # row-major: by destination, then plan order
-    mine = src[rank]  # (q,)
-    remote_slots = np.flatnonzero(mine != rank)
-    # received rows come grouped by source rank, each group in our plan order: a stable sort by
-    # source of our remote slots lists them in arrival order
-    arrival = remote_slots[np.argsort(mine[remote_slots], kind="stable")]
-    recv_pos = np.empty(remote_slots.shape[0], dtype=np.int64)
-    recv_pos[np.searchsorted(remote_slots, arrival)] = np.arange(arrival.shape[0])
-    recv_counts = np.bincount(mine[remote_slots], minlength=w)
-    local_slots = np.flatnonzero(mine == rank)
-    return {
-        "send_index": idx[outgoing].astype(np.int64),
-        "send_counts": np.bincount(dst_rows, minlength=w).astype(np.int64),
-        "recv_counts": recv_counts.astype(np.int64),
-        "local_slots": local_slots,
-        "local_index": idx[rank][local_slots],
-        "remote_slots": remote_slots,
-        "recv_pos": recv_pos,
-    }
+
+    kept_index: np.ndarray
+    """(kept,) int64: this rank's own selected samples it trains on, local indices, ascending."""
+    send_index: np.ndarray
+    """(sum(send_counts),) int64: local indices of this rank's surplus, in the order they go out:
+    grouped by destination rank (ascending), each group in the destination's plan order."""
+    send_counts: np.ndarray
+    """(world,) int64: rows this rank sends to each rank."""
+    recv_counts: np.ndarray
+    """(world,) int64: rows this rank receives from each rank; they follow the kept rows in plan
+    order, grouped by source rank (ascending), as all_to_all delivers them."""
+    samples_moved: int
+    """Samples that change rank in this step, over all ranks (the minimum possible)."""
+    selected_mask: np.ndarray
+    """(N,) bool over the flat rank-major scores: the global selection."""
+
+
+def _stream_overlap(lo: np.ndarray, hi: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Length of the overlap of each interval [lo_i, hi_i) with [a, b)."""
+    return np.maximum(np.minimum(hi, b) - np.maximum(lo, a), 0)
+
+
+def rank_plan(scores: np.ndarray, counts: Sequence[int] | np.ndarray, quota: int,
+              rank: int) -> RankPlan:
+    """Rank `rank`'s part of `plan_arrays(scores, counts, quota)`, without building the rest.
+
+    The pouring of step 3 is two streams: the surplus of every rank laid end to end in rank order,
+    and the shortfall of every rank likewise; stream position i of one meets position i of the
+    other. So what rank r sends to d (or receives from s) is the overlap of two intervals: O(world).
+    """
+    q = _check_quota(quota)
+    c = _check_counts(counts)
+    w = c.shape[0]
+    if not 0 <= rank < w:
+        raise ValueError(f"rank {rank} is outside a world of {w} ranks")
+    s = _as_scores(scores, int(c.sum()))
+    if s.shape[0] < q * w:
+        raise ValueError(_too_few(s.shape[0], c, q))
+    mask = select_mask(s, q * w)  # (N,)
+    ends = np.cumsum(c)  # (W,)
+    starts = ends - c
+    cum = np.concatenate([[0], np.cumsum(mask)])  # (N+1,)
+    selected = cum[ends] - cum[starts]  # (W,) selected samples held by each rank
+    kept = np.minimum(selected, q)
+    surplus, short = selected - kept, q - kept  # (W,), (W,)
+    sur_hi, short_hi = np.cumsum(surplus), np.cumsum(short)
+    sur_lo, short_lo = sur_hi - surplus, short_hi - short
+    mine = np.flatnonzero(mask[starts[rank]:ends[rank]])  # (selected[rank],) ascending
+    return RankPlan(
+        kept_index=mine[:q],
+        send_index=mine[q:],  # the surplus stream runs in local-index order, as do destinations
+        send_counts=_stream_overlap(short_lo, short_hi, sur_lo[rank], sur_hi[rank]),
+        recv_counts=_stream_overlap(sur_lo, sur_hi, short_lo[rank], short_hi[rank]),
+        samples_moved=int(surplus.sum()),
+        selected_mask=mask,
+    )
 
 
 # ----------------------------------------------------------------------------- row packing
@@ -293,9 +337,15 @@ def _take(batch: Mapping[str, torch.Tensor], index: np.ndarray) -> dict[str, tor
             for k, v in batch.items()}
 
 
+def _float_scores(scores: torch.Tensor) -> torch.Tensor:
+    s = scores.detach()
+    if s.dtype not in (torch.float32, torch.float64):
+        s = s.float()  # bf16/fp16 widen exactly; the order is unchanged
+    return s
+
+
 def _local_select(batch, scores_np, quota, rank, world):
-    src, idx = plan_arrays(scores_np, [scores_np.shape[0]], quota)
-    chosen = idx[0]
+    chosen = rank_plan(scores_np, [scores_np.shape[0]], quota, 0).kept_index
     counts = [0] * world
     counts[rank] = quota
     stats = SelectorStats(samples_moved=0, bytes_moved=0,
@@ -326,39 +376,37 @@ def select_and_exchange(batch: dict[str, torch.Tensor], scores: torch.Tensor, qu
     rank, world = comm.get_dist_info()
     if scope == "local" or world == 1:
         # one host sync: the plan is numpy on the CPU
-        return _local_select(batch, scores.detach().double().cpu().numpy(), q, rank, world)
+        return _local_select(batch, _float_scores(scores).cpu().numpy(), q, rank, world)
 
     row_bytes = _row_bytes(layout)
-    meta = comm.all_gather_tensor(torch.tensor([n, row_bytes, _layout_crc(layout)],
-                                               dtype=torch.int64))  # (W, 3)
+    wire_scores = _float_scores(scores)
+    # the score dtype joins the layout check: ranks gathering different dtypes would hang
+    crc = _layout_crc((*layout, ("scores", wire_scores.dtype, ())))
+    meta = comm.all_gather_tensor(torch.tensor([n, row_bytes, crc], dtype=torch.int64))  # (W, 3)
     if (meta[:, 1:] != meta[rank, 1:]).any():
-        raise ValueError(f"ranks disagree on the batch row layout (bytes, crc by rank: "
-                         f"{meta[:, 1:].tolist()}); this rank has {layout}")
+        raise ValueError(f"ranks disagree on the batch row layout or score dtype (bytes, crc by "
+                         f"rank: {meta[:, 1:].tolist()}); this rank has {layout}, scores "
+                         f"{wire_scores.dtype}")
     counts = meta[:, 0].tolist()
-    gathered = comm.all_gather_varlen(scores.detach().double(), counts=counts)
+    gathered = comm.all_gather_varlen(wire_scores, counts=counts)
     # sync point: the plan runs on the host, identically on every rank
     flat = torch.cat([t.cpu() for t in gathered]).numpy()  # (N,)
-    src, idx = plan_arrays(flat, counts, q)
+    rp = rank_plan(flat, counts, q, rank)
 
-    ex = exchange_lists(src, idx, rank)
-    moved = int((src != np.arange(world)[:, None]).sum())
-    out_rows: torch.Tensor | None = None
-    if moved:  # every rank derives `moved` from the same plan, so all skip or all call together
+    kept = _take(batch, rp.kept_index)
+    if rp.samples_moved:  # every rank derives this from the same plan: all call, or none
         packed, _ = pack_rows(batch)  # (B, row_bytes)
-        send = packed[torch.as_tensor(ex["send_index"], device=packed.device)]
-        recv = comm.all_to_all_rows(send, ex["send_counts"].tolist(), ex["recv_counts"].tolist())
-        out_rows = torch.empty((q, row_bytes), dtype=torch.uint8, device=packed.device)
-        dev = packed.device
-        out_rows[torch.as_tensor(ex["local_slots"], device=dev)] = \
-            packed[torch.as_tensor(ex["local_index"], device=dev)]
-        out_rows[torch.as_tensor(ex["remote_slots"], device=dev)] = \
-            recv[torch.as_tensor(ex["recv_pos"], device=dev)]
-    out = _take(batch, idx[rank]) if out_rows is None else unpack_rows(out_rows, layout)
+        send = packed[torch.as_tensor(rp.send_index, device=packed.device)]
+        recv = comm.all_to_all_rows(send, rp.send_counts.tolist(), rp.recv_counts.tolist())
+        if recv.shape[0]:  # plan order: kept rows, then received rows by source rank
+            received = unpack_rows(recv, layout)
+            kept = {k: torch.cat([kept[k], received[k]]) for k in kept}
 
-    starts = np.cumsum(counts) - np.asarray(counts)
-    chosen = (starts[src] + idx).reshape(-1)  # (W*q,) global indices of the selection
-    stats = SelectorStats(samples_moved=moved, bytes_moved=moved * row_bytes,
-                          mean_score_selected=_finite_mean(flat[chosen]),
+    source_counts = rp.recv_counts.copy()
+    source_counts[rank] = rp.kept_index.shape[0]
+    stats = SelectorStats(samples_moved=rp.samples_moved,
+                          bytes_moved=rp.samples_moved * row_bytes,
+                          mean_score_selected=_finite_mean(flat[rp.selected_mask]),
                           mean_score_all=_finite_mean(flat),
-                          source_counts=np.bincount(src[rank], minlength=world).tolist())
-    return out, stats
+                          source_counts=source_counts.tolist())
+    return kept, stats

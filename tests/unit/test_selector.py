@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import comm
-from pipeline.selector import (SelectorStats, exchange_lists, min_samples_moved, pack_rows, plan,
-                               plan_arrays, select_and_exchange, select_mask, unpack_rows)
+from pipeline.selector import (SelectorStats, min_samples_moved, pack_rows, plan, plan_arrays,
+                               rank_plan, select_and_exchange, select_mask, unpack_rows)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -112,6 +112,8 @@ def test_plan_rejects_bad_input_with_clear_errors():
         plan_arrays(np.zeros(2), [1, 2], 1)
     with pytest.raises(ValueError, match="counts must be >= 0"):
         plan_arrays(np.zeros(2), [3, -1], 1)
+    with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
+        rank_plan(np.zeros(4), [2, 2], 1, 2)
 
 
 def test_select_mask_matches_a_stable_descending_sort():
@@ -217,36 +219,60 @@ def test_pack_rejects_inconsistent_batches():
         pack_rows({})
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_exchange_lists_rebuild_every_ranks_micro_batch(seed):
-    """Route rows between simulated ranks exactly as all_to_all_single would, then rebuild."""
-    rng = np.random.default_rng(seed)
-    world = int(rng.integers(1, 7))
-    counts = rng.integers(0, 12, size=world)
-    counts[0] += world  # enough candidates for quota >= 1
-    flat = rng.standard_normal(int(counts.sum()))
-    quota = int(rng.integers(1, int(counts.sum()) // world + 1))
-    src, idx = plan_arrays(flat, counts, quota)
+def simulate_exchange(counts, flat, quota, seed=0):
+    """Every rank's micro-batch after routing rows exactly as all_to_all_single would."""
+    world = len(counts)
     batches = [_batch(int(c), seed=r) for r, c in enumerate(counts)]
+    plans = [rank_plan(flat, counts, quota, r) for r in range(world)]
     packed = [pack_rows(b)[0] for b in batches]
     layout = pack_rows(batches[0])[1]
-    exs = [exchange_lists(src, idx, r) for r in range(world)]
-    # the wire: sender s's block for d lands in d's buffer at source position s
-    sent = []
-    for s, ex in enumerate(exs):
-        blocks = torch.split(packed[s][torch.as_tensor(ex["send_index"])],
-                             ex["send_counts"].tolist())
-        sent.append(blocks)
-    for d, ex in enumerate(exs):
-        assert [int(sent[s][d].shape[0]) for s in range(world)] == ex["recv_counts"].tolist()
-        recv = torch.cat([sent[s][d] for s in range(world)])
-        out = torch.empty((quota, packed[d].shape[1]), dtype=torch.uint8)
-        out[torch.as_tensor(ex["local_slots"])] = packed[d][torch.as_tensor(ex["local_index"])]
-        out[torch.as_tensor(ex["remote_slots"])] = recv[torch.as_tensor(ex["recv_pos"])]
-        expected = torch.stack([packed[s][i] for s, i in zip(src[d], idx[d])]) if quota else out
-        assert torch.equal(out, expected)
-        rebuilt = unpack_rows(out, layout)
-        assert rebuilt["sample_index"].tolist() == [s * 1000 + i for s, i in zip(src[d], idx[d])]
+    # sender s's block for d lands in d's buffer at source position s
+    blocks = [torch.split(packed[s][torch.as_tensor(p.send_index)], p.send_counts.tolist())
+              for s, p in enumerate(plans)]
+    out = []
+    for d, p in enumerate(plans):
+        assert [int(blocks[s][d].shape[0]) for s in range(world)] == p.recv_counts.tolist()
+        rows = torch.cat([packed[d][torch.as_tensor(p.kept_index)]] +
+                         [blocks[s][d] for s in range(world)])
+        assert rows.shape[0] == quota
+        out.append(unpack_rows(rows, layout))
+    return out, plans
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rank_plans_route_every_row_to_its_place_in_the_full_plan(seed):
+    rng = np.random.default_rng(seed)
+    world = int(rng.integers(1, 9))
+    counts = rng.integers(0, 12, size=world)
+    counts[rng.integers(world)] += world  # enough candidates for quota >= 1
+    flat = rng.integers(0, 4, size=int(counts.sum())).astype(np.float32)  # ties on purpose
+    flat[rng.random(flat.shape[0]) < 0.1] = NAN
+    quota = int(rng.integers(1, int(counts.sum()) // world + 1))
+    src, idx = plan_arrays(flat, counts, quota)
+    out, plans = simulate_exchange(counts, flat, quota)
+    for d in range(world):
+        # sample_index encodes (source rank, local index): rows arrive in plan order
+        assert out[d]["sample_index"].tolist() == [s * 1000 + i for s, i in zip(src[d], idx[d])]
+        assert plans[d].samples_moved == int((src != np.arange(world)[:, None]).sum())
+        assert np.array_equal(plans[d].kept_index, idx[d][src[d] == d])
+
+
+@settings(max_examples=60, deadline=None)
+@given(world=st.integers(1, 300), seed=st.integers(0, 2**32 - 1), q=st.integers(1, 8))
+def test_rank_plan_agrees_with_plan_arrays(world, seed, q):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 2 * q + 1, size=world)
+    counts[0] += q * world
+    flat = rng.choice([0.0, 1.0, 2.0, NAN, -INF], size=int(counts.sum()))
+    src, idx = plan_arrays(flat, counts, q)
+    for r in sorted({0, world - 1, int(rng.integers(world))}):
+        p = rank_plan(flat, counts, q, r)
+        mine = src[r] == r
+        assert np.array_equal(p.kept_index, idx[r][mine])
+        assert p.recv_counts.tolist() == np.bincount(src[r][~mine], minlength=world).tolist()
+        outgoing = (src == r) & (np.arange(world)[:, None] != r)
+        assert p.send_counts.tolist() == outgoing.sum(axis=1).tolist()
+        assert p.send_index.tolist() == idx[outgoing].tolist()
 
 
 # ----------------------------------------------------------------------------- no process group
