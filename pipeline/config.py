@@ -234,9 +234,6 @@ class TrainConfig:
                or self.budget.steps is not None,
                "optim.decay needs a horizon: set optim.decay_steps or budget.steps "
                "(or use optim.decay = 'constant')")
-        _check(self.optim.warmup_steps < self.decay_horizon() or self.optim.decay == "constant",
-               f"optim.warmup_steps ({self.optim.warmup_steps}) must be below the decay horizon "
-               f"({self.decay_horizon()})")
 
     def decay_horizon(self) -> int:
         """The step where the LR decay ends (optim.decay_steps, else budget.steps)."""

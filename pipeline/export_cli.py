@@ -1,0 +1,74 @@
+"""`sift-export CHECKPOINT OUT`: a DeepSpeed checkpoint -> a Hugging Face model directory.
+
+CHECKPOINT is a checkpoint directory (the tag `latest` names is used) or one tag directory in it.
+ZeRO-1/2/3 checkpoints are consolidated to fp32 with DeepSpeed's `zero_to_fp32` (for ZeRO-3 the
+only full copy of the weights); a ZeRO-0 checkpoint holds the whole module already. The model is
+rebuilt from the config and vocabulary recorded in the checkpoint's client state, loaded strictly,
+and written by `pipeline.export.save_hf_directory` with the tokenizer the trainer copied beside the
+checkpoints. Runs in one process, no process group, no GPU needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pipeline.checkpoint import STATE_FILE, CheckpointError, resolve_resume
+from pipeline.model import ModelConfig, build_model
+
+
+def fp32_state_dict(load_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of checkpoint (load_dir, tag), whatever the ZeRO stage."""
+    tag_dir = load_dir / tag
+    if any(tag_dir.glob("*zero_pp_rank_*")):  # ZeRO 1-3: partitions to consolidate
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(load_dir), tag=tag)
+    else:  # ZeRO-0: the module state (fp32, or bf16/fp16 under mixed precision)
+        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the Hugging Face directory `out` from `checkpoint`; returns `out`."""
+    from pipeline.export import save_hf_directory
+
+    found = resolve_resume(str(checkpoint), Path(checkpoint))
+    if found is None:
+        raise CheckpointError(f"{checkpoint}: no checkpoint found")
+    load_dir, tag = found
+    state = json.loads((load_dir / tag / STATE_FILE).read_text())
+    meta = state["model"]
+    model = build_model(ModelConfig(**state["config"]["model"]), meta["vocab_size"],
+                        meta["max_seq_len"], meta["pad_token_id"])
+    missing, unexpected = model.load_state_dict(fp32_state_dict(load_dir, tag), strict=False)
+    model.tie_weights()
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{load_dir / tag}: weights do not match the recorded model "
+                              f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+    tokenizer_dir = load_dir / "tokenizer"
+    return save_hf_directory(model, tokenizer_dir, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sift-export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="checkpoint directory (uses `latest`) or a tag directory")
+    p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"sift-export: {exc}", file=sys.stderr)
+        return 1
+    print(f"sift-export: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

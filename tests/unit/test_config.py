@@ -1,0 +1,122 @@
+"""The typed training config: TOML + dotted overrides, CLI > file > defaults, clear errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, TrainConfig, load_config, parse_override
+from pipeline.engine import check_batch_triplet, load_ds_config, lr_at
+from pipeline.config import OptimConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "recipe.toml"
+    p.write_text(text)
+    return p
+
+
+def test_cli_beats_file_beats_defaults(tmp_path):
+    path = write(tmp_path, '[data]\ndata_dir = "d"\n[optim]\nlr = 0.002\nwarmup_steps = 7\n'
+                           '[selection]\npolicy = "random"\n')
+    cfg = load_config(path, ["optim.lr=3e-3", "selection.fraction=0.25", "model.preset=bert-tiny"])
+    assert cfg.optim.lr == 0.003              # CLI over file
+    assert cfg.optim.warmup_steps == 7        # file over default
+    assert cfg.selection.policy == "random"   # file
+    assert cfg.selection.fraction == 0.25     # CLI over default
+    assert cfg.model.preset == "bert-tiny"    # bare word parsed as a string
+    assert cfg.eval.batch_size == 32          # default
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_override_values_are_toml():
+    assert parse_override("budget.steps=10") == (["budget", "steps"], 10)
+    assert parse_override("optim.betas=[0.9, 0.95]") == (["optim", "betas"], [0.9, 0.95])
+    assert parse_override("eval.max_samples=none") == (["eval", "max_samples"], None)
+    assert parse_override("run.output_dir=runs/x") == (["run", "output_dir"], "runs/x")
+    cfg = load_config(None, ["data.data_dir=d", "optim.betas=[0.9, 0.95]", "eval.max_samples=none",
+                             "debug.nonfinite_at_micro_batches=[3, 4]"])
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.eval.max_samples is None
+    assert cfg.debug.nonfinite_at_micro_batches == (3, 4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "unknown key 'optim.lrr'"),
+    (["optimizer.lr=1"], "unknown section [optimizer]"),
+    (["optim.lr=fast"], "optim.lr: expected a number"),
+    (["budget.steps=1.5"], "budget.steps: expected an integer"),
+    (["logging.tensorboard=1"], "logging.tensorboard: expected true or false"),
+    (["selection.policy=best"], "selection.policy must be one of"),
+    (["selection.fraction=1.5"], "selection.fraction must be in (0, 1]"),
+    (["model.exit_head=middle"], "model.exit_head must be one of"),
+    (["masking.rate=0"], "masking.rate must be in (0, 1)"),
+    (["budget.steps=none", "budget.wall_time_s=60"], "optim.decay needs a horizon"),
+    (["budget.steps=none"], "set at least one of steps"),
+    (["optim.lr"], "--set expects section.key=value"),
+])
+def test_bad_settings_are_named(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.data_dir=d", *overrides])
+    assert message in str(err.value)
+
+
+def test_missing_data_dir_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="data.data_dir is required"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[data\n"))
+
+
+def test_fingerprint_ignores_budgets_but_not_model():
+    a = load_config(None, ["data.data_dir=d", "budget.steps=10"])
+    b = load_config(None, ["data.data_dir=d", "budget.steps=20", "logging.every_steps=3"])
+    c = load_config(None, ["data.data_dir=d", "budget.steps=10", "model.exit_layer=2"])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_every_recipe_loads():
+    recipes = sorted((REPO / "launch" / "recipes").glob("*.toml"))
+    assert recipes, "launch/recipes/ holds no recipe"
+    for recipe in recipes:
+        cfg = load_config(recipe, ["data.data_dir=d"])
+        assert Path(REPO / cfg.run.ds_config).is_file(), f"{recipe.name}: {cfg.run.ds_config} missing"
+
+
+def test_ds_configs_are_complete_and_consistent():
+    configs = sorted((REPO / "ds_configs").glob("*.json"))
+    names = {p.stem for p in configs}
+    for stage in range(4):
+        assert {f"zero{stage}_bf16", f"zero{stage}_fp16", f"cpu_zero{stage}_fp32"} <= names
+    for p in configs:
+        cfg = load_ds_config(p, world_size=8)
+        assert cfg["zero_optimization"]["stage"] in (0, 1, 2, 3)
+        assert "gradient_clipping" in cfg and "train_micro_batch_size_per_gpu" in cfg
+        assert not (cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled")), p.name
+
+
+def test_batch_triplet_and_optimizer_block_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="inconsistent batch sizes"):
+        check_batch_triplet({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4,
+                             "gradient_accumulation_steps": 2}, world_size=4)
+    check_batch_triplet({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4,
+                         "gradient_accumulation_steps": 2}, world_size=4)
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="remove the 'optimizer' block"):
+        load_ds_config(p, 1)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, decay="linear", min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, horizon=14) for s in range(16)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+    cos = OptimConfig(lr=1.0, warmup_steps=0, decay="cosine")
+    assert lr_at(5, cos, horizon=10) == pytest.approx(0.5)
