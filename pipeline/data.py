@@ -82,9 +82,10 @@ class ShardDataset:
 
     # Pickle only the location: each process (DataLoader worker, spawned rank) maps on its own.
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_shards"] = None
-        return state
+        return {"data_dir": self.data_dir, "split": self.split}
+
+    def __setstate__(self, state):
+        self.__init__(state["data_dir"], state["split"])
 
     @property
     def seq_len(self) -> int:

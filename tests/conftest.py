@@ -23,3 +23,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared corpora not found at {SHARED_DATA} (clone the repo beside ../shared)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def state_union_shards(shared_data, tmp_path_factory) -> Path:
+    """The State of the Union addresses prepared by the real sift-prep (vocab 2000, seq 64)."""
+    from tests.prepared import run_prep
+
+    out = tmp_path_factory.mktemp("state_union") / "data"
+    return run_prep([shared_data / "nltk" / "state_union"], out, "--vocab-size", "2000",
+                    "--seq-len", "64", "--valid-fraction", "0.1",
+                    "--encoding-errors", "replace")
