@@ -104,11 +104,38 @@ def _too_few(n: int, c: np.ndarray, q: int) -> str:
             f"selected")
 
 
+_SAMPLE_FROM = 1 << 16
+"""From this many scores on, `_kth_key` brackets the k-th key with a sample before partitioning."""
+
+
+def _kth_key(key: np.ndarray, k: int) -> float:
+    """The k-th smallest (1-based) of `key`, NaN largest; exact.
+
+    np.partition over all N keys costs ~10 ns per key on one core. For large N a strided sample of
+    ~4096 keys brackets the answer first; two vectorized passes count the keys below and inside the
+    bracket, and only the bracket (a few % of N) is partitioned. When the bracket misses (odd data),
+    the full partition runs: the sample changes the speed, never the result.
+    """
+    n = key.shape[0]
+    if n >= _SAMPLE_FROM:
+        sample = np.sort(key[::n // 4096])  # (~4096,) NaN last
+        m = sample.shape[0]
+        r, d = k * m / n, 4.0 * math.sqrt(m)  # ~8 sd of the sample rank: misses are rare
+        lo, hi = sample[max(0, int(r - d))], sample[min(m - 1, int(r + d))]
+        if not (np.isnan(lo) or np.isnan(hi)):
+            below = np.count_nonzero(key < lo)
+            inside = (key >= lo) & (key <= hi)  # (N,)
+            if below < k <= below + np.count_nonzero(inside):
+                return np.partition(key[inside], k - below - 1)[k - below - 1]
+    return np.partition(key, k - 1)[k - 1]
+
+
 def select_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask (N,) of the top `k` of flat `scores`: descending, ties and NaNs by lower index.
 
-    NaN ranks below every other value (-inf included). O(N): one partition finds the k-th key,
-    then ties at that key go to the lowest indices, which equals a stable descending sort's top k.
+    NaN ranks below every other value (-inf included). O(N): find the k-th key, take every key
+    above it, then ties at that key go to the lowest indices, which equals a stable descending
+    sort's top k.
     """
     s = _as_scores(scores)  # (N,)
     n = s.shape[0]
@@ -119,16 +146,26 @@ def select_mask(scores: np.ndarray, k: int) -> np.ndarray:
     if k == 0:
         return np.zeros(n, dtype=bool)
     key = -s  # ascending key; NaN stays NaN, which numpy orders after every number
-    kth = np.partition(key, k - 1)[k - 1]
+    kth = _kth_key(key, k)
     if np.isnan(kth):  # fewer than k non-NaN: take them all, then the lowest-index NaNs
         mask = ~np.isnan(key)
         tied = np.isnan(key)
     else:
         mask = key < kth
         tied = key == kth  # -0.0 == 0.0, as in a sort
-    need = k - int(mask.sum())
-    mask[np.flatnonzero(tied)[:need]] = True
+    need = k - np.count_nonzero(mask)
+    if need:
+        mask[np.flatnonzero(tied)[:need]] = True
     return mask
+
+
+def _count_per_rank(mask: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(W,) True entries of the rank-major `mask` in each rank's slice (counts may be 0)."""
+    out = np.zeros(counts.shape[0], dtype=np.int64)
+    held = counts > 0  # reduceat needs strictly increasing starts below N: skip empty slices
+    if held.any():
+        out[held] = np.add.reduceat(mask, (np.cumsum(counts) - counts)[held], dtype=np.int64)
+    return out
 
 
 def plan_arrays(scores: np.ndarray, counts: Sequence[int] | np.ndarray,
@@ -247,8 +284,7 @@ def rank_plan(scores: np.ndarray, counts: Sequence[int] | np.ndarray, quota: int
     mask = select_mask(s, q * w)  # (N,)
     ends = np.cumsum(c)  # (W,)
     starts = ends - c
-    cum = np.concatenate([[0], np.cumsum(mask)])  # (N+1,)
-    selected = cum[ends] - cum[starts]  # (W,) selected samples held by each rank
+    selected = _count_per_rank(mask, c)  # (W,) selected samples held by each rank
     kept = np.minimum(selected, q)
     surplus, short = selected - kept, q - kept  # (W,), (W,)
     sur_hi, short_hi = np.cumsum(surplus), np.cumsum(short)
@@ -354,17 +390,61 @@ def _local_select(batch, scores_np, quota, rank, world):
     return _take(batch, chosen), stats
 
 
+def _check_layouts(header: torch.Tensor, rank: int, layout: Layout, dtype: torch.dtype) -> None:
+    """header: (W, 3) int64 [count, row bytes, layout crc] of every rank; identical on all."""
+    if (header[:, 1:] != header[rank, 1:]).any():
+        raise ValueError(f"ranks disagree on the batch row layout or score dtype (bytes, crc by "
+                         f"rank: {header[:, 1:].tolist()}); this rank has {layout}, scores {dtype}")
+
+
+def _gather_scores(scores: torch.Tensor, layout: Layout, rank: int,
+                   max_candidates: int | None) -> tuple[np.ndarray, list[int]]:
+    """Every rank's scores, flat and rank-major, with the per-rank counts; checks the layouts.
+
+    Two all-gathers (headers, then scores padded to the largest count), or one when the caller
+    bounds the count with `max_candidates`: header and scores then travel in one float64 row
+    (exact for counts, byte sizes, a 32-bit crc and any float score up to float64).
+    """
+    n = scores.shape[0]
+    wire = _float_scores(scores)
+    # the score dtype joins the layout check: ranks gathering different dtypes would hang
+    crc = _layout_crc((*layout, ("scores", wire.dtype, ())))
+    head = [n, _row_bytes(layout), crc]
+    if max_candidates is None:
+        header = comm.all_gather_tensor(torch.tensor(head, dtype=torch.int64))  # (W, 3)
+        _check_layouts(header, rank, layout, wire.dtype)
+        counts = header[:, 0].tolist()
+        parts = comm.all_gather_varlen(wire, counts=counts)
+    else:
+        row = torch.full((3 + max_candidates,), math.nan, dtype=torch.float64)  # (3 + cap,)
+        row[:3] = torch.tensor(head, dtype=torch.float64)
+        row[3:3 + min(n, max_candidates)] = wire[:max_candidates].double().cpu()
+        rows = comm.all_gather_tensor(row)  # (W, 3 + cap): ONE collective
+        header = rows[:, :3].long()
+        counts = header[:, 0].tolist()
+        if max(counts) > max_candidates:  # every rank sees it, so every rank raises
+            raise ValueError(f"max_candidates={max_candidates} but ranks hold {counts} candidates")
+        _check_layouts(header, rank, layout, wire.dtype)
+        parts = [rows[r, 3:3 + c].to(wire.dtype) for r, c in enumerate(counts)]  # exact
+    # sync point: the plan runs on the host, identically on every rank
+    return torch.cat([t.cpu() for t in parts]).numpy(), counts
+
+
 def select_and_exchange(batch: dict[str, torch.Tensor], scores: torch.Tensor, quota: int,
-                        scope: str = "global") -> tuple[dict[str, torch.Tensor], SelectorStats]:
+                        scope: str = "global", *, max_candidates: int | None = None,
+                        ) -> tuple[dict[str, torch.Tensor], SelectorStats]:
     """This rank's training micro-batch: exactly `quota` rows of the selection, in plan order.
 
     batch: dict of tensors, all with dim 0 = candidate (B may differ by rank, 0 included).
     scores: (B,) one score per candidate (any float dtype, any device).
-    scope "global": all-gather scores, every rank computes the same `plan_arrays`, one
-    all_to_all moves the surplus rows. scope "local" (or world size 1 / no process group): this
-    rank's own top `quota`, no communication. Every rank must call this collectively in global
-    scope, with tensors of the same keys, dtypes and row shapes (checked: a mismatch raises
-    ValueError on every rank rather than corrupting rows or hanging).
+    scope "global": all-gather scores, every rank computes the same plan (`rank_plan`, its own
+    row of `plan_arrays`), one all_to_all_single moves the surplus rows (skipped when nothing
+    moves). scope "local" (or world size 1 / no process group): this rank's own top `quota`, no
+    communication. In global scope every rank must call this collectively, with tensors of the
+    same keys, dtypes and row shapes (checked: a mismatch raises ValueError on every rank rather
+    than corrupting rows or hanging).
+    max_candidates: optional bound on B, the same on every rank (e.g. the configured candidate
+    count): saves one all-gather, the latency that dominates at large world sizes.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -373,25 +453,17 @@ def select_and_exchange(batch: dict[str, torch.Tensor], scores: torch.Tensor, qu
     n = batch[layout[0][0]].shape[0]
     if scores.dim() != 1 or scores.shape[0] != n:
         raise ValueError(f"scores must have shape ({n},) to match the batch, got {tuple(scores.shape)}")
+    if max_candidates is not None and (isinstance(max_candidates, bool) or
+                                       not isinstance(max_candidates, int) or max_candidates < 0):
+        raise ValueError(f"max_candidates must be None or an int >= 0, got {max_candidates!r}")
     rank, world = comm.get_dist_info()
     if scope == "local" or world == 1:
         # one host sync: the plan is numpy on the CPU
         return _local_select(batch, _float_scores(scores).cpu().numpy(), q, rank, world)
 
-    row_bytes = _row_bytes(layout)
-    wire_scores = _float_scores(scores)
-    # the score dtype joins the layout check: ranks gathering different dtypes would hang
-    crc = _layout_crc((*layout, ("scores", wire_scores.dtype, ())))
-    meta = comm.all_gather_tensor(torch.tensor([n, row_bytes, crc], dtype=torch.int64))  # (W, 3)
-    if (meta[:, 1:] != meta[rank, 1:]).any():
-        raise ValueError(f"ranks disagree on the batch row layout or score dtype (bytes, crc by "
-                         f"rank: {meta[:, 1:].tolist()}); this rank has {layout}, scores "
-                         f"{wire_scores.dtype}")
-    counts = meta[:, 0].tolist()
-    gathered = comm.all_gather_varlen(wire_scores, counts=counts)
-    # sync point: the plan runs on the host, identically on every rank
-    flat = torch.cat([t.cpu() for t in gathered]).numpy()  # (N,)
+    flat, counts = _gather_scores(scores, layout, rank, max_candidates)  # (N,), (W,)
     rp = rank_plan(flat, counts, q, rank)
+    row_bytes = _row_bytes(layout)
 
     kept = _take(batch, rp.kept_index)
     if rp.samples_moved:  # every rank derives this from the same plan: all call, or none

@@ -31,6 +31,7 @@ SCENARIOS = {
         ("nothing_moves", [4, 4], 4, "random", "global"),
         ("local", [6, 9], 3, "skew", "local"),
         ("layout_mismatch", [4, 4], 2, "random", "global"),
+        ("cap_too_small", [3, 6], 2, "random", "global"),
     ],
     4: [
         ("uneven_zero", [3, 0, 10, 7], 4, "random", "global"),
@@ -81,13 +82,15 @@ def selector_worker(rank: int, world_size: int, scenarios):
         gathered = comm.all_gather_varlen(scores.double())
         src, idx = plan_arrays(torch.cat(gathered).numpy(),
                                [t.shape[0] for t in gathered], quota)
+        cap = 5 if name == "cap_too_small" else max(counts) + 2  # any common bound >= B works
         try:
+            fused = select_and_exchange(batch, scores, quota, scope=scope, max_candidates=cap)
             out, stats = select_and_exchange(batch, scores, quota, scope=scope)
         except ValueError as exc:
             results[name] = {"error": str(exc)}
             continue
         results[name] = {"plan": (src.tolist(), idx.tolist()), "out": _bytes(out),
-                         "stats": stats}
+                         "stats": stats, "fused_out": _bytes(fused[0]), "fused_stats": fused[1]}
     comm.barrier()
     return results
 
@@ -106,6 +109,10 @@ def test_select_and_exchange_matches_single_process_reference(world):
         if name == "layout_mismatch":  # every rank refuses, none hangs or corrupts
             assert all("disagree on the batch row layout" in r.get("error", "") for r in per_rank)
             continue
+        if name == "cap_too_small":
+            assert all("max_candidates=5 but ranks hold [3, 6]" in r.get("error", "")
+                       for r in per_rank)
+            continue
         assert all("error" not in r for r in per_rank), per_rank
         cands = [make_candidates(r, counts[r], kind, sid) for r in range(world)]
         scores = [s.double().tolist() for _, s in cands]
@@ -115,6 +122,10 @@ def test_select_and_exchange_matches_single_process_reference(world):
             src, idx = r["plan"]
             assert [list(zip(a, b)) for a, b in zip(src, idx)] == ref_plan
         for rank, r in enumerate(per_rank):
+            # one fused all-gather (max_candidates) or two: the same rows and stats
+            assert r["fused_out"].keys() == r["out"].keys()
+            assert all(np.array_equal(r["fused_out"][k], r["out"][k]) for k in r["out"])
+            assert repr(r["fused_stats"]) == repr(r["stats"])  # repr: NaN-safe equality
             stats = r["stats"]
             if scope == "local":
                 own = plan([scores[rank]], quota)[0]

@@ -126,6 +126,25 @@ def test_select_mask_matches_a_stable_descending_sort():
         assert set(np.flatnonzero(select_mask(s, k))) == set(order[:k].tolist())
 
 
+@pytest.mark.parametrize("kind", ["normal", "dup", "sorted", "nonfinite", "periodic", "nan_heavy"])
+def test_select_mask_large_inputs_take_the_sampled_bracket_exactly(kind):
+    """N >= 65536 takes the sampled-bracket path; it must equal the stable sort, odd data too."""
+    rng = np.random.default_rng(len(kind))
+    n = 70_000 + int(rng.integers(0, 30_000))
+    x = {"normal": lambda: rng.standard_normal(n).astype(np.float32),
+         "dup": lambda: rng.integers(0, 3, n).astype(np.float64),
+         "sorted": lambda: np.sort(rng.standard_normal(n)),
+         "nonfinite": lambda: rng.choice([NAN, INF, -INF, 0.0, 1.0], n),
+         "periodic": lambda: np.tile(rng.standard_normal(4096), n // 4096 + 1)[:n],
+         "nan_heavy": lambda: np.where(rng.random(n) < 0.7, NAN, rng.standard_normal(n)),
+         }[kind]()
+    order = np.argsort(-x, kind="stable")
+    for k in (1, n // 3, n // 2, n - 1):
+        expected = np.zeros(n, dtype=bool)
+        expected[order[:k]] = True
+        assert np.array_equal(select_mask(x, k), expected), k
+
+
 def test_plan_accepts_numpy_and_torch_inputs_alike():
     rng = np.random.default_rng(1)
     lists = [rng.random(n).tolist() for n in (5, 0, 9, 3)]
@@ -258,11 +277,16 @@ def test_rank_plans_route_every_row_to_its_place_in_the_full_plan(seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(world=st.integers(1, 300), seed=st.integers(0, 2**32 - 1), q=st.integers(1, 8))
-def test_rank_plan_agrees_with_plan_arrays(world, seed, q):
+@given(world=st.integers(1, 300), seed=st.integers(0, 2**32 - 1), q=st.integers(1, 8),
+       empty=st.sampled_from(["none", "first", "last", "both"]))
+def test_rank_plan_agrees_with_plan_arrays(world, seed, q, empty):
     rng = np.random.default_rng(seed)
     counts = rng.integers(0, 2 * q + 1, size=world)
-    counts[0] += q * world
+    if world > 2 and empty in ("first", "both"):
+        counts[0] = 0
+    if world > 2 and empty in ("last", "both"):
+        counts[-1] = 0
+    counts[world // 2] += q * world
     flat = rng.choice([0.0, 1.0, 2.0, NAN, -INF], size=int(counts.sum()))
     src, idx = plan_arrays(flat, counts, q)
     for r in sorted({0, world - 1, int(rng.integers(world))}):
@@ -302,6 +326,8 @@ def test_select_and_exchange_rejects_bad_input():
         select_and_exchange(batch, torch.zeros(4), 0)
     with pytest.raises(ValueError, match="only 4 candidates"):
         select_and_exchange(batch, torch.zeros(4), 5)
+    with pytest.raises(ValueError, match="max_candidates"):
+        select_and_exchange(batch, torch.zeros(4), 2, max_candidates=-1)
 
 
 def test_selector_stats_validates():
