@@ -4,11 +4,12 @@ Owns `PrepConfig` and `prepare()`: the order of the two passes, the train/valid 
 documents into the tokenizer, the resume state and cleanup on failure. Reading is sources.py,
 the tokenizer is tokenizer.py, rows and shard files are shards.py, JSON is manifest.py.
 
-Two passes over the inputs. Pass 1 validates every input (so a bad file fails before anything is
-written), counts documents for the split and streams the text into the WordPiece trainer. Pass 2
+Passes over the inputs. Pass 1 validates every input (so a bad file fails before anything is
+written), counts documents for the split and collects the characters; when training, a second
+read streams the text into the WordPiece trainer (reading is cheap next to tokenizing). Pass 2
 tokenizes with `encode_batch_fast` (Rust threads, `--workers` of them) in batches of about
 `batch_chars` characters and packs; after each shard the stream position is recorded in the
-state file, so a killed run resumes at the first missing shard and produces the same bytes.
+journal (one appended line per shard), so a killed run resumes at the first missing shard and produces the same bytes.
 """
 from __future__ import annotations
 
@@ -120,11 +121,27 @@ def split_of(doc: int, valid_only: bool, fraction: float, fallback: int | None) 
     return "train"
 
 
-def fallback_doc(auto_docs: list[int], fraction: float) -> int | None:
-    """With fraction > 0 and >= 2 documents but none picked, the lowest-key one goes to valid."""
-    if fraction <= 0 or len(auto_docs) < 2 or any(valid_key(d) < fraction for d in auto_docs):
-        return None
-    return min(auto_docs, key=valid_key)
+class FallbackPicker:
+    """Streams over the documents the fraction may pick; with fraction > 0 and >= 2 of them but
+    none picked, `fallback` is the lowest-key one (valid is then never empty by accident)."""
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.count = 0
+        self.picked = False
+        self.lowest = (2.0, -1)  # (key, doc)
+
+    def see(self, doc: int) -> None:
+        key = valid_key(doc)
+        self.count += 1
+        self.picked |= key < self.fraction
+        self.lowest = min(self.lowest, (key, doc))
+
+    @property
+    def fallback(self) -> int | None:
+        if self.fraction <= 0 or self.count < 2 or self.picked:
+            return None
+        return self.lowest[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,48 +176,37 @@ def _bar(progress: bool, **kw):
 # The run
 
 
-class _Pass1:
-    """Counts documents (for the split) while passing text on to the tokenizer trainer."""
+@dataclass
+class ScanResult:
+    """What pass 1 learns about the corpus."""
 
-    def __init__(self) -> None:
-        self.num_docs = 0
-        self.auto_docs: list[int] = []  # candidates for the valid fraction (documents are small ints)
-        self.error: BaseException | None = None
-
-    def texts(self, pieces: Iterator[Piece], bar) -> Iterator[str]:
-        # An exception raised inside tokenizers' train_from_iterator comes back re-wrapped; keep
-        # the original to re-raise it after training returns.
-        try:
-            for p in pieces:
-                if p.ends:
-                    self.num_docs += 1
-                    if not p.valid_only:
-                        self.auto_docs.append(p.doc)
-                    bar.update(1)
-                yield p.text
-        except BaseException as e:
-            self.error = e
+    num_docs: int
+    fallback: int | None
+    """The document sent to valid when the fraction picked none (see fallback_doc)."""
+    chars: set[str]
+    """Every character of the corpus (the WordPiece trainer needs them up front)."""
 
 
-def _scan(cfg: PrepConfig, sources, trainer: bool, progress: bool):
-    """Pass 1: validate and count everything; train the tokenizer on the text when asked."""
-    counter = _Pass1()
-    with _bar(progress, desc="scan" if not trainer else "scan+train", unit="doc") as bar:
-        texts = counter.texts(iter_corpus(sources, cfg.read), bar)
-        tok = None
-        if trainer:
-            lowercase = cfg.lowercase is not False
-            try:
-                tok = tk.train_wordpiece(texts, cfg.vocab_size, lowercase, show_progress=progress)
-            except Exception:
-                if counter.error is None:
-                    raise
-        else:
-            for _ in texts:
-                pass
-    if counter.error is not None:
-        raise counter.error
-    return counter, tok
+def scan(cfg: PrepConfig, sources: list[src.Source], progress: bool) -> ScanResult:
+    """Pass 1: read and validate every input, count documents, collect characters."""
+    result = ScanResult(0, None, set())
+    picker = FallbackPicker(cfg.effective_valid_fraction)
+    with _bar(progress, desc="scan", unit="doc") as bar:
+        for p in iter_corpus(sources, cfg.read):
+            result.chars.update(p.text)
+            if p.ends:
+                result.num_docs += 1
+                if not p.valid_only:
+                    picker.see(p.doc)
+                bar.update(1)
+    result.fallback = picker.fallback
+    return result
+
+
+def train(cfg: PrepConfig, sources: list[src.Source], chars: set[str], progress: bool):
+    """Train WordPiece on a second streaming read of the inputs (already validated by scan)."""
+    return tk.train_wordpiece((p.text for p in iter_corpus(sources, cfg.read)), cfg.vocab_size,
+                              cfg.lowercase is not False, chars, show_progress=progress)
 
 
 def _verify(out: Path, manifest: dict) -> None:
@@ -226,10 +232,6 @@ def _clear_temp_files(out: Path) -> None:
                         shutil.rmtree(p)
                     else:
                         p.unlink()
-
-
-def _empty_split() -> dict:
-    return {"shards": [], "num_tokens": 0, "next": [0, 0], "complete": False}
 
 
 def prepare(cfg: PrepConfig, log=print) -> dict:
@@ -266,19 +268,20 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
                 raise PrepError(str(out), f"{why}; choose another --output or remove it")
         if status == "complete":
             _verify(out, existing)
-            (out / mf.STATE).unlink(missing_ok=True)
+            (out / mf.STATE).unlink(missing_ok=True)  # left by a kill between manifest and cleanup
+            (out / mf.JOURNAL).unlink(missing_ok=True)
             log(f"sift-prep: {out} is up to date")
             return existing
 
         # Partial run with its tokenizer in place: reuse it (retraining costs a pass).
         reuse = (status == "partial" and (out / "tokenizer" / "tokenizer.json").is_file()
                  and tk.fingerprint(out / "tokenizer") == existing.get("tokenizer_fingerprint"))
-        counter, trained = _scan(cfg, sources, trainer=not cfg.tokenizer and not reuse, progress=progress)
+        counter = scan(cfg, sources, progress)
         if reuse:
             tok = tk.load_tokenizer(str(out / "tokenizer" / "tokenizer.json"))
             fp = existing["tokenizer_fingerprint"]
-        elif trained is not None:
-            tok = trained
+        elif not cfg.tokenizer:
+            tok = train(cfg, sources, counter.chars, progress)
             tk.save_hf(tok, tmp_tok_dir, cfg.seq_len, settings["lowercase"])
             fp = tk.fingerprint(tmp_tok_dir)
         return _write(cfg, out, status, existing if reuse else None, sources, settings, source_entries,
@@ -298,20 +301,22 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
         dtype = sh.dtype_for(vocab_size)
         layout = sh.RowLayout(cfg.seq_len, specials["cls"], specials["sep"], specials["pad"])
         fraction = cfg.effective_valid_fraction
-        fallback = fallback_doc(counter.auto_docs, fraction)
+        fallback = counter.fallback
         if state is None:
             (out / "train").mkdir(parents=True, exist_ok=True)
             (out / "valid").mkdir(exist_ok=True)
             _clear_temp_files(out)
-            state = {"format": "sift-prep-state", "settings": settings, "sources": source_entries,
-                     "tokenizer_fingerprint": fp, "splits": {s: _empty_split() for s in mf.SPLITS}}
-            mf.write_json_atomic(out / mf.STATE, state)
+            (out / mf.JOURNAL).unlink(missing_ok=True)
+            mf.write_json_atomic(out / mf.STATE, {"format": "sift-prep-state", "settings": settings,
+                                                  "sources": source_entries, "tokenizer_fingerprint": fp})
             if (out / "tokenizer").exists():
                 shutil.rmtree(out / "tokenizer")
             shutil.copytree(tmp_tok_dir, out / ".tokenizer.tmp")
             os.replace(out / ".tokenizer.tmp", out / "tokenizer")
+            state = {"splits": {name: mf.empty_split() for name in mf.SPLITS}}
         else:
             _clear_temp_files(out)
+            state = {"splits": mf.replay_journal(out)}
             done = sum(len(s["shards"]) for s in state["splits"].values())
             log(f"sift-prep: resuming {out} ({done} shards already written)")
 
@@ -320,15 +325,18 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
             s = state["splits"][name]
             packers[name] = sh.Packer(layout, cfg.shard_rows, dtype, sh.Position(*s["next"]))
 
-        def flush(name: str, rows: np.ndarray, after: sh.Position, complete: bool = False) -> None:
+        def flush(name: str, rows: np.ndarray | None, after: sh.Position | None, complete: bool = False) -> None:
             s = state["splits"][name]
-            entry = sh.write_shard(out, name, len(s["shards"]), rows)
-            s["shards"].append(entry)
-            s["num_tokens"] += sh.count_tokens(rows, layout.pad_id)
-            s["next"] = [after.doc, after.skip]
-            s["complete"] = complete
-            # The shard is on disk before the state names it: a kill in between rewrites it.
-            mf.write_json_atomic(out / mf.STATE, state)
+            entry = None if rows is None else sh.write_shard(out, name, len(s["shards"]), rows)
+            record = {"split": name, "shard": entry, "complete": complete,
+                      "num_tokens": 0 if rows is None else sh.count_tokens(rows, layout.pad_id),
+                      "next": s["next"] if after is None else [after.doc, after.skip]}
+            if entry is not None:
+                s["shards"].append(entry)
+            s["num_tokens"] += record["num_tokens"]
+            s["next"], s["complete"] = record["next"], complete
+            # The shard is on disk before the journal names it: a kill in between rewrites it.
+            mf.append_journal(out, record)
 
         def encode(batch: list[tuple[str, Piece]]) -> None:
             encodings = tok.encode_batch_fast([p.text for _, p in batch], add_special_tokens=False)
@@ -356,10 +364,7 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
         for name in mf.SPLITS:
             if not state["splits"][name]["complete"]:
                 last = packers[name].finish()
-                if last is not None:
-                    flush(name, *last, complete=True)
-                else:
-                    state["splits"][name]["complete"] = True
+                flush(name, *(last or (None, None)), complete=True)
         if not state["splits"]["train"]["shards"]:
             raise PrepError(str(out), "no training documents (every document went to valid)")
 
@@ -374,6 +379,7 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
             splits=splits, sources=source_entries, settings=settings)
         mf.write_json_atomic(out / mf.MANIFEST, manifest)
         (out / mf.STATE).unlink()
+        (out / mf.JOURNAL).unlink()
         t, v = splits["train"], splits["valid"]
         log(f"sift-prep: wrote {out}: train {t['num_sequences']} x {cfg.seq_len} "
             f"({len(t['shards'])} shards), valid {v['num_sequences']} x {cfg.seq_len}, vocab {vocab_size}")

@@ -18,7 +18,8 @@ from data_prep.errors import PrepError
 FORMAT = "sift-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-STATE = ".sift-prep-state.json"
+STATE = ".sift-prep-state.json"  # a run in progress: settings, sources, tokenizer fingerprint
+JOURNAL = ".sift-prep-journal.jsonl"  # one line per finished shard, appended (O(1) per shard)
 SPLITS = ("train", "valid")
 # Settings that decide the trained tokenizer: a change there means "another tokenizer".
 TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "lowercase")
@@ -33,6 +34,49 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def empty_split() -> dict:
+    """Progress of one split: shards written, non-pad tokens, where the next shard starts."""
+    return {"shards": [], "num_tokens": 0, "next": [0, 0], "complete": False}
+
+
+def append_journal(out: Path, record: dict) -> None:
+    """Append one shard record and fsync: after this returns, a resumed run skips that shard."""
+    with open(out / JOURNAL, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replay_journal(out: Path) -> dict:
+    """Per-split progress from the journal; a torn last line (killed mid-append) is dropped and
+    the journal rewritten without it, so later appends start on a clean line."""
+    splits = {name: empty_split() for name in SPLITS}
+    good = []
+    try:
+        lines = (out / JOURNAL).read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        s = splits[record["split"]]
+        if record["shard"] is not None:
+            if record["shard"]["path"] != f"{record['split']}/shard_{len(s['shards']):06d}.npy":
+                break  # out of order: trust nothing after it
+            s["shards"].append(record["shard"])
+        s["num_tokens"] += record["num_tokens"]
+        s["next"] = record["next"]
+        s["complete"] = record["complete"]
+        good.append(line)
+    if len(good) != len(lines):
+        tmp = out / f".{JOURNAL}.tmp"
+        tmp.write_text("".join(g + "\n" for g in good))
+        os.replace(tmp, out / JOURNAL)
+    return splits
 
 
 def read_json(path: Path) -> dict | None:

@@ -328,6 +328,10 @@ def _hf_records(source: Source, opts: ReadOptions) -> Iterator[str]:
     try:
         import datasets
 
+        from data_prep.tokenizer import quiet_hub_logs
+
+        quiet_hub_logs()
+        datasets.logging.set_verbosity_error()
         ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
         records = iter(ds)
         first = next(records, None)

@@ -96,12 +96,21 @@ def test_split_is_a_fraction_of_documents_and_deterministic():
     assert build.split_of(3, True, 0.0, None) == "valid"
 
 
+def _fallback(docs, fraction):
+    picker = build.FallbackPicker(fraction)
+    for d in docs:
+        picker.see(d)
+    return picker.fallback
+
+
 def test_fallback_sends_exactly_one_document_to_valid():
     docs = list(range(5))
     f = min(build.valid_key(d) for d in docs) / 2  # small enough that no key is below it
-    fb = build.fallback_doc(docs, f)
+    fb = _fallback(docs, f)
     assert fb in docs and [d for d in docs if build.split_of(d, False, f, fb) == "valid"] == [fb]
-    assert build.fallback_doc([0], f) is None and build.fallback_doc(docs, 0.0) is None
+    assert fb == min(docs, key=build.valid_key)
+    assert _fallback([0], f) is None and _fallback(docs, 0.0) is None
+    assert _fallback(docs, 0.9) is None  # the fraction already picked some
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +203,8 @@ def test_pieces_tokenize_like_whole_documents(shared_data):
     """Cutting a long document at line ends must not change a single token."""
     path = shared_data / "nltk" / "abc" / "rural.txt"
     (s,) = sources.resolve_inputs([str(path)])
-    tok = tk.train_wordpiece(_texts(s, max_piece_chars=1 << 30), vocab_size=1000, lowercase=True,
+    texts = _texts(s, max_piece_chars=1 << 30)
+    tok = tk.train_wordpiece(texts, vocab_size=1000, lowercase=True, raw_chars=set(texts[0]),
                              show_progress=False)
     pieces = list(sources.iter_pieces(s, sources.ReadOptions(max_piece_chars=5000)))
     assert len(pieces) > 10 and [e for _, e in pieces].count(True) == 1
@@ -208,3 +218,25 @@ def test_read_options_checks():
         sources.ReadOptions(encoding_errors="ignore")
     with pytest.raises(ValueError):
         sources.ReadOptions(doc_boundary="page")
+
+
+def test_wordpiece_training_is_reproducible_across_processes(shared_data, tmp_path):
+    """tokenizers' trainer alone gives a different vocabulary per process (HashMap order)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from data_prep import tokenizer as tk; "
+            "t = Path(sys.argv[1]).read_text(); "
+            "print(tk.train_wordpiece([t], 2000, True, set(t), show_progress=False).to_str())")
+    path = shared_data / "nltk" / "abc" / "science.txt"
+    text = path.read_bytes().decode("utf-8", "replace")
+    src_file = tmp_path / "science.txt"
+    src_file.write_text(text)
+    runs = [subprocess.run([sys.executable, "-c", code, str(src_file)], capture_output=True, text=True,
+                           check=True).stdout for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2] and '"##e"' in runs[0]
+
+
+def test_continuation_alphabet_skips_punctuation_and_follows_case():
+    assert tk.continuation_alphabet("aB,é!", lowercase=True) == ["##a", "##b", "##e"]
+    assert tk.continuation_alphabet("aB,é!", lowercase=False) == ["##B", "##a", "##é"]

@@ -1,0 +1,293 @@
+"""sift-prep end to end: the real CLI in subprocesses on the real shared corpora."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+# Offline mode: this machine has no network, and the hub client would otherwise retry for ~50 s
+# before failing; the error path tested is the same.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def prep(*args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sift-prep {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def without_created(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "created"}
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# One run over all shared corpora, shared by the checks below
+
+
+@pytest.fixture(scope="module")
+def full(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "out"
+    prep(shared_data, "--output", out, "--encoding-errors", "replace", "--valid-fraction", "0.02",
+         "--shard-rows", "8192")
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_manifest_counts_and_hashes_match_files(full):
+    out, m = full
+    assert (m["format"], m["format_version"], m["seq_len"], m["dtype"]) == ("sift-shards", 1, 128, "uint16")
+    assert m["special_tokens"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert m["tokenizer_fingerprint"] == sha256(out / "tokenizer" / "tokenizer.json")
+    assert len(m["sources"]) > 2000 and all(len(s["sha256"]) == 64 for s in m["sources"])
+    on_disk = sorted(str(p.relative_to(out)) for p in out.glob("*/shard_*.npy"))
+    listed = sorted(s["path"] for sp in m["splits"].values() for s in sp["shards"])
+    assert on_disk == listed
+    for split in m["splits"].values():
+        rows = 0
+        tokens = 0
+        for s in split["shards"]:
+            a = np.load(out / s["path"], mmap_mode="r")
+            assert a.dtype == np.uint16 and a.ndim == 2 and a.shape[1] == 128
+            assert a.shape[0] == s["num_sequences"] and sha256(out / s["path"]) == s["sha256"]
+            rows += a.shape[0]
+            tokens += int(np.count_nonzero(a != 0))
+        assert (rows, tokens) == (split["num_sequences"], split["num_tokens"])
+    assert m["splits"]["train"]["num_sequences"] > 30000 and m["splits"]["valid"]["num_sequences"] > 100
+    assert len(m["splits"]["train"]["shards"]) >= 4  # 8192 rows a shard
+
+
+def test_rows_are_well_formed_and_ids_below_vocab(full):
+    out, m = full
+    for split in m["splits"].values():
+        for i, s in enumerate(split["shards"]):
+            a = np.load(out / s["path"])
+            assert int(a.max()) < m["vocab_size"]
+            assert (a[:, 0] == 2).all()
+            last_sep = (a.shape[1] - 1) - np.argmax(a[:, ::-1] == 3, axis=1)  # (R,)
+            body_pad = a[:, 1:] == 0
+            # Only the very last row of a split is padded, and only after its closing [SEP].
+            padded = np.flatnonzero(body_pad.any(axis=1))
+            is_last_shard = i == len(split["shards"]) - 1
+            assert padded.tolist() in ([], [a.shape[0] - 1] if is_last_shard else [])
+            assert (last_sep[:-1] == a.shape[1] - 1).all()
+            assert (a[-1, last_sep[-1] + 1:] == 0).all()
+            assert not ((a[:, 1:] == 2).any() or (a == 4).any())
+
+
+def _normalized_corpus(shared_data, tok) -> str:
+    from data_prep import sources
+
+    parts = []
+    for s in sources.resolve_inputs([str(shared_data)]):
+        for text, _ in sources.iter_pieces(s, sources.ReadOptions(encoding_errors="replace")):
+            parts.append("".join(tok.normalizer.normalize_str(text).split()))
+    return "".join(parts)
+
+
+def test_decoded_rows_reproduce_source_text(full, shared_data):
+    from tokenizers import Tokenizer
+
+    out, m = full
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    corpus = _normalized_corpus(shared_data, tok)
+    rng = np.random.default_rng(0)
+    a = np.load(out / m["splits"]["train"]["shards"][0]["path"])
+    checked = 0
+    for r in rng.choice(a.shape[0], size=40, replace=False):
+        row = a[r, 1:-1].astype(int)
+        # A row holds pieces of documents separated by [SEP]; each piece is contiguous source text.
+        segments = np.split(row, np.flatnonzero(row == 3))
+        for seg in segments:
+            seg = [int(i) for i in seg if i not in (0, 3)]
+            if len(seg) < 8 or 1 in seg:  # [UNK] hides the original characters
+                continue
+            # A row may start inside a word: the decoder then leaves the "##" of its first piece.
+            text = "".join(tok.decode(seg).split()).removeprefix("##")
+            assert text in corpus, text[:200]
+            checked += 1
+    assert checked >= 30
+
+
+def test_auto_tokenizer_encodes_like_tokenizers(full, shared_data):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    out, m = full
+    hf = AutoTokenizer.from_pretrained(out / "tokenizer")
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    assert (hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id) == (0, 1, 2, 3, 4)
+    assert hf.model_max_length == 128 and len(hf) == m["vocab_size"]
+    samples = [(shared_data / "nltk" / "webtext" / "wine.txt").read_text("utf-8", "replace")[:3000],
+               (shared_data / "wikitext-2" / "test.txt").read_text()[5000:8000],
+               "Ünïcödé Résumé, CAFÉ! naïve 3.14 e-mail (test)"]
+    for text in samples:
+        assert hf(text)["input_ids"] == tok.encode(text).ids
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text, add_special_tokens=False).ids
+    assert hf("hello")["input_ids"][0] == 2 and hf("hello")["input_ids"][-1] == 3
+
+
+def test_rerun_on_finished_output_changes_nothing(full, shared_data):
+    out, _ = full
+    before = tree_bytes(out)
+    proc = prep(shared_data, "--output", out, "--encoding-errors", "replace", "--valid-fraction", "0.02",
+                "--shard-rows", "8192")
+    assert "up to date" in proc.stderr and tree_bytes(out) == before
+
+
+def test_other_tokenizer_is_refused(full, tmp_path):
+    """An output made with one tokenizer is never extended or overwritten with another."""
+    out, _ = full
+    before = tree_bytes(out)
+    other = tmp_path / "other"
+    prep("--output", other, "--vocab-size", "500", "--seq-len", "32")
+    for args in (["--tokenizer", other / "tokenizer"], ["--vocab-size", "1000"]):
+        proc = prep("--output", out, *args, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "another tokenizer" in proc.stderr
+        assert str(out) in proc.stderr and "Traceback" not in proc.stderr
+    assert tree_bytes(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded corpus, determinism, loaded tokenizers, valid inputs
+
+
+def test_embedded_corpus_default_and_determinism(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    prep("--output", a, "--seq-len", "64")
+    prep("--output", b, "--seq-len", "64")
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    assert without_created(ma) == without_created(mb)
+    assert ma["sources"][0]["path"] == "embedded:state_union.jsonl.xz"
+    assert ma["splits"]["train"]["num_sequences"] > 5000 and ma["splits"]["valid"]["num_sequences"] > 0
+    assert tree_bytes(a / "train") == tree_bytes(b / "train")
+
+
+def test_loaded_tokenizer_and_valid_input(shared_data, tmp_path):
+    first = tmp_path / "first"
+    prep(shared_data / "nltk" / "abc" / "rural.txt", "--output", first, "--vocab-size", "2000", "--cased")
+    out = tmp_path / "out"
+    prep(shared_data / "nltk" / "state_union" / "19[45]*.txt", "--output", out, "--encoding-errors",
+         "replace", "--tokenizer", first / "tokenizer", "--valid-input", shared_data / "wikitext-2" / "test.txt")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tokenizer_fingerprint"] == sha256(first / "tokenizer" / "tokenizer.json")
+    assert m["lowercase"] is False and m["vocab_size"] == 2000
+    assert [s["split"] for s in m["sources"]].count("valid") == 1
+    # wikitext test is ~240 k words: the whole valid split, nothing of it in train.
+    assert m["splits"]["valid"]["num_sequences"] > 1000
+    assert all("wikitext" not in s["path"] for s in m["sources"] if s["split"] == "auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety
+
+
+def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path):
+    args = ["--seq-len", "32", "--shard-rows", "128", "--vocab-size", "1000"]  # ~100 shards
+    ref = tmp_path / "ref"
+    prep("--output", ref, *args)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--output", str(out), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 120
+    while not (out / "train" / "shard_000001.npy").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before any shard appeared"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "killed too late to test anything"
+    assert (out / ".sift-prep-state.json").exists() and (out / ".sift-prep-journal.jsonl").exists()
+    done = len(list((out / "train").glob("shard_*.npy")))
+    total = len(list((ref / "train").glob("shard_*.npy")))
+    assert 0 < done < total
+    rerun = prep("--output", out, *args)
+    assert "resuming" in rerun.stderr
+    assert tree_bytes(out).keys() == tree_bytes(ref).keys()
+    assert {k: v for k, v in tree_bytes(out).items() if k != "manifest.json"} == \
+           {k: v for k, v in tree_bytes(ref).items() if k != "manifest.json"}
+    ma, mr = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
+    assert without_created(ma) == without_created(mr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit 2, one line naming the input, no traceback, no partial output
+
+
+def _bad_cases(shared_data: Path, tmp: Path):
+    empty = tmp / "empty.txt"
+    empty.write_bytes(b"")
+    nodir = tmp / "nodocs"
+    nodir.mkdir()
+    (nodir / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")
+    binary = tmp / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    jsonl = tmp / "records.jsonl"
+    jsonl.write_text(json.dumps({"body": "some text"}) + "\n")
+    pirates = shared_data / "nltk" / "webtext" / "pirates.txt"
+    return {
+        "missing": ([tmp / "nope.txt"], [], tmp / "nope.txt"),
+        "empty": ([empty], [], empty),
+        "no-text-files": ([nodir], [], nodir),
+        "binary": ([binary], [], binary),
+        "invalid-utf8": ([pirates], [], pirates),
+        "jsonl-field": ([jsonl], [], jsonl),
+        "seq-len": ([pirates], ["--seq-len", "7"], "--seq-len"),
+        "tokenizer-and-vocab": ([pirates], ["--tokenizer", "bert-base-uncased", "--vocab-size", "100"], "--vocab-size"),
+        "unknown-tokenizer": ([pirates], ["--tokenizer", "no-such-org/no-such-tokenizer"], "no-such-org/no-such-tokenizer"),
+        "hf-offline": (["hf:no-such-org/no-such-dataset"], [], "hf:no-such-org/no-such-dataset"),
+    }
+
+
+CASES = ["missing", "empty", "no-text-files", "binary", "invalid-utf8", "jsonl-field", "seq-len",
+         "tokenizer-and-vocab", "unknown-tokenizer", "hf-offline"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_clear_line(case, shared_data, tmp_path):
+    inputs, extra, named = _bad_cases(shared_data, tmp_path)[case]
+    out = tmp_path / "out"
+    proc = prep(*inputs, "--output", out, *extra, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("sift-prep: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert str(named) in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_replace_accepts_iso_8859_1(shared_data, tmp_path):
+    out = tmp_path / "out"
+    prep(shared_data / "nltk" / "webtext" / "pirates.txt", shared_data / "nltk" / "webtext" / "firefox.txt",
+         "--output", out, "--encoding-errors", "replace", "--vocab-size", "1000")
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["num_sequences"] > 100
+
+
+def test_failure_after_a_fresh_start_leaves_no_output(shared_data, tmp_path):
+    """A bad file after good ones: the error comes before anything is written."""
+    out = tmp_path / "out"
+    good = shared_data / "nltk" / "abc" / "rural.txt"
+    proc = prep(good, shared_data / "nltk" / "webtext" / "pirates.txt", "--output", out, check=False)
+    assert proc.returncode == 2 and "pirates.txt" in proc.stderr and "byte" in proc.stderr
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = prep(tmp_path / "nope.txt", "--output", tmp_path / "out", "--debug", check=False)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
