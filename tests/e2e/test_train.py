@@ -1,0 +1,269 @@
+"""End to end: the real entry point under the real DeepSpeed launcher on 2 gloo ranks.
+
+Every job is its own subprocess with a fresh port; data is the embedded corpus prepared by the real
+sift-prep (small vocabulary, short rows, so bert-tiny learns something in a minute). Runs are
+shared between assertions: the 6-step ZeRO-2/ZeRO-3 runs give both the step-1 losses of the stage
+comparison and the references of the exact-resume checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.e2e, pytest.mark.dist]
+
+# The settings every run shares (a stage comparison or a resume differs in one setting only).
+BASE_RECIPE = """
+[model]
+preset = "bert-tiny"
+hidden_dropout = 0.0
+attention_dropout = 0.0
+
+[masking]
+rate = 0.25
+
+[selection]
+policy = "sift-loss"
+fraction = 0.5
+scope = "global"
+
+[optim]
+lr = 2e-3
+warmup_steps = 20
+weight_decay = 0.0
+
+[budget]
+steps = 6
+
+[eval]
+every_steps = 0
+batch_size = 64
+max_samples = 256
+at_start = false
+at_end = false
+
+[checkpoint]
+every_steps = 3
+keep_last = 0
+
+[logging]
+every_steps = 1
+progress_bar = false
+
+[run]
+seed = 7
+ds_config = "ds_configs/cpu_zero2_fp32.json"
+dist_timeout_s = 120
+"""
+
+
+def job_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    return env
+
+
+def train_cmd(world: int, recipe: Path, data: Path, out: Path, sets: tuple[str, ...],
+              resume: str | None) -> list[str]:
+    """`deepspeed --num_gpus W --module pipeline.train ...`, or one plain process for W = 1."""
+    args = ["--config", str(recipe), "--set", f"data.data_dir={data}", f"run.output_dir={out}", *sets]
+    if resume:
+        args += ["--resume", resume]
+    if world == 1:
+        return [sys.executable, "-m", "pipeline.train", *args]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
+            "--module", "pipeline.train", *args]
+
+
+def run_train(world: int, recipe: Path, data: Path, out: Path, *sets: str, resume: str | None = None,
+              expect_ok: bool = True, timeout: float = 420) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(world, recipe, data, out, sets, resume), cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}")
+    return proc
+
+
+def read_metrics(out: Path, kind: str = "train") -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(out)}
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def fp32_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    from pipeline.export_cli import fp32_state_dict
+
+    return fp32_state_dict(ckpt_dir, tag)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The embedded State of the Union corpus through the real sift-prep (vocab 600, 64 tokens)."""
+    out = tmp_path_factory.mktemp("train_data") / "data"
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "--output", str(out), "--vocab-size",
+                           "600", "--seq-len", "64", "--valid-fraction", "0.05", "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
+    path.write_text(BASE_RECIPE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, recipe, data_dir):
+    """Lazily launched, cached runs: runs(name, world, *sets) -> output directory."""
+    root = tmp_path_factory.mktemp("runs")
+    cache: dict[str, Path] = {}
+
+    def get(name: str, world: int, *sets: str) -> Path:
+        if name not in cache:
+            out = root / name
+            run_train(world, recipe, data_dir, out, *sets)
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+def zero_run(runs, stage: int) -> Path:
+    """6 steps on 2 ranks at ZeRO `stage`, checkpoints at steps 3 and 6."""
+    return runs(f"zero{stage}", 2, f"run.ds_config=ds_configs/cpu_zero{stage}_fp32.json")
+
+
+def most_frequent_token_accuracy(data_dir: Path, max_samples: int, rate: float) -> float:
+    """Accuracy of always predicting the most frequent validation target (the unigram floor)."""
+    from pipeline.data import MaskingConfig, ShardDataset, validation_batches
+
+    ds = ShardDataset(data_dir, "valid")
+    n = min(max_samples, len(ds))
+    labels = torch.cat([b["labels"][b["labels"] != -100]
+                        for b in validation_batches(ds, 64, MaskingConfig(rate=rate), max_samples=n - n % 2)])
+    return float(torch.bincount(labels).max()) / labels.numel()
+
+
+def test_sift_zero2_two_ranks_learns_logs_and_exports(runs, data_dir, tmp_path):
+    out = runs("learn", 2, "budget.steps=100", "eval.every_steps=50", "eval.at_start=true",
+               "eval.at_end=true", "checkpoint.every_steps=0", "logging.every_steps=5")
+    s = summary(out)
+    baseline = most_frequent_token_accuracy(data_dir, 256, rate=0.25)
+    assert s["steps"] == 100 and s["stop_reason"] == "steps" and s["world_size"] == 2
+    assert s["zero_stage"] == 2 and s["policy"] == "sift-loss"
+    assert s["accuracy_after"] > 5 * s["accuracy_before"], s
+    assert s["accuracy_after"] > baseline + 0.01, (s["accuracy_after"], baseline)
+    assert s["samples_backpropagated"] == 100 * 2 * 16  # expand: B=16 trained per rank per step
+    assert s["global_sample_position"] == 100 * 2 * 32  # ... from 2B candidates per rank
+    losses = [r["train/loss"] for r in read_metrics(out)]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    evals = read_metrics(out, "eval")
+    assert [e["step"] for e in evals] == [0, 50, 100]
+    assert all(0.5 < e["eval/spearman_exit_vs_full"] <= 1.0 for e in evals)
+
+    # TensorBoard: the listed scalars, read back with tensorboard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.metrics import EVAL_SCALARS
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/exit_score",
+                "train/samples_backpropagated", "select/fraction", "select/score_selected",
+                "select/score_all", "select/bytes_moved", "select/samples_moved", "perf/samples_per_s",
+                "perf/tokens_per_s", "time/data_s", "time/score_s", "time/select_s",
+                "time/forward_backward_s", "time/optimizer_s", *EVAL_SCALARS}
+    assert expected <= tags, sorted(expected - tags)
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 50, 100]
+    assert acc.Scalars("select/fraction")[-1].value == pytest.approx(0.5)
+    sel = acc.Scalars("select/score_selected")[-1].value
+    assert sel > acc.Scalars("select/score_all")[-1].value  # the top half scores above the mean
+
+    # sift-export -> a Hugging Face directory that transformers loads and fills masks with.
+    export = tmp_path / "export"
+    proc = subprocess.run([str(BIN / "sift-export"), str(out / "checkpoints"), str(export)],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    model = AutoModelForMaskedLM.from_pretrained(str(export))
+    tok = AutoTokenizer.from_pretrained(str(export))
+    fill = pipeline("fill-mask", model=model, tokenizer=tok)
+    preds = fill(f"the president of the united {tok.mask_token} .")
+    assert len(preds) == 5 and all(0 <= p["score"] <= 1 for p in preds)
+
+
+def test_zero_stages_agree_on_the_first_loss(runs):
+    first = {stage: train_losses(zero_run(runs, stage))[1] for stage in (0, 1, 2, 3)}
+    for stage in (0, 1, 3):
+        assert first[stage] == pytest.approx(first[2], rel=1e-5), first
+    assert all(summary(zero_run(runs, s))["zero_stage"] == s for s in (0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_exact_resume(runs, recipe, data_dir, tmp_path, stage):
+    """Steps 1-3, a fresh process resumes from the step-3 checkpoint to step 6: identical losses
+    and identical final weights to the uninterrupted 6-step run."""
+    full = zero_run(runs, stage)
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    shutil.copytree(full / "checkpoints" / "step_00000003", ckpt / "step_00000003")
+    shutil.copytree(full / "checkpoints" / "tokenizer", ckpt / "tokenizer")
+    (ckpt / "latest").write_text("step_00000003\n")
+    out = tmp_path / "resumed"
+    proc = run_train(2, recipe, data_dir, out, f"run.ds_config=ds_configs/cpu_zero{stage}_fp32.json",
+                     f"checkpoint.dir={ckpt}", resume="auto")
+    assert "resumed from" in proc.stdout + proc.stderr
+    ref, got = train_losses(full), train_losses(out)
+    assert sorted(got) == [4, 5, 6]
+    assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
+    a = fp32_weights(full / "checkpoints", "step_00000006")
+    b = fp32_weights(ckpt, "step_00000006")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert summary(out)["global_sample_position"] == summary(full)["global_sample_position"]
+
+
+def test_resume_on_another_world_size_continues_the_global_position(runs, recipe, data_dir, tmp_path):
+    """A 2-rank ZeRO-0 checkpoint at step 3, resumed by 1 process: the data position carries on."""
+    two = zero_run(runs, 0)
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    shutil.copytree(two / "checkpoints" / "step_00000003", ckpt / "step_00000003")
+    shutil.copytree(two / "checkpoints" / "tokenizer", ckpt / "tokenizer")
+    (ckpt / "latest").write_text("step_00000003\n")
+    saved = json.loads((ckpt / "step_00000003" / "sift_state.json").read_text())
+    assert saved["train_state"]["position"] == 3 * 2 * 32 and saved["world_size"] == 2
+    out = tmp_path / "one_rank"
+    proc = run_train(1, recipe, data_dir, out, "run.ds_config=ds_configs/cpu_zero0_fp32.json",
+                     f"checkpoint.dir={ckpt}", resume="auto")
+    assert "saved by 2 ranks, now 1" in proc.stdout + proc.stderr
+    s = summary(out)
+    assert s["steps"] == 6 and s["world_size"] == 1
+    assert s["global_sample_position"] == 3 * 2 * 32 + 3 * 1 * 32
+    assert sorted(train_losses(out)) == [4, 5, 6]
