@@ -57,12 +57,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """Stack every rank's same-shaped `tensor`: (world_size, *tensor.shape), on tensor's device."""
+def all_gather_tensor(tensor: torch.Tensor, method: str = "all_gather") -> torch.Tensor:
+    """Stack every rank's same-shaped `tensor`: (world_size, *tensor.shape), on tensor's device.
+
+    method "all_gather": the plain collective (NCCL runs it as a ring: W-1 latency steps).
+    method "all_reduce": each rank writes its slot of a zeroed (W, ...) buffer and the buffers are
+    summed, which NCCL may run as a tree (log W latency steps) at W times the bytes: the better
+    deal for small tensors on many ranks. Exact (x + 0 == x; NaN and inf survive; -0.0 comes back
+    as +0.0). Every rank must pass the same method.
+    """
+    if method not in ("all_gather", "all_reduce"):
+        raise ValueError(f"method must be 'all_gather' or 'all_reduce', got {method!r}")
     if not is_distributed():
         return tensor.unsqueeze(0)
-    _, world = get_dist_info()
+    rank, world = get_dist_info()
     t = tensor.detach().to(wire_device()).contiguous()
+    if method == "all_reduce":
+        buf = torch.zeros((world, *t.shape), dtype=t.dtype, device=t.device)  # (W, *shape)
+        buf[rank] = t
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return buf.to(tensor.device)
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t)
     return torch.stack(parts).to(tensor.device)  # (W, *shape)
@@ -108,6 +122,10 @@ def all_to_all_rows(rows: torch.Tensor, send_counts: Sequence[int],
     recv_counts = [int(c) for c in recv_counts]
     if rows.shape[0] != sum(send_counts):
         raise ValueError(f"{rows.shape[0]} rows to send but send_counts sum to {sum(send_counts)}")
+    rank, _ = get_dist_info()
+    if send_counts[rank] != recv_counts[rank]:
+        raise ValueError(f"rank {rank} sends itself {send_counts[rank]} rows but expects "
+                         f"{recv_counts[rank]}")
     src = rows.detach().to(wire_device()).contiguous()
     out = torch.empty((sum(recv_counts), *src.shape[1:]), dtype=src.dtype, device=src.device)
     dist.all_to_all_single(out, src, output_split_sizes=recv_counts,

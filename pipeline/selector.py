@@ -41,6 +41,12 @@ __all__ = ["SelectorStats", "plan", "plan_arrays", "select_mask", "min_samples_m
 
 SCOPES = ("global", "local")
 
+GATHER_BY_ALL_REDUCE_FROM = 64
+"""World size from which the fused score gather (max_candidates given) runs as a zero-padded
+all-reduce instead of an all-gather: NCCL's ring all-gather pays W-1 latency steps (~1.1 ms at 1024
+GPUs), a tree all-reduce ~2 log2(nodes) (~0.15 ms) for W times the bytes (2 MB at 1024 x 256
+candidates). See benchmarks/selector_overhead.py."""
+
 
 @dataclass(frozen=True)
 class SelectorStats:
@@ -419,7 +425,9 @@ def _gather_scores(scores: torch.Tensor, layout: Layout, rank: int,
         row = torch.full((3 + max_candidates,), math.nan, dtype=torch.float64)  # (3 + cap,)
         row[:3] = torch.tensor(head, dtype=torch.float64)
         row[3:3 + min(n, max_candidates)] = wire[:max_candidates].double().cpu()
-        rows = comm.all_gather_tensor(row)  # (W, 3 + cap): ONE collective
+        world = comm.get_dist_info()[1]
+        method = "all_reduce" if world >= GATHER_BY_ALL_REDUCE_FROM else "all_gather"
+        rows = comm.all_gather_tensor(row, method=method)  # (W, 3 + cap): ONE collective
         header = rows[:, :3].long()
         counts = header[:, 0].tolist()
         if max(counts) > max_candidates:  # every rank sees it, so every rank raises

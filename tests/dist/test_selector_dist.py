@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import comm
+from pipeline import comm, selector
 from pipeline.selector import plan, plan_arrays, select_and_exchange
 from tests._dist import run_distributed
 
@@ -86,11 +86,17 @@ def selector_worker(rank: int, world_size: int, scenarios):
         try:
             fused = select_and_exchange(batch, scores, quota, scope=scope, max_candidates=cap)
             out, stats = select_and_exchange(batch, scores, quota, scope=scope)
+            selector.GATHER_BY_ALL_REDUCE_FROM = 1  # the large-world path, on every rank alike
+            try:
+                tree = select_and_exchange(batch, scores, quota, scope=scope, max_candidates=cap)
+            finally:
+                selector.GATHER_BY_ALL_REDUCE_FROM = 64
         except ValueError as exc:
             results[name] = {"error": str(exc)}
             continue
         results[name] = {"plan": (src.tolist(), idx.tolist()), "out": _bytes(out),
-                         "stats": stats, "fused_out": _bytes(fused[0]), "fused_stats": fused[1]}
+                         "stats": stats, "fused_out": _bytes(fused[0]), "fused_stats": fused[1],
+                         "tree_out": _bytes(tree[0]), "tree_stats": tree[1]}
     comm.barrier()
     return results
 
@@ -122,10 +128,11 @@ def test_select_and_exchange_matches_single_process_reference(world):
             src, idx = r["plan"]
             assert [list(zip(a, b)) for a, b in zip(src, idx)] == ref_plan
         for rank, r in enumerate(per_rank):
-            # one fused all-gather (max_candidates) or two: the same rows and stats
-            assert r["fused_out"].keys() == r["out"].keys()
-            assert all(np.array_equal(r["fused_out"][k], r["out"][k]) for k in r["out"])
-            assert repr(r["fused_stats"]) == repr(r["stats"])  # repr: NaN-safe equality
+            # one fused all-gather or all-reduce (max_candidates) or two: same rows and stats
+            for variant in ("fused", "tree"):
+                assert r[f"{variant}_out"].keys() == r["out"].keys()
+                assert all(np.array_equal(r[f"{variant}_out"][k], r["out"][k]) for k in r["out"])
+                assert repr(r[f"{variant}_stats"]) == repr(r["stats"])  # repr: NaN-safe
             stats = r["stats"]
             if scope == "local":
                 own = plan([scores[rank]], quota)[0]
