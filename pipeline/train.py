@@ -7,8 +7,11 @@ the process non-zero with one line naming the rank, so the launcher reports whic
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from pipeline import comm
@@ -60,6 +63,42 @@ def discover_env() -> None:
     env.setdefault("MASTER_PORT", str(port))
 
 
+def _rank_file(output_dir: str, rank: int) -> Path:
+    return Path(output_dir) / ".ranks" / f"rank{rank}.json"
+
+
+def register_rank(output_dir: str, rank: int) -> None:
+    """Record (host, pid) of this rank, so a survivor can tell which ranks died (no comm needed)."""
+    path = _rank_file(output_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")  # a killed rank waiting to be reaped is a zombie
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def dead_ranks(output_dir: str, world_size: int) -> list[int]:
+    """Ranks of this host whose process is gone (other hosts' ranks cannot be checked from here)."""
+    dead = []
+    for rank in range(world_size):
+        try:
+            info = json.loads(_rank_file(output_dir, rank).read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("host") == socket.gethostname() and not _running(int(info["pid"])):
+            dead.append(rank)
+    return dead
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = [o for group in args.overrides for o in group]
@@ -74,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         discover_env()
         rank, world_size = comm.init_distributed(timeout_s=cfg.run.dist_timeout_s)
+        register_rank(cfg.run.output_dir, rank)
         from pipeline.trainer import run  # after init: importing deepspeed's engine is slow
 
         run(cfg, rank, world_size)
@@ -85,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"sift-train: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        dead = dead_ranks(cfg.run.output_dir, world) if world > 1 else []
+        lost = f" (rank(s) {', '.join(map(str, dead))} of {world} no longer running)" if dead else ""
+        print(f"sift-train: rank {rank} failed{lost}: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
         os._exit(1)  # a peer may be gone: skip teardown collectives that could hang
     finally:
         try:

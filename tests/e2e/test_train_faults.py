@@ -1,0 +1,110 @@
+"""End to end under faults: a kill mid-checkpoint, a dead rank, non-finite losses, and mpirun.
+
+Faults come from the `[debug]` section (the trainer's test hooks): a rank SIGKILLs itself, rank 0
+dies between writing a checkpoint and moving `latest`, or a loss is replaced by NaN.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import free_port
+from tests.e2e.test_train import (BASE_RECIPE, REPO, data_dir, job_env, read_metrics, recipe,  # noqa: F401
+                                  run_train, summary, train_losses)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.dist]
+
+
+def test_sigkill_during_checkpoint_write_resumes_from_last_complete(recipe, data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(1, recipe, data_dir, out, "checkpoint.every_steps=2", "budget.steps=4",
+                     "debug.crash_in_checkpoint_at_step=4", expect_ok=False)
+    assert proc.returncode != 0
+    ckpt = out / "checkpoints"
+    assert (ckpt / "step_00000004").is_dir()  # the files of step 4 were written ...
+    assert (ckpt / "latest").read_text().strip() == "step_00000002"  # ... but `latest` never moved
+    before = train_losses(out)
+    assert sorted(before) == [1, 2, 3, 4]
+
+    out2 = tmp_path / "run2"
+    proc = run_train(1, recipe, data_dir, out2, "checkpoint.every_steps=2", "budget.steps=4",
+                     f"checkpoint.dir={ckpt}", resume="auto")
+    assert f"resumed from {ckpt / 'step_00000002'}: step 2" in proc.stdout + proc.stderr
+    after = train_losses(out2)
+    assert sorted(after) == [3, 4]
+    assert after[3] == before[3] and after[4] == before[4]  # replayed exactly
+    assert (ckpt / "latest").read_text().strip() == "step_00000004"
+    assert summary(out2)["steps"] == 4
+
+
+def test_dead_rank_fails_the_job_fast_and_is_named(recipe, data_dir, tmp_path):
+    timeout_s = 60
+    t0 = time.monotonic()
+    proc = run_train(2, recipe, data_dir, tmp_path / "run", "debug.kill_rank=1", "debug.kill_at_step=2",
+                     f"run.dist_timeout_s={timeout_s}", "budget.steps=20", expect_ok=False,
+                     timeout=timeout_s + 240)
+    elapsed = time.monotonic() - t0
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank(s) 1 of 2 no longer running" in text, text[-3000:]
+    assert elapsed < timeout_s + 180  # process start-up (two DeepSpeed imports) included
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(recipe, data_dir, tmp_path):
+    # One NaN (micro-batch 2 = the first attempt of step 3) on 2 ranks: skipped and counted.
+    out = tmp_path / "one"
+    run_train(2, recipe, data_dir, out, "debug.nonfinite_at_micro_batches=[2]", "budget.steps=4",
+              "checkpoint.every_steps=0")
+    s = summary(out)
+    assert s["steps"] == 4 and s["nonfinite_skipped"] == 1
+    assert s["samples_backpropagated"] == 4 * 2 * 16  # the skipped micro-batch trained nothing
+    assert s["global_sample_position"] == 5 * 2 * 32  # ... but its samples were consumed
+    records = read_metrics(out)
+    assert [r["train/nonfinite_skipped"] for r in records] == [0, 0, 1, 1]
+    assert all(r["train/loss"] is not None for r in records)  # every logged loss is finite
+
+    # Three in a row with max_nonfinite_in_row = 3: a clear error, and only finite checkpoints.
+    out = tmp_path / "three"
+    proc = run_train(1, recipe, data_dir, out, "debug.nonfinite_at_micro_batches=[1, 2, 3]",
+                     "optim.max_nonfinite_in_row=3", "checkpoint.every_steps=1", expect_ok=False)
+    assert proc.returncode != 0
+    assert "3 non-finite losses in a row" in proc.stderr, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    from pipeline.export_cli import fp32_state_dict
+
+    weights = fp32_state_dict(out / "checkpoints", "step_00000001")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_mpirun_two_processes(recipe, data_dir, tmp_path):
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not found (apt-get install openmpi-bin libopenmpi-dev)")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py not installed (pip install mpi4py; `bash launch/setup_env.sh mpi`)")
+    out = tmp_path / "mpi"
+    env = job_env()
+    # DeepSpeed's MPI discovery picks `hostname -I`; on one machine loopback is the safe address.
+    env.update(SIFT_MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [mpirun, "-np", "2", "--allow-run-as-root", "--oversubscribe",
+           "-x", "SIFT_MASTER_ADDR", "-x", "MASTER_PORT", "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS",
+           "-x", "TORCH_EXTENSIONS_DIR", "-x", "PATH",
+           sys.executable, "-m", "pipeline.train", "--config", str(recipe),
+           "--set", f"data.data_dir={data_dir}", f"run.output_dir={out}", "budget.steps=2",
+           "checkpoint.every_steps=0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    s = summary(out)
+    assert s["world_size"] == 2 and s["steps"] == 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert json.loads((out / "config.json").read_text())["engine"]["world_size"] == 2
