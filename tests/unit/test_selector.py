@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from pipeline import comm
 from pipeline.selector import (SelectorStats, min_samples_moved, pack_rows, plan, plan_arrays,
-                               rank_plan, select_and_exchange, select_mask, unpack_rows)
+                               rank_plan, select_and_exchange, select_mask, selection_means,
+                               unpack_rows)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -328,6 +329,18 @@ def test_select_and_exchange_rejects_bad_input():
         select_and_exchange(batch, torch.zeros(4), 5)
     with pytest.raises(ValueError, match="max_candidates"):
         select_and_exchange(batch, torch.zeros(4), 2, max_candidates=-1)
+
+
+def test_selection_means_ignore_non_finite_scores():
+    x = np.array([1.0, 2.0, 4.0, 8.0], dtype=np.float32)
+    mask = np.array([True, False, True, False])
+    assert selection_means(x, mask) == (2.5, 3.75)  # the all-finite (BLAS) path
+    y = np.array([1.0, NAN, INF, 3.0, -INF])
+    assert selection_means(y, np.array([True, True, True, False, False])) == (1.0, 2.0)
+    sel, everything = selection_means(np.array([NAN, INF]), np.array([True, False]))
+    assert math.isnan(sel) and math.isnan(everything)
+    sel, _ = selection_means(x, np.zeros(4, dtype=bool))
+    assert math.isnan(sel)
 
 
 def test_selector_stats_validates():
