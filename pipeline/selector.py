@@ -373,17 +373,17 @@ def unpack_rows(rows: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 def selection_means(scores: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     """(mean finite score of the selected, of all); NaN where there is no finite score.
 
-    Finite scores (the common case) take BLAS sums instead of boolean indexing, which costs
-    more than the whole selection at 1024 ranks.
+    Finite scores (the common case) take BLAS dot products in the scores' own precision instead
+    of boolean indexing, which alone would cost half the selection at 1024 ranks.
     """
-    x = np.asarray(scores).astype(np.float64, copy=False)  # (N,)
+    x = _as_scores(scores)  # (N,) float32 or float64
     if x.size and np.isfinite(x).all():
-        k = np.count_nonzero(mask)
-        selected = float(np.dot(mask.astype(np.float64), x) / k) if k else float("nan")
-        return selected, float(x.sum() / x.size)
+        k = int(np.count_nonzero(mask))
+        selected = float(np.dot(mask.astype(x.dtype), x)) / k if k else float("nan")
+        return selected, float(np.dot(np.ones_like(x), x)) / x.size
 
     def finite_mean(v: np.ndarray) -> float:
-        f = v[np.isfinite(v)]
+        f = v[np.isfinite(v)].astype(np.float64)
         return float(f.mean()) if f.size else float("nan")
 
     return finite_mean(x[mask]), finite_mean(x)
