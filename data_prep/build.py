@@ -187,13 +187,14 @@ class ScanResult:
     """Every character of the corpus (the WordPiece trainer needs them up front)."""
 
 
-def scan(cfg: PrepConfig, sources: list[src.Source], progress: bool) -> ScanResult:
-    """Pass 1: read and validate every input, count documents, collect characters."""
+def scan(cfg: PrepConfig, sources: list[src.Source], progress: bool, collect_chars: bool) -> ScanResult:
+    """Pass 1: read and validate every input, count documents, collect characters if asked."""
     result = ScanResult(0, None, set())
     picker = FallbackPicker(cfg.effective_valid_fraction)
     with _bar(progress, desc="scan", unit="doc") as bar:
         for p in iter_corpus(sources, cfg.read):
-            result.chars.update(p.text)
+            if collect_chars:
+                result.chars.update(p.text)
             if p.ends:
                 result.num_docs += 1
                 if not p.valid_only:
@@ -247,7 +248,7 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
     status, existing = mf.inspect_output(out)
     tmp_root = Path(tempfile.mkdtemp(prefix="sift-prep-"))
     tmp_tok_dir = tmp_root / "tokenizer"
-    tmp_tok_dir.mkdir()  # mkdir honours the umask; mkdtemp's 0700 would be copied into OUT
+    tmp_tok_dir.mkdir()
     try:
         tok, fp = None, None
         if cfg.tokenizer:
@@ -256,8 +257,7 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
                 # Ask the normalizer rather than trusting a config flag.
                 norm = tok.normalizer
                 settings["lowercase"] = bool(norm and norm.normalize_str("A") == "a")
-            tk.save_hf(tok, tmp_tok_dir, cfg.seq_len, settings["lowercase"])
-            fp = tk.fingerprint(tmp_tok_dir)
+            fp = tk.fingerprint_of(tok)
             if existing is not None and existing.get("tokenizer_fingerprint") != fp:
                 raise PrepError(str(out), "holds shards made with another tokenizer (fingerprint "
                                           f"{str(existing.get('tokenizer_fingerprint'))[:12]} != {fp[:12]}); "
@@ -276,21 +276,21 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
         # Partial run with its tokenizer in place: reuse it (retraining costs a pass).
         reuse = (status == "partial" and (out / "tokenizer" / "tokenizer.json").is_file()
                  and tk.fingerprint(out / "tokenizer") == existing.get("tokenizer_fingerprint"))
-        counter = scan(cfg, sources, progress)
+        counter = scan(cfg, sources, progress, collect_chars=not cfg.tokenizer and not reuse)
         if reuse:
             tok = tk.load_tokenizer(str(out / "tokenizer" / "tokenizer.json"))
             fp = existing["tokenizer_fingerprint"]
         elif not cfg.tokenizer:
             tok = train(cfg, sources, counter.chars, progress)
-            tk.save_hf(tok, tmp_tok_dir, cfg.seq_len, settings["lowercase"])
-            fp = tk.fingerprint(tmp_tok_dir)
+            fp = tk.fingerprint_of(tok)
+        hf_files = tk.save_hf_async(tok, tmp_tok_dir, cfg.seq_len, settings["lowercase"])
         return _write(cfg, out, status, existing if reuse else None, sources, settings, source_entries,
-                      tok, fp, tmp_tok_dir, counter, progress, log)
+                      tok, fp, (tmp_tok_dir, hf_files), counter, progress, log)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, tmp_tok_dir,
+def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, hf_save,
            counter, progress, log) -> dict:
     """Pass 2 and the manifest; a fresh output is removed again if this fails."""
     fresh = status == "fresh"
@@ -309,9 +309,11 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
             (out / mf.JOURNAL).unlink(missing_ok=True)
             mf.write_json_atomic(out / mf.STATE, {"format": "sift-prep-state", "settings": settings,
                                                   "sources": source_entries, "tokenizer_fingerprint": fp})
+            # tokenizer.json now (a resumed run reuses it); the transformers files at the end.
             if (out / "tokenizer").exists():
                 shutil.rmtree(out / "tokenizer")
-            shutil.copytree(tmp_tok_dir, out / ".tokenizer.tmp")
+            (out / ".tokenizer.tmp").mkdir()
+            (out / ".tokenizer.tmp" / "tokenizer.json").write_bytes(tk.tokenizer_json(tok))
             os.replace(out / ".tokenizer.tmp", out / "tokenizer")
             state = {"splits": {name: mf.empty_split() for name in mf.SPLITS}}
         else:
@@ -367,6 +369,12 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
                 flush(name, *(last or (None, None)), complete=True)
         if not state["splits"]["train"]["shards"]:
             raise PrepError(str(out), "no training documents (every document went to valid)")
+
+        hf_dir, hf_future = hf_save
+        hf_future.result()
+        for f in sorted(hf_dir.iterdir()):  # our tokenizer.json stays: it is what encoded the shards
+            if f.name != "tokenizer.json":
+                sh.write_atomic(out / "tokenizer" / f.name, f.read_bytes())
 
         splits = {}
         for name in mf.SPLITS:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import unicodedata
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -150,6 +151,32 @@ def special_token_ids(tok) -> dict[str, int]:
         raise PrepError("--tokenizer", f"tokenizer lacks the special tokens {missing} "
                                        "([PAD]/[CLS]/[SEP] or <pad>/<s>/</s>)")
     return ids
+
+
+def tokenizer_json(tok) -> bytes:
+    """The tokenizer.json we write: exactly the tokenizer that encodes the shards."""
+    return tok.to_str(pretty=True).encode()
+
+
+def fingerprint_of(tok) -> str:
+    """sha256 hex of `tokenizer_json(tok)`, i.e. of OUT/tokenizer/tokenizer.json."""
+    return hashlib.sha256(tokenizer_json(tok)).hexdigest()
+
+
+def save_hf_async(tok, directory: Path, seq_len: int, lowercase: bool) -> Future:
+    """`save_hf` on a copy of `tok` in a background thread.
+
+    Why: importing transformers costs ~1.3 s wall (0.8 s CPU) here, a third of the time of a
+    22 MB corpus; in a thread it overlaps the scan and the tokenization (which runs in Rust with
+    the GIL released). The copy keeps transformers from touching the tokenizer being used.
+    """
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(tok.to_str())
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sift-prep-hf-save")
+    future = pool.submit(save_hf, copy, directory, seq_len, lowercase)
+    pool.shutdown(wait=False)
+    return future
 
 
 def save_hf(tok, directory: Path, seq_len: int, lowercase: bool) -> None:
