@@ -29,8 +29,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     """Sorted, indented JSON written under a temp name, fsynced, then renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")  # one write, not one per token
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

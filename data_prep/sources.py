@@ -41,11 +41,16 @@ _SNIFF_BYTES = 8192
 # Line breaks Python's str.splitlines knows but a plain "\n" split does not. BertNormalizer
 # deletes control characters such as NEL (U+0085) instead of treating them as spaces, which would
 # glue the words on either side together (webtext/wine.txt uses NEL line ends).
-_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")  # a regex: 10x faster than str.translate
+_BREAK_CHARS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_LINE_BREAKS = re.compile(f"[{_BREAK_CHARS}]")
 
 
 def _unify_line_breaks(text: str) -> str:
-    return _LINE_BREAKS.sub("\n", text.replace("\r\n", "\n"))
+    # `c in text` is a fast memchr-like scan; most text has none of these, so skip the regex
+    # (str.translate with a dict costs ~30 ns a character, the regex ~15).
+    if any(c in text for c in _BREAK_CHARS):
+        text = _LINE_BREAKS.sub("\n", text.replace("\r\n", "\n"))
+    return text
 
 
 @dataclass(frozen=True)
