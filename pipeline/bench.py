@@ -1,0 +1,412 @@
+"""`sift-bench`: time to accuracy of every selection policy, back to back, on one machine.
+
+Owns the arm list (which runs a benchmark makes), the launch of one benchmark job for all of them
+(`pipeline.bench_run`, under the `deepspeed` launcher for several ranks) and of the Hugging Face
+`Trainer` baseline (`pipeline.bench_hf`), and the outputs: `<name>.json`, `<name>.md` and three
+PNGs (`pipeline.bench_report` does the arithmetic and the drawing).
+
+Every arm shares the corpus, model, seed, recipe and training-time budget, and differs from vanilla
+in the selection settings only. Arms (`arms_for`):
+- vanilla (policy none);
+- the sweep policy (first SIFT policy given, sift-loss by default) at every fraction x pool mode;
+- each other SIFT policy (sift-entropy, full-loss) at the base fraction and pool;
+- the sweep policy at every other exit layer and exit-head kind (base fraction and pool);
+- a random control for every (pool, fraction) a SIFT arm uses: the calibration notes found that a
+  shrink-mode lead came from the smaller batch alone, so SIFT must beat random at the same batch.
+Evaluation runs at fixed intervals of training time, eval time excluded (`bench_run`).
+
+`--quick` is the smoke test (tiny model, seconds per arm, one fraction and pool): it keeps the
+harness working in CI and says nothing about speedups.
+
+Must not import torch.distributed or deepspeed (the jobs it launches do).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline import bench_report
+
+REPO = Path(__file__).resolve().parents[1]
+SIFT_POLICIES = ("sift-loss", "sift-entropy", "full-loss")
+POLICIES = (*SIFT_POLICIES, "random")
+HF_ARM = "hf-trainer"
+
+# Settings the harness applies when no --recipe is given (a recipe owns them otherwise): a
+# wall-time budget has no step horizon, so the LR is constant after warmup in every arm alike.
+DEFAULT_OVERRIDES = ("optim.decay=constant",)
+QUICK_OVERRIDES = (
+    "model.preset=bert-tiny", "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
+    "optim.decay=constant", "optim.lr=2e-3", "optim.warmup_steps=10", "optim.weight_decay=0.0",
+    "eval.max_samples=128", "eval.batch_size=64", "logging.every_steps=5",
+    "logging.tensorboard=false",
+)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One run of the benchmark: the selection settings that differ from vanilla."""
+
+    policy: str
+    """none | random | sift-loss | sift-entropy | full-loss."""
+    fraction: float = 1.0
+    """Share of candidates kept (ignored by none)."""
+    pool: str = "expand"
+    """expand (B/f candidates, train on B) or shrink (B candidates, train on f*B)."""
+    exit_layer: int = 1
+    """Layer the exit head reads (only sift-loss / sift-entropy use it for selection)."""
+    exit_head: str = "shared"
+    """shared or separate."""
+
+    def __post_init__(self):
+        if self.policy not in ("none", *POLICIES):
+            raise ValueError(f"unknown policy {self.policy!r} (known: none, {', '.join(POLICIES)})")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.pool not in ("expand", "shrink"):
+            raise ValueError(f"pool must be expand or shrink, got {self.pool!r}")
+
+    @property
+    def name(self) -> str:
+        if self.policy == "none":
+            return "vanilla"
+        name = f"{self.policy}-{self.pool}-f{self.fraction:g}"
+        if self.policy in ("sift-loss", "sift-entropy"):
+            name += "" if self.exit_layer == 1 else f"-L{self.exit_layer}"
+            name += "" if self.exit_head == "shared" else f"-{self.exit_head}"
+        return name
+
+    def control(self) -> "Arm | None":
+        """The random arm of the same batch size (None for vanilla and random)."""
+        if self.policy not in SIFT_POLICIES:
+            return None
+        return Arm("random", self.fraction, self.pool)
+
+    def overrides(self) -> list[str]:
+        # strings quoted (TOML): a bare `none` would be read as "unset" and fall back to the default
+        out = [f'selection.policy="{self.policy}"', f"model.exit_layer={self.exit_layer}",
+               f'model.exit_head="{self.exit_head}"']
+        if self.policy != "none":
+            out += [f"selection.fraction={self.fraction}", f'selection.pool="{self.pool}"']
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.policy, "fraction": self.fraction if self.policy != "none" else 1.0,
+                "pool": self.pool if self.policy != "none" else "", "exit_layer": self.exit_layer,
+                "exit_head": self.exit_head,
+                "exit": f"L{self.exit_layer}/{self.exit_head}" if self.policy.startswith("sift") else ""}
+
+
+def arms_for(policies: Sequence[str], fractions: Sequence[float], pools: Sequence[str],
+             exit_layers: Sequence[int], exit_heads: Sequence[str]) -> list[Arm]:
+    """The benchmark's arms in run order (see the module docstring); no duplicates."""
+    for p in policies:
+        if p not in POLICIES:
+            raise ValueError(f"unknown policy {p!r} (known: {', '.join(POLICIES)}; vanilla always runs)")
+    if not (fractions and pools and exit_layers and exit_heads):
+        raise ValueError("fractions, pools, exit layers and exit heads need one value each at least")
+    f0 = 0.5 if 0.5 in fractions else fractions[0]
+    pool0, layer0, head0 = pools[0], exit_layers[0], exit_heads[0]
+    sift = [p for p in policies if p in SIFT_POLICIES]
+    arms = [Arm("none")]
+    if sift:
+        sweep = sift[0]
+        arms += [Arm(sweep, f, pool, layer0, head0) for pool in pools for f in fractions]
+        arms += [Arm(p, f0, pool0, layer0, head0) for p in sift[1:]]
+        arms += [Arm(sweep, f0, pool0, layer, head0) for layer in exit_layers[1:]]
+        arms += [Arm(sweep, f0, pool0, layer0, head) for head in exit_heads[1:]]
+    if "random" in policies:
+        arms += [c for c in (a.control() for a in arms) if c is not None]
+        if not sift:
+            arms += [Arm("random", f, pool) for pool in pools for f in fractions]
+    seen: dict[str, Arm] = {}
+    for a in arms:
+        seen.setdefault(a.name, a)
+    return list(seen.values())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    def floats(s: str) -> list[float]:
+        return [float(x) for x in s.split(",") if x]
+
+    def ints(s: str) -> list[int]:
+        return [int(x) for x in s.split(",") if x]
+
+    def words(s: str) -> list[str]:
+        return [x.strip() for x in s.split(",") if x.strip()]
+
+    p = argparse.ArgumentParser(prog="sift-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="sift-prep output directory (train + valid splits)")
+    p.add_argument("--recipe", help="TOML training recipe shared by every arm (default: built-in "
+                   "defaults plus optim.decay=constant)")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override a recipe setting for every arm")
+    p.add_argument("--out", default="benchmarks/results", help="where the JSON, table and plots go")
+    p.add_argument("--name", help="output file stem (default time_to_accuracy, "
+                   "time_to_accuracy_quick with --quick)")
+    p.add_argument("--work-dir", help="per-arm run directories (default runs/bench/<name>)")
+    p.add_argument("--budget-s", type=float, help="training seconds per arm, eval excluded "
+                   "(default 300; 6 with --quick)")
+    p.add_argument("--eval-interval-s", type=float,
+                   help="evaluate every this many training seconds (default budget / 10)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks (> 1: the deepspeed launcher)")
+    p.add_argument("--policies", type=words, default=list(POLICIES),
+                   help="comma list of sift-loss, sift-entropy, full-loss, random (vanilla always runs)")
+    p.add_argument("--fractions", type=floats, help="comma list (default 0.25,0.5,0.75)")
+    p.add_argument("--pools", type=words, help="comma list (default expand,shrink)")
+    p.add_argument("--exit-layers", type=ints, help="comma list; the first is the base (default 1,2)")
+    p.add_argument("--exit-heads", type=words, help="comma list; the first is the base "
+                   "(default shared,separate)")
+    p.add_argument("--target-fraction", type=float, default=0.8,
+                   help="target = vanilla's accuracy at this fraction of its budget")
+    p.add_argument("--hf-baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the Hugging Face Trainer baseline (needs accelerate)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: bert-tiny, 6 s per arm, f=0.5 expand only (< 3 min)")
+    p.add_argument("--timeout-s", type=float, default=None,
+                   help="kill a benchmark job that runs longer than this (default: generous)")
+    args = p.parse_args(argv)
+    args.overrides = [o for group in args.overrides for o in group]
+    if args.quick:
+        defaults = dict(budget_s=6.0, eval_interval_s=1.5, fractions=[0.5], pools=["expand"],
+                        exit_layers=[1], exit_heads=["shared"], name="time_to_accuracy_quick")
+    else:
+        defaults = dict(budget_s=300.0, fractions=[0.25, 0.5, 0.75], pools=["expand", "shrink"],
+                        exit_layers=[1, 2], exit_heads=["shared", "separate"], name="time_to_accuracy")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.eval_interval_s is None:
+        args.eval_interval_s = args.budget_s / 10
+    if not (args.budget_s > 0 and args.eval_interval_s > 0):
+        p.error("--budget-s and --eval-interval-s must be > 0")
+    if args.world_size < 1:
+        p.error("--world-size must be >= 1")
+    if not Path(args.data, "manifest.json").is_file():
+        p.error(f"--data {args.data}: no manifest.json (run sift-prep first)")
+    return args
+
+
+def job_env(world_size: int) -> dict[str, str]:
+    """The environment of a benchmark job: CPU DeepSpeed defaults unless the caller set them."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if not _has_cuda():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(module: str, world_size: int, args: Sequence[str]) -> list[str]:
+    """One plain process for one rank, else the deepspeed launcher on this node."""
+    if world_size == 1:
+        return [sys.executable, "-m", module, *args]
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    return [launcher, "--num_gpus", str(world_size), "--master_port", str(_free_port()),
+            "--module", module, *args]
+
+
+def run_job(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float | None) -> None:
+    """Run `cmd`, its output to `log` and to our stdout; a failure raises with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"sift-bench: {' '.join(cmd)}\n  (log: {log})", flush=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                if line.startswith(("sift-bench:", "hf-trainer", "arm ", "eval step", "done")):
+                    print("  " + line.rstrip(), flush=True)
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise RuntimeError(f"{cmd[0]} ran past {timeout_s} s; see {log}") from None
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+        raise RuntimeError(f"benchmark job failed ({proc.returncode}); last lines of {log}:\n{tail}")
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured: CPU, cores, memory, GPU, library versions, commit."""
+    import deepspeed
+    import numpy
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem_gb = None
+    try:
+        kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+        mem_gb = round(kb / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+                "numpy": numpy.__version__}
+    try:
+        import accelerate
+
+        versions["accelerate"] = accelerate.__version__
+    except ImportError:
+        pass
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "memory_gb": mem_gb,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "versions": versions, "git_commit": commit}
+
+
+def load_arm(work: Path, name: str) -> dict[str, Any]:
+    path = work / "arms" / name / "summary.json"
+    if not path.is_file():
+        raise RuntimeError(f"arm {name} wrote no summary ({path})")
+    summary = json.loads(path.read_text())
+    t, n = summary.get("train_time_s"), summary.get("samples_backpropagated")
+    summary["samples_per_s"] = n / t if t else None
+    summary["tokens_per_s"] = n * summary["seq_len"] / t if t else None
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    arms = arms_for(args.policies, args.fractions, args.pools, args.exit_layers, args.exit_heads)
+    out = Path(args.out)
+    work = Path(args.work_dir or REPO / "runs" / "bench" / args.name).resolve()
+    overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),
+                 *args.overrides, f"data.data_dir={Path(args.data).resolve()}"]
+    plan = {"recipe": args.recipe, "overrides": overrides, "out_dir": str(work),
+            "budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
+            "arms": [{"name": a.name, "overrides": a.overrides()} for a in arms]}
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    env = job_env(args.world_size)
+    print(f"sift-bench: {len(arms)} arms x {args.budget_s:g} s of training on {args.world_size} "
+          f"rank(s): {', '.join(a.name for a in arms)}", flush=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    run_job(launch_cmd("pipeline.bench_run", args.world_size, ["--plan", str(work / "plan.json")]),
+            env, work / "bench_run.log", args.timeout_s)
+    results = {a.name: {**a.describe(), **load_arm(work, a.name)} for a in arms}
+    if args.hf_baseline:
+        hf_args = [*(["--recipe", args.recipe] if args.recipe else []), "--set", *overrides,
+                   "--out-dir", str(work / "arms" / HF_ARM), "--budget-s", str(args.budget_s),
+                   "--eval-interval-s", str(args.eval_interval_s)]
+        run_job(launch_cmd("pipeline.bench_hf", args.world_size, hf_args), env,
+                work / "hf_trainer.log", args.timeout_s)
+        results[HF_ARM] = {"policy": "hf-trainer", "fraction": 1.0, "pool": "", "exit": "",
+                           **load_arm(work, HF_ARM)}
+    controls = {a.name: a.control().name for a in arms if a.control() is not None
+                and a.control().name in results}
+    analysis = bench_report.analyze(results, args.budget_s, "vanilla", args.target_fraction, controls)
+    per_arm = analysis["arms"]
+    report = {
+        "benchmark": "time_to_accuracy", "quick": args.quick,
+        "created": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["sift-bench", *(argv if argv is not None else sys.argv[1:])],
+        "machine": machine_info(),
+        "settings": {"budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
+                     "world_size": args.world_size, "recipe": args.recipe, "overrides": overrides,
+                     "data": _data_facts(Path(args.data)), "target_fraction": args.target_fraction,
+                     "target_rule": "vanilla's metric at target_fraction x budget, linearly "
+                                    "interpolated between the bracketing evaluations; time to "
+                                    "target = first crossing, linearly interpolated"},
+        "target_accuracy": analysis["target_accuracy"],
+        "target_loss": analysis["target_loss"],
+        "speedup_vs_vanilla": {n: r["speedup_vs_vanilla"] for n, r in per_arm.items()},
+        "speedup_vs_vanilla_loss": {n: r["speedup_vs_vanilla_loss"] for n, r in per_arm.items()},
+        "speedup_vs_control": {n: r.get("speedup_vs_control") for n, r in per_arm.items()
+                               if r.get("control")},
+        "hf_trainer_time_ratio": _hf_ratio(per_arm, "time_to_target_s") if HF_ARM in per_arm else None,
+        "hf_trainer_time_ratio_loss": (_hf_ratio(per_arm, "time_to_target_loss_s")
+                                       if HF_ARM in per_arm else None),
+        "hf_trainer_tokens_per_s_ratio": (results[HF_ARM]["tokens_per_s"] / results["vanilla"]["tokens_per_s"]
+                                          if HF_ARM in results else None),
+        "analysis": analysis,
+        "arms": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    from pipeline.metrics import write_json_atomic
+
+    json_path = out / f"{args.name}.json"
+    write_json_atomic(json_path, _jsonable(report))
+    table = bench_report.markdown_table(analysis, results)
+    if HF_ARM in per_arm:
+        table += (f"\nHugging Face Trainer time to target / vanilla's: "
+                  f"{_ratio_text(report['hf_trainer_time_ratio'])} (accuracy), "
+                  f"{_ratio_text(report['hf_trainer_time_ratio_loss'])} (loss); tokens/s ratio "
+                  f"{_ratio_text(report['hf_trainer_tokens_per_s_ratio'])}.\n")
+    (out / f"{args.name}.md").write_text(table)
+    plots = bench_report.write_plots(results, analysis, out, args.name)
+    print(table)
+    print(f"sift-bench: wrote {json_path}, {out / (args.name + '.md')}, "
+          f"{', '.join(str(p) for p in plots)}", flush=True)
+    return 0
+
+
+def _hf_ratio(per_arm: dict[str, dict[str, Any]], key: str) -> float | None:
+    """HF Trainer's time to target over vanilla's (> 1: the HF recipe is slower)."""
+    hf, ours = per_arm[HF_ARM][key], per_arm["vanilla"][key]
+    return hf / ours if hf is not None and ours else None
+
+
+def _ratio_text(x: float | None) -> str:
+    return f"{x:.2f}x" if x is not None else "n/a (target not reached)"
+
+
+def _data_facts(data: Path) -> dict[str, Any]:
+    m = json.loads((data / "manifest.json").read_text())
+    return {"dir": str(data.resolve()), "seq_len": m["seq_len"], "vocab_size": m["vocab_size"],
+            "splits": {k: {"num_sequences": v["num_sequences"], "num_tokens": v.get("num_tokens")}
+                       for k, v in m["splits"].items()},
+            "sources": [s.get("path") for s in m.get("sources", [])][:50],
+            "tokenizer_fingerprint": m.get("tokenizer_fingerprint")}
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN/inf -> None (JSON has neither), recursively."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+if __name__ == "__main__":
+    sys.exit(main())

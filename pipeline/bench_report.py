@@ -1,0 +1,194 @@
+"""Time-to-accuracy analysis: eval curves -> target, time to target, speedups, table, plots.
+
+Owns the arithmetic of the `sift-bench` report and its outputs (a Markdown table, PNG plots).
+An arm's curve is its list of evaluations, each a dict with `elapsed_s` (training time, eval time
+excluded), `accuracy`, `loss`, `samples_backpropagated` and `spearman_exit_vs_full`.
+
+How the target and the times are read off the curves (evaluations are points; between two
+evaluations we interpolate linearly, the only assumption that needs no model of the curve):
+- target = vanilla's metric at `target_fraction` (0.8) of its budget, interpolated between the two
+  evaluations that bracket that time;
+- time to target = the first time an arm's curve crosses the target: between the last evaluation
+  short of it and the first one at or past it, interpolated linearly; None when it never gets there
+  within its budget (the speedup is then None, and the table says "not reached").
+A curve that wobbles can cross the target before 80% of vanilla's budget, vanilla's included: we
+report the first crossing as measured. Loss targets (lower is better) are computed the same way;
+the calibration notes found them steadier than accuracy targets at small scale.
+
+Pure functions except `write_plots` (files). Must not import torch, torch.distributed or deepspeed.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+Curve = Sequence[dict[str, Any]]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def points(curve: Curve, x: str, y: str) -> list[tuple[float, float]]:
+    """(x, y) pairs of the evaluations where both are finite, sorted by x."""
+    pts = [(float(e[x]), float(e[y])) for e in curve if _finite(e.get(x)) and _finite(e.get(y))]
+    return sorted(pts)
+
+
+def value_at(pts: Sequence[tuple[float, float]], x: float) -> float:
+    """y at `x`, linearly interpolated between the bracketing points (clamped at the ends)."""
+    if not pts:
+        raise ValueError("value_at: the curve has no finite points")
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def first_crossing(pts: Sequence[tuple[float, float]], target: float,
+                   higher_is_better: bool = True) -> float | None:
+    """The first x where the curve reaches `target` (interpolated), or None if it never does."""
+    def reached(y: float) -> bool:
+        return y >= target if higher_is_better else y <= target
+
+    for i, (x1, y1) in enumerate(pts):
+        if not reached(y1):
+            continue
+        if i == 0:
+            return x1
+        x0, y0 = pts[i - 1]
+        # y0 is short of the target and y1 reaches it, so y1 != y0
+        return x0 + (x1 - x0) * (target - y0) / (y1 - y0)
+    return None
+
+
+def target_from(curve: Curve, budget_s: float, metric: str = "accuracy",
+                target_fraction: float = 0.8) -> float:
+    """The reference's `metric` at `target_fraction` of its budget (training seconds)."""
+    if not 0 < target_fraction <= 1:
+        raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
+    return value_at(points(curve, "elapsed_s", metric), target_fraction * budget_s)
+
+
+def speedup(reference_s: float | None, arm_s: float | None) -> float | None:
+    """reference time / arm time (> 1: the arm is faster); None when either never got there."""
+    if reference_s is None or arm_s is None:
+        return None
+    if arm_s <= 0:
+        return math.inf if reference_s > 0 else 1.0
+    return reference_s / arm_s
+
+
+def analyze(arms: dict[str, dict[str, Any]], budget_s: float, reference: str = "vanilla",
+            target_fraction: float = 0.8, controls: dict[str, str] | None = None) -> dict[str, Any]:
+    """Targets, times to target and speedups of every arm against `reference` (and its control).
+
+    arms: name -> {"evals": curve, ...}. controls: SIFT arm -> the random arm of the same batch size.
+    """
+    if reference not in arms:
+        raise ValueError(f"the reference arm {reference!r} is not among the arms {sorted(arms)}")
+    ref = arms[reference]["evals"]
+    targets = {"accuracy": target_from(ref, budget_s, "accuracy", target_fraction),
+               "loss": target_from(ref, budget_s, "loss", target_fraction)}
+    per_arm: dict[str, dict[str, Any]] = {}
+    for name, arm in arms.items():
+        curve = arm["evals"]
+        t_acc = first_crossing(points(curve, "elapsed_s", "accuracy"), targets["accuracy"], True)
+        t_loss = first_crossing(points(curve, "elapsed_s", "loss"), targets["loss"], False)
+        s_acc = first_crossing(points(curve, "samples_backpropagated", "accuracy"),
+                               targets["accuracy"], True)
+        last = curve[-1] if curve else {}
+        per_arm[name] = {"time_to_target_s": t_acc, "time_to_target_loss_s": t_loss,
+                         "samples_to_target": s_acc, "final_accuracy": last.get("accuracy"),
+                         "final_loss": last.get("loss"),
+                         "final_spearman_exit_vs_full": last.get("spearman_exit_vs_full")}
+    for name, row in per_arm.items():
+        row["speedup_vs_vanilla"] = speedup(per_arm[reference]["time_to_target_s"],
+                                            row["time_to_target_s"])
+        row["speedup_vs_vanilla_loss"] = speedup(per_arm[reference]["time_to_target_loss_s"],
+                                                 row["time_to_target_loss_s"])
+        control = (controls or {}).get(name)
+        row["control"] = control
+        if control in per_arm:
+            row["speedup_vs_control"] = speedup(per_arm[control]["time_to_target_s"],
+                                                row["time_to_target_s"])
+            row["speedup_vs_control_loss"] = speedup(per_arm[control]["time_to_target_loss_s"],
+                                                     row["time_to_target_loss_s"])
+    return {"target_accuracy": targets["accuracy"], "target_loss": targets["loss"],
+            "target_fraction": target_fraction, "reference": reference, "arms": per_arm}
+
+
+def _fmt(x: Any, spec: str, missing: str = "not reached") -> str:
+    return format(x, spec) if _finite(x) else missing
+
+
+def markdown_table(analysis: dict[str, Any], arms: dict[str, dict[str, Any]]) -> str:
+    """One row per arm: time to the accuracy and loss targets, speedups, final metrics."""
+    a = analysis
+    lines = [
+        f"Target accuracy {a['target_accuracy']:.4f} / target loss {a['target_loss']:.4f}: what "
+        f"`{a['reference']}` reaches at {a['target_fraction']:.0%} of its training-time budget "
+        "(linear interpolation between evaluations; times are training seconds, eval excluded).",
+        "",
+        "| arm | policy | pool | f | exit | steps | seqs backprop | tokens/s | time to acc target (s) "
+        "| speedup vs vanilla | vs control | time to loss target (s) | speedup (loss) "
+        "| final acc | final loss | spearman exit/full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in a["arms"].items():
+        info = arms[name]
+        control = row.get("control")
+        vs_control = (f"{_fmt(row.get('speedup_vs_control'), '.2f', 'n/a')}x ({control})"
+                      if control else "")
+        lines.append(
+            f"| {name} | {info.get('policy', '')} | {info.get('pool', '')} "
+            f"| {info.get('fraction', '')} | {info.get('exit', '')} | {info.get('steps', '')} "
+            f"| {info.get('samples_backpropagated', '')} | {_fmt(info.get('tokens_per_s'), '.0f', 'n/a')} "
+            f"| {_fmt(row['time_to_target_s'], '.1f')} | {_fmt(row['speedup_vs_vanilla'], '.2f', 'n/a')}x "
+            f"| {vs_control} | {_fmt(row['time_to_target_loss_s'], '.1f')} "
+            f"| {_fmt(row['speedup_vs_vanilla_loss'], '.2f', 'n/a')}x "
+            f"| {_fmt(row['final_accuracy'], '.4f', 'n/a')} | {_fmt(row['final_loss'], '.4f', 'n/a')} "
+            f"| {_fmt(row['final_spearman_exit_vs_full'], '.3f', 'n/a')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(arms: dict[str, dict[str, Any]], analysis: dict[str, Any], out_dir: Path,
+                prefix: str = "time_to_accuracy") -> list[Path]:
+    """Three PNGs: accuracy vs training time, accuracy vs samples backpropagated, and
+    Spearman(exit loss, full loss) vs training time. Returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training box
+    import matplotlib.pyplot as plt
+
+    specs = [("accuracy_vs_time", "elapsed_s", "accuracy", "training time (s, eval excluded)",
+              "validation MLM accuracy", True),
+             ("accuracy_vs_samples", "samples_backpropagated", "accuracy",
+              "sequences backpropagated", "validation MLM accuracy", True),
+             ("spearman_vs_time", "elapsed_s", "spearman_exit_vs_full",
+              "training time (s, eval excluded)", "Spearman(exit-head loss, full-model loss)", False)]
+    paths = []
+    for suffix, x, y, xlabel, ylabel, show_target in specs:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for name, arm in arms.items():
+            pts = points(arm["evals"], x, y)
+            if pts:
+                style = "-" if name == analysis["reference"] else "--" if "random" in name else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=name,
+                        linewidth=2.2 if name == analysis["reference"] else 1.2)
+        if show_target:
+            ax.axhline(analysis["target_accuracy"], color="black", linestyle=":", linewidth=1,
+                       label=f"target {analysis['target_accuracy']:.4f}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{prefix}_{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
