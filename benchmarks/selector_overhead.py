@@ -15,7 +15,8 @@ batches are a little cheaper per sample on CPU, so the true step is slightly sho
 one). Token ids are random: the step's cost does not depend on which tokens they are.
 
 Cost model (GPU cluster, per rank, per selection), with NCCL's own alpha-beta tuning constants
-(NVIDIA/nccl src/graph/tuning.cc): ring/LL base 3.6 us, 0.47 x 1.8 us per NVLink step when the job
+(NVIDIA/nccl src/graph/tuning.cc; torch's NCCL all_to_all_single skips zero-size splits, see
+torch/csrc/cuda/nccl.cpp): ring/LL base 3.6 us, 0.47 x 1.8 us per NVLink step when the job
 spans nodes, 2.7 us per network step; tree/LL128 base 4.4 us, 1.2 us per NVLink step, 8.5 us per
 network step. W ranks, N nodes, ppn GPUs per node, C candidates, B trained per rank.
 
@@ -44,7 +45,9 @@ one accumulation window).
 Assumptions (stated, not measured here): BERT-base on A100 80GB, bf16, sequence 128: t_s = 1.155
 ms per sample, from MosaicBERT (Portes et al. 2023): the Hugging Face BERT-base baseline trained
 286,720,000 samples in ~11.5 h on 8 A100s (micro-batch 128 per GPU, global batch 4096) -> 866
-samples/s per GPU (about 23% of bf16 peak at 6 x 110M x 128 FLOP per sample). Per-GPU micro-batch
+samples/s per GPU (about 23% of bf16 peak at 6 x 110M x 128 FLOP per sample). We read the 11.5 h
+(their Table 1: the baseline's time to GLUE 83.2) as its whole 286.72M-sample run; if it stopped
+earlier, t_s is larger, the step longer and every modeled share smaller. Per-GPU micro-batch
 B = 128 trained, C = 256 candidates (fraction 0.5, expand). Network 100 Gb/s (beta = 12.5 GB/s).
 Topology: 8 GPUs per node on NVLink (headline) and, as the pessimistic variant, 1 GPU per node
 (every ring step crosses the network). No overlap of selection with compute is assumed.
@@ -409,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                 "latency_source": "NVIDIA/nccl src/graph/tuning.cc (ring LL, tree LL128)",
                 "t_s_ms": 1e3 * GPU_SECONDS_PER_SAMPLE,
                 "t_s_source": "MosaicBERT (Portes et al. 2023): HF BERT-base baseline, 286.72M "
-                              "samples of seq 128 in ~11.5 h on 8 A100-80GB (bf16)",
+                              "samples of seq 128 in ~11.5 h on 8 A100-80GB (bf16); 11.5 h read "
+                              "as the whole run (if shorter, t_s and the step grow, shares drop)",
                 "step_ms": 1e3 * model_step_s(),
                 "micro_batch_B": MODEL_MICRO_BATCH, "candidates_C": MODEL_CANDIDATES,
                 "gather_bytes_per_rank": {"two": [24, 4 * MODEL_CANDIDATES],
