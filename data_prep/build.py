@@ -8,16 +8,18 @@ Passes over the inputs. Pass 1 validates every input (so a bad file fails before
 written), counts documents for the split and collects the characters; when training, a second
 read streams the text into the WordPiece trainer (reading is cheap next to tokenizing). Pass 2
 tokenizes with `encode_batch_fast` (Rust threads, `--workers` of them) in batches of about
-`batch_chars` characters and packs; after each shard the stream position is recorded in the
-journal (one appended line per shard), so a killed run resumes at the first missing shard and produces the same bytes.
+`batch_chars` characters and packs; after each shard the stream position is appended to a
+journal, so a killed run resumes at the first missing shard and produces the same bytes.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -75,7 +77,7 @@ class PrepConfig:
         if self.shard_rows < 1:
             raise PrepError("--shard-rows", f"must be at least 1, got {self.shard_rows}")
         if self.workers < 0:
-            raise PrepError("--workers", f"must be >= 1, got {self.workers}")
+            raise PrepError("--workers", f"must be >= 1 (or 0 for the default), got {self.workers}")
         if self.batch_chars < 1:
             raise ValueError("batch_chars must be >= 1")
 
@@ -94,6 +96,7 @@ class PrepConfig:
         return {
             "tokenizer": self.tokenizer or "trained-wordpiece",
             "vocab_size": None if self.tokenizer else self.vocab_size,
+            # For a loaded tokenizer prepare() replaces this with what its normalizer does.
             "lowercase": self.lowercase if self.tokenizer else self.lowercase is not False,
             "seq_len": self.seq_len,
             "valid_fraction": self.effective_valid_fraction,
@@ -164,6 +167,35 @@ def iter_corpus(sources: list[src.Source], opts: src.ReadOptions) -> Iterator[Pi
             yield Piece(doc, text, ends, source.valid_only)
             if ends:
                 doc += 1
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """`items` produced by a background thread, up to `depth` ahead (bounded memory).
+
+    Why: the main thread spends most of pass 2 inside encode_batch_fast, which releases the GIL,
+    so reading and decoding the next batch in a thread hides the read time. Exceptions raised
+    by `items` (a bad input) come out of this iterator in the main thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                q.put((True, item))
+            q.put((True, done))
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put((False, e))
+
+    # A daemon thread: if the consumer stops early (an error), the process can still exit.
+    threading.Thread(target=work, name="sift-prep-reader", daemon=True).start()
+    while True:
+        ok, item = q.get()
+        if not ok:
+            raise item
+        if item is done:
+            return
+        yield item
 
 
 def _bar(progress: bool, **kw):
@@ -253,10 +285,13 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
         tok, fp = None, None
         if cfg.tokenizer:
             tok = tk.load_tokenizer(cfg.tokenizer)
-            if cfg.lowercase is None:
-                # Ask the normalizer rather than trusting a config flag.
-                norm = tok.normalizer
-                settings["lowercase"] = bool(norm and norm.normalize_str("A") == "a")
+            # Ask the normalizer rather than trusting a config flag.
+            lowercase = bool(tok.normalizer and tok.normalizer.normalize_str("A") == "a")
+            if cfg.lowercase is not None and cfg.lowercase != lowercase:
+                raise PrepError("--lowercase" if cfg.lowercase else "--cased",
+                                f"the tokenizer {cfg.tokenizer} is {'un' if lowercase else ''}cased; "
+                                "casing comes with a loaded tokenizer, drop the flag")
+            settings["lowercase"] = lowercase
             fp = tk.fingerprint_of(tok)
             if existing is not None and existing.get("tokenizer_fingerprint") != fp:
                 raise PrepError(str(out), "holds shards made with another tokenizer (fingerprint "
@@ -347,22 +382,27 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
                 while packers[name].ready():
                     flush(name, *packers[name].take_shard())
 
-        batch: list[tuple[str, Piece]] = []
-        chars = 0
-        with _bar(progress, desc="tokenize", unit="doc", total=counter.num_docs) as bar:
+        def batches() -> Iterator[tuple[list[tuple[str, Piece]], int]]:
+            """(pieces to encode with their split, documents passed): runs in the reader thread."""
+            batch: list[tuple[str, Piece]] = []
+            chars = docs = 0
             for p in iter_corpus(sources, cfg.read):
-                if p.ends:
-                    bar.update(1)
+                docs += p.ends
                 name = split_of(p.doc, p.valid_only, fraction, fallback)
                 if state["splits"][name]["complete"] or not packers[name].wants(p.doc):
-                    continue
+                    continue  # already in shards written by an earlier, killed run
                 batch.append((name, p))
                 chars += len(p.text)
                 if chars >= cfg.batch_chars:
+                    yield batch, docs
+                    batch, chars, docs = [], 0, 0
+            yield batch, docs
+
+        with _bar(progress, desc="tokenize", unit="doc", total=counter.num_docs) as bar:
+            for batch, docs in prefetch(batches(), depth=2):
+                if batch:
                     encode(batch)
-                    batch, chars = [], 0
-            if batch:
-                encode(batch)
+                bar.update(docs)
         for name in mf.SPLITS:
             if not state["splits"][name]["complete"]:
                 last = packers[name].finish()

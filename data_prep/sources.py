@@ -184,7 +184,12 @@ def resolve_inputs(specs: Iterable[str], valid_only: bool = False) -> list[Sourc
 
 
 def embedded_source() -> Source:
-    """The embedded default corpus: State of the Union addresses 1945-2006, one JSON line each."""
+    """The embedded default corpus: State of the Union addresses 1945-2006, one JSON line each.
+
+    Made once from nltk's state_union/*.txt (65 files, sorted by name): bytes decoded as UTF-8
+    with errors="replace" (six files hold a few Latin-1/CP-1252 bytes), CRLF turned into LF, each
+    written as {"text": ..., "source": file name}, xz preset 9 (0.54 MB). Public domain.
+    """
     return Source(name=EMBEDDED_NAME, kind="jsonl", path=EMBEDDED_CORPUS, compression=".xz")
 
 

@@ -195,6 +195,11 @@ def test_loaded_tokenizer_and_valid_input(shared_data, tmp_path):
     # wikitext test is ~240 k words: the whole valid split, nothing of it in train.
     assert m["splits"]["valid"]["num_sequences"] > 1000
     assert all("wikitext" not in s["path"] for s in m["sources"] if s["split"] == "auto")
+    # Casing comes with a loaded tokenizer: asking for the other one is an error.
+    proc = prep(shared_data / "nltk" / "abc" / "rural.txt", "--output", tmp_path / "x", "--tokenizer",
+                first / "tokenizer", "--lowercase", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("sift-prep: error: --lowercase: ")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------------------------
