@@ -17,8 +17,8 @@ The exit head reads the hidden states after encoder layer `exit_layer` (k):
   weight tied to the word embeddings, its own output bias), trained by an auxiliary loss computed
   in `forward` from the layer-k states the full pass already has (no second pass). With
   `exit_detach` the auxiliary loss reaches only the exit head's own parameters: the layer-k states
-  and the tied decoder weight are detached. (Under ZeRO-3 the detached path reads the tied weight
-  outside its module's forward; use `exit_detach` with ZeRO stages 0-2.)
+  and the tied decoder weight are detached. The detach happens inside the decoder module's own
+  forward (`TiedDecoder`), where ZeRO-3 has gathered the partitioned weight.
 
 `exit_pass` runs embeddings + layers 1..k + the exit head and never touches the layers above k;
 `pipeline/scoring.py` wraps it with no-grad/eval handling.
@@ -202,6 +202,23 @@ def unwrap_model(model: nn.Module) -> "SiftBertForMaskedLM":
     return inner
 
 
+class TiedDecoder(nn.Linear):
+    """The separate exit head's decoder: an nn.Linear (same names, same init, tied weight) that can
+    use its weight detached, so `exit_detach` keeps the auxiliary loss out of the word embeddings.
+
+    Reading the weight inside this module's forward matters under ZeRO-3: DeepSpeed gathers a
+    module's partitioned parameters only around that module's own forward.
+    """
+
+    def __init__(self, in_features: int, out_features: int, detach_weight: bool):
+        super().__init__(in_features, out_features, bias=True)
+        self.detach_weight = detach_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.detach() if self.detach_weight else self.weight  # (V, H)
+        return F.linear(x, w, self.bias)  # (..., V)
+
+
 class SiftBertForMaskedLM(BertPreTrainedModel):
     """transformers' BertForMaskedLM layout (bert.*, cls.predictions.*) + sparse head + exit head."""
 
@@ -225,6 +242,7 @@ class SiftBertForMaskedLM(BertPreTrainedModel):
         self.cls = BertOnlyMLMHead(config)
         if self.exit_head_kind == "separate":
             self.exit_head = BertLMPredictionHead(config)
+            self.exit_head.decoder = TiedDecoder(config.hidden_size, config.vocab_size, self.exit_detach)
             # Instance attribute (read by post_init) so the tie exists only when the head does.
             self._tied_weights_keys = {
                 **type(self)._tied_weights_keys,
@@ -276,11 +294,9 @@ class SiftBertForMaskedLM(BertPreTrainedModel):
         """Exit-head logits (..., V) for layer-k hidden states (..., H)."""
         if self.exit_head is None:  # shared: the final MLM head, no new parameters
             return self.cls(hidden)
-        if self.exit_detach:
-            # Only the exit head's transform, LayerNorm and bias learn from the auxiliary loss.
-            h = self.exit_head.transform(hidden.detach())
-            return F.linear(h, self.exit_head.decoder.weight.detach(), self.exit_head.decoder.bias)
-        return self.exit_head(hidden)
+        # exit_detach: only the exit head's transform, LayerNorm and bias learn from the auxiliary
+        # loss (the decoder detaches the tied weight itself).
+        return self.exit_head(hidden.detach() if self.exit_detach else hidden)
 
     def exit_pass(
         self,
