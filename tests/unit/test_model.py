@@ -61,6 +61,20 @@ def test_presets_follow_the_bert_shape_rules(preset):
     assert c.hidden_dropout_prob == 0.1 and c.attention_probs_dropout_prob == 0.1
 
 
+@pytest.mark.parametrize("preset, reference", [
+    ("bert-base", BertConfig()),  # transformers' defaults are bert-base-uncased
+    ("bert-large", BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                              intermediate_size=4096)),
+])
+def test_presets_have_the_published_architecture(preset, reference):
+    with torch.device("meta"):  # shapes only, no memory
+        ours = build_model(ModelConfig(preset=preset), reference.vocab_size, reference.max_position_embeddings, 0)
+        theirs = BertForMaskedLM(reference)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
+    assert ours.num_parameters() == theirs.num_parameters()
+
+
 def test_exit_layer_beyond_the_model_is_an_error():
     with pytest.raises(ValueError, match="exit_layer must be in 1..2"):
         build_model(ModelConfig(preset="bert-tiny", exit_layer=3), VOCAB, SEQ, 0)
