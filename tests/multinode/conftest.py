@@ -1,0 +1,64 @@
+"""Fixtures for multi-node tests: a 2-host cluster of network namespaces, data, a recipe.
+
+Every fixture that starts something tears it down in a finalizer, so a failing test leaves no
+namespace, daemon or rank behind; `netns.remove_stale` clears what a crashed session left.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_train import BASE_RECIPE, REPO
+from tests.multinode.netns import Cluster, refusal_reason
+
+STEPS = 4
+"""Optimizer steps of every multi-node run (enough for selections that move rows)."""
+RUN_SETS = (f"budget.steps={STEPS}", "checkpoint.every_steps=0", "run.dist_timeout_s=60")
+"""Overrides every multi-node run and its single-host reference share."""
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two hosts (node0 10.213.0.1, node1 10.213.0.2) joined by a veth pair; skipped, saying why,
+    only where the machine refuses network namespaces."""
+    reason = refusal_reason()
+    if reason is not None:
+        pytest.skip(f"multi-node tests need network namespaces: {reason}")
+    c = Cluster(2)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def mn_data(tmp_path_factory) -> Path:
+    """The embedded State of the Union corpus through the real sift-prep (vocab 600, 64 tokens)."""
+    out = tmp_path_factory.mktemp("mn_data") / "data"
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "--output", str(out), "--vocab-size",
+                           "600", "--seq-len", "64", "--valid-fraction", "0.05", "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def mn_recipe(tmp_path_factory) -> Path:
+    """The e2e tests' tiny SIFT recipe (bert-tiny, sift-loss, f=0.5, global scope, ZeRO-2)."""
+    path = tmp_path_factory.mktemp("mn_recipe") / "tiny.toml"
+    path.write_text(BASE_RECIPE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_losses(tmp_path_factory, mn_recipe, mn_data) -> dict[int, float]:
+    """Train losses of the same job as 2 ranks on one host (the plain deepspeed launcher)."""
+    from tests.e2e.test_train import run_train, train_losses
+
+    out = tmp_path_factory.mktemp("mn_reference") / "run"
+    run_train(2, mn_recipe, mn_data, out, *RUN_SETS)
+    return train_losses(out)
