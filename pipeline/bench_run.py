@@ -61,13 +61,18 @@ def _trainer_class():
                 raise ValueError(f"eval_interval_s must be > 0, got {eval_interval_s}")
             self.eval_interval_s = eval_interval_s
             self.eval_time_s = 0.0
+            self._setup_s = 0.0
             self._next_eval_s = eval_interval_s
             self._frozen_at: float | None = None
+
+        def train(self) -> dict[str, Any]:
+            self._setup_s = Trainer.elapsed(self)  # the clock starts with training, not setup
+            return super().train()
 
         def elapsed(self) -> float:
             if self._frozen_at is not None:
                 return self._frozen_at
-            return super().elapsed() - self.eval_time_s
+            return super().elapsed() - self._setup_s - self.eval_time_s
 
         def evaluate(self) -> dict[str, float]:
             self._frozen_at = self.elapsed()  # the clock stops while we evaluate

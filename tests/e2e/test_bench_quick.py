@@ -1,0 +1,119 @@
+"""End to end: `sift-bench --quick` (through benchmarks/time_to_accuracy.py) on a real corpus.
+
+One run of the real harness: the real trainer in every arm (bert-tiny, 6 s of training each), the
+Hugging Face Trainer baseline with its DeepSpeed integration when accelerate is installed, and the
+real report. Asserts on what it writes: JSON keys and finite values, curves that start at 0 and
+evaluate on the training-time grid, PNGs, a table row per arm. Speedups themselves are not
+asserted: at this size they are noise, and benchmarks measure, tests do not.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK_ARMS = ["vanilla", "sift-loss-expand-f0.5", "sift-entropy-expand-f0.5",
+              "full-loss-expand-f0.5", "random-expand-f0.5"]
+BUDGET_S, INTERVAL_S = 6.0, 1.5
+
+pytestmark = [pytest.mark.e2e]
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def quick_run(state_union_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    has_hf = importlib.util.find_spec("accelerate") is not None
+    cmd = [sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"), "--quick",
+           "--data", str(state_union_shards), "--out", str(out / "results"),
+           "--work-dir", str(out / "work"), *([] if has_hf else ["--no-hf-baseline"])]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"sift-bench --quick failed ({proc.returncode}):\n"
+                             f"{(proc.stdout + proc.stderr)[-6000:]}")
+    results = out / "results"
+    report = json.loads((results / "time_to_accuracy_quick.json").read_text())
+    return results, report, has_hf
+
+
+def test_json_has_targets_speedups_machine_and_versions(quick_run):
+    _, r, has_hf = quick_run
+    assert 0 < r["target_accuracy"] <= 1 and finite(r["target_loss"]) and r["target_loss"] > 0
+    expected = QUICK_ARMS + (["hf-trainer"] if has_hf else [])
+    assert sorted(r["arms"]) == sorted(expected)
+    assert sorted(r["speedup_vs_vanilla"]) == sorted(expected)
+    # vanilla crosses its own target by construction, at or before 80% of its budget
+    assert r["speedup_vs_vanilla"]["vanilla"] == pytest.approx(1.0)
+    t_van = r["analysis"]["arms"]["vanilla"]["time_to_target_s"]
+    assert 0 <= t_van <= 0.8 * BUDGET_S + 1e-9
+    for name, s in r["speedup_vs_vanilla"].items():
+        assert s is None or (finite(s) and s > 0), (name, s)
+    for sift in ("sift-loss-expand-f0.5", "sift-entropy-expand-f0.5", "full-loss-expand-f0.5"):
+        assert r["analysis"]["arms"][sift]["control"] == "random-expand-f0.5"
+    if has_hf:
+        ratio = r["hf_trainer_time_ratio"]
+        assert ratio is None or (finite(ratio) and ratio > 0)
+        assert finite(r["hf_trainer_tokens_per_s_ratio"]) and r["hf_trainer_tokens_per_s_ratio"] > 0
+        assert r["arms"]["hf-trainer"]["deepspeed"] is True
+    else:
+        assert r["hf_trainer_time_ratio"] is None
+    m = r["machine"]
+    assert m["cpu_count"] >= 1
+    assert {"python", "torch", "deepspeed", "transformers"} <= set(m["versions"])
+    assert r["settings"]["budget_s"] == BUDGET_S and r["settings"]["eval_interval_s"] == INTERVAL_S
+
+
+def test_each_arm_ran_its_policy_for_the_budget_with_evals_on_the_time_grid(quick_run):
+    _, r, _ = quick_run
+    for name, arm in r["arms"].items():
+        evals = arm["evals"]
+        assert len(evals) >= 3, name
+        times = [e["elapsed_s"] for e in evals]
+        assert times[0] == pytest.approx(0.0, abs=0.05), name  # the before-training evaluation
+        assert times == sorted(times), name
+        # the j-th evaluation in between comes at or after j intervals of training time
+        for j, t in enumerate(times[1:-1], start=1):
+            assert t >= j * INTERVAL_S - 1e-9, (name, j, t)
+        assert times[-1] >= BUDGET_S and arm["train_time_s"] >= BUDGET_S, name
+        assert arm["eval_time_s"] > 0, name
+        for e in evals:
+            assert 0 <= e["accuracy"] <= 1 and finite(e["loss"]) and e["loss"] > 0, (name, e)
+        backprop = [e["samples_backpropagated"] for e in evals]
+        assert backprop[0] == 0 and backprop == sorted(backprop) and backprop[-1] > 0, name
+        assert evals[-1]["loss"] < evals[0]["loss"], name  # every arm learns something
+        assert finite(arm["tokens_per_s"]) and arm["tokens_per_s"] > 0, name
+    assert r["arms"]["vanilla"]["policy"] == "none"
+    for name in QUICK_ARMS[1:]:
+        arm = r["arms"][name]
+        assert arm["policy"] == name.split("-expand")[0]
+        # expand mode: the optimizer batch is unchanged, so every step backpropagates a full batch
+        assert arm["samples_backpropagated"] == arm["steps"] * arm["micro_batch"] * arm["world_size"]
+        if arm["policy"].startswith("sift"):
+            rho = [e["spearman_exit_vs_full"] for e in arm["evals"]]
+            assert all(x is None or -1 <= x <= 1 for x in rho) and any(finite(x) for x in rho)
+
+
+def test_plots_are_pngs_and_the_table_has_a_row_per_arm(quick_run):
+    results, r, _ = quick_run
+    for suffix in ("accuracy_vs_time", "accuracy_vs_samples", "spearman_vs_time"):
+        png = results / f"time_to_accuracy_quick_{suffix}.png"
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    table = (results / "time_to_accuracy_quick.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert sorted(row.split("|")[1].strip() for row in rows) == sorted(r["arms"])
+    assert f"{r['target_accuracy']:.4f}" in table

@@ -1,0 +1,107 @@
+"""sift-bench's pure parts: the arm list and the time-to-target arithmetic (no training)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.bench import Arm, arms_for
+from pipeline.bench_report import (analyze, first_crossing, markdown_table, points, speedup,
+                                   target_from, value_at)
+from pipeline.config import load_config
+
+
+def curve(*pairs):
+    """Evaluations (time, accuracy); loss falls as accuracy rises."""
+    return [{"elapsed_s": t, "accuracy": v, "loss": 8.0 - 10.0 * v, "samples_backpropagated": 10 * t}
+            for t, v in pairs]
+
+
+def test_value_at_interpolates_and_clamps():
+    pts = [(0.0, 0.0), (10.0, 0.2), (20.0, 0.3)]
+    assert value_at(pts, 5.0) == pytest.approx(0.1)
+    assert value_at(pts, 16.0) == pytest.approx(0.26)
+    assert value_at(pts, -1.0) == 0.0 and value_at(pts, 99.0) == 0.3
+    with pytest.raises(ValueError):
+        value_at([], 1.0)
+
+
+def test_first_crossing_is_the_first_interpolated_crossing():
+    pts = [(0.0, 0.0), (10.0, 0.2), (20.0, 0.1), (30.0, 0.4)]
+    assert first_crossing(pts, 0.1) == pytest.approx(5.0)  # not the later dip back to 0.1
+    assert first_crossing(pts, 0.3) == pytest.approx(20.0 + 10.0 * (0.3 - 0.1) / (0.4 - 0.1))
+    assert first_crossing(pts, 0.5) is None
+    assert first_crossing(pts, 0.0) == 0.0
+    loss = [(0.0, 8.0), (10.0, 6.0), (20.0, 5.0)]
+    assert first_crossing(loss, 5.5, higher_is_better=False) == pytest.approx(15.0)
+
+
+def test_points_drop_non_finite_and_sort():
+    c = [{"elapsed_s": 2.0, "accuracy": 0.2}, {"elapsed_s": 1.0, "accuracy": float("nan")},
+         {"elapsed_s": 0.0, "accuracy": 0.1}, {"elapsed_s": 3.0, "accuracy": None}]
+    assert points(c, "elapsed_s", "accuracy") == [(0.0, 0.1), (2.0, 0.2)]
+
+
+def test_target_is_vanillas_value_at_80_percent_and_vanilla_reaches_it():
+    vanilla = curve((0, 0.0), (50, 0.10), (100, 0.14))
+    assert target_from(vanilla, 100.0) == pytest.approx(0.10 + 0.04 * 30 / 50)
+    fast = curve((0, 0.0), (25, 0.10), (50, 0.14), (100, 0.16))
+    slow = curve((0, 0.0), (100, 0.05))
+    arms = {"vanilla": {"evals": vanilla}, "fast": {"evals": fast}, "slow": {"evals": slow},
+            "random": {"evals": vanilla}}
+    a = analyze(arms, 100.0, controls={"fast": "random"})
+    t_van = a["arms"]["vanilla"]["time_to_target_s"]
+    assert t_van == pytest.approx(80.0)
+    assert a["arms"]["vanilla"]["speedup_vs_vanilla"] == pytest.approx(1.0)
+    t_fast = 25 + 25 * (a["target_accuracy"] - 0.10) / 0.04
+    assert a["arms"]["fast"]["time_to_target_s"] == pytest.approx(t_fast)
+    assert a["arms"]["fast"]["speedup_vs_vanilla"] == pytest.approx(80.0 / t_fast)
+    assert a["arms"]["fast"]["speedup_vs_control"] == pytest.approx(80.0 / t_fast)
+    assert a["arms"]["slow"]["time_to_target_s"] is None
+    assert a["arms"]["slow"]["speedup_vs_vanilla"] is None
+    assert a["arms"]["fast"]["samples_to_target"] == pytest.approx(10 * t_fast)
+    assert a["target_loss"] == pytest.approx(8.0 - 10.0 * a["target_accuracy"])
+    assert a["arms"]["fast"]["time_to_target_loss_s"] == pytest.approx(t_fast)
+    table = markdown_table(a, {n: {} for n in arms})
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == list(arms)
+    assert "not reached" in next(r for r in rows if r.startswith("| slow "))
+    with pytest.raises(ValueError, match="reference"):
+        analyze({"fast": {"evals": fast}}, 100.0)
+
+
+def test_speedup_edge_cases():
+    assert speedup(10.0, 5.0) == 2.0
+    assert speedup(None, 5.0) is None and speedup(10.0, None) is None
+    assert math.isinf(speedup(10.0, 0.0))
+
+
+def test_arms_cover_the_sweeps_with_a_random_control_per_batch_size():
+    arms = arms_for(["sift-loss", "sift-entropy", "random", "full-loss"], [0.25, 0.5, 0.75],
+                    ["expand", "shrink"], [1, 2], ["shared", "separate"])
+    names = [a.name for a in arms]
+    assert names[0] == "vanilla" and len(names) == len(set(names))
+    for pool in ("expand", "shrink"):
+        for f in (0.25, 0.5, 0.75):
+            assert f"sift-loss-{pool}-f{f:g}" in names
+            assert f"random-{pool}-f{f:g}" in names
+    assert {"sift-entropy-expand-f0.5", "full-loss-expand-f0.5", "sift-loss-expand-f0.5-L2",
+            "sift-loss-expand-f0.5-separate"} <= set(names)
+    for a in arms:
+        if a.control() is not None:
+            assert a.control().name in names
+    assert len(arms) == 17
+
+
+def test_arm_overrides_give_the_arm_config():
+    """Every arm's overrides must load into exactly its settings (vanilla really is policy none)."""
+    for arm in (Arm("none"), Arm("sift-entropy", 0.25, "shrink", 2, "separate"), Arm("random", 0.75)):
+        cfg = load_config(None, ["data.data_dir=x", *arm.overrides()])
+        assert cfg.selection.policy == arm.policy
+        assert cfg.model.exit_layer == arm.exit_layer and cfg.model.exit_head == arm.exit_head
+        if arm.policy != "none":
+            assert cfg.selection.fraction == arm.fraction and cfg.selection.pool == arm.pool
+    with pytest.raises(ValueError, match="policy"):
+        Arm("bogus")
+    with pytest.raises(ValueError, match="policy"):
+        arms_for(["bogus"], [0.5], ["expand"], [1], ["shared"])
