@@ -62,3 +62,13 @@ def reference_losses(tmp_path_factory, mn_recipe, mn_data) -> dict[int, float]:
     out = tmp_path_factory.mktemp("mn_reference") / "run"
     run_train(2, mn_recipe, mn_data, out, *RUN_SETS)
     return train_losses(out)
+
+
+@pytest.fixture(scope="session")
+def ssh_cluster(cluster, tmp_path_factory):
+    """sshd on every host (keys made here, root login by key only) and an `ssh` on PATH that uses
+    them: what pdsh, DeepSpeed's launcher and OpenMPI call. Yields the directory to put first on
+    PATH. Skips, saying why, when openssh-server / pdsh are not installed."""
+    from tests.multinode.ssh import start_sshd
+
+    yield from start_sshd(cluster, tmp_path_factory.mktemp("ssh"))
