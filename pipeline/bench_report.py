@@ -125,6 +125,10 @@ def _fmt(x: Any, spec: str, missing: str = "not reached") -> str:
     return format(x, spec) if _finite(x) else missing
 
 
+def _times(x: Any) -> str:
+    return f"{x:.2f}x" if _finite(x) else "n/a"
+
+
 def markdown_table(analysis: dict[str, Any], arms: dict[str, dict[str, Any]]) -> str:
     """One row per arm: time to the accuracy and loss targets, speedups, final metrics."""
     a = analysis
@@ -141,15 +145,15 @@ def markdown_table(analysis: dict[str, Any], arms: dict[str, dict[str, Any]]) ->
     for name, row in a["arms"].items():
         info = arms[name]
         control = row.get("control")
-        vs_control = (f"{_fmt(row.get('speedup_vs_control'), '.2f', 'n/a')}x ({control})"
+        vs_control = (f"{_times(row.get('speedup_vs_control'))} ({control})"
                       if control else "")
         lines.append(
             f"| {name} | {info.get('policy', '')} | {info.get('pool', '')} "
             f"| {info.get('fraction', '')} | {info.get('exit', '')} | {info.get('steps', '')} "
             f"| {info.get('samples_backpropagated', '')} | {_fmt(info.get('tokens_per_s'), '.0f', 'n/a')} "
-            f"| {_fmt(row['time_to_target_s'], '.1f')} | {_fmt(row['speedup_vs_vanilla'], '.2f', 'n/a')}x "
+            f"| {_fmt(row['time_to_target_s'], '.1f')} | {_times(row['speedup_vs_vanilla'])} "
             f"| {vs_control} | {_fmt(row['time_to_target_loss_s'], '.1f')} "
-            f"| {_fmt(row['speedup_vs_vanilla_loss'], '.2f', 'n/a')}x "
+            f"| {_times(row['speedup_vs_vanilla_loss'])} "
             f"| {_fmt(row['final_accuracy'], '.4f', 'n/a')} | {_fmt(row['final_loss'], '.4f', 'n/a')} "
             f"| {_fmt(row['final_spearman_exit_vs_full'], '.3f', 'n/a')} |")
     return "\n".join(lines) + "\n"

@@ -105,3 +105,21 @@ def test_arm_overrides_give_the_arm_config():
         Arm("bogus")
     with pytest.raises(ValueError, match="policy"):
         arms_for(["bogus"], [0.5], ["expand"], [1], ["shared"])
+
+
+def test_full_run_recipe_loads_for_every_arm(tmp_path):
+    """benchmarks/time_to_accuracy.toml, with the harness's settings, is a valid config per arm."""
+    from pipeline.bench import REPO
+    from pipeline.bench_run import arm_config
+
+    arms = arms_for(["sift-loss", "sift-entropy", "random", "full-loss"], [0.25, 0.5, 0.75],
+                    ["expand", "shrink"], [1, 2], ["shared", "separate"])
+    plan = {"recipe": str(REPO / "benchmarks" / "time_to_accuracy.toml"),
+            "overrides": [f"data.data_dir={tmp_path}"], "out_dir": str(tmp_path), "budget_s": 300.0,
+            "eval_interval_s": 30.0}
+    for arm in arms:
+        cfg = arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
+        assert cfg.selection.policy == arm.policy and cfg.model.preset == "bert-mini"
+        assert cfg.budget.wall_time_s == 300.0 and cfg.budget.steps is None
+        assert cfg.eval.every_steps == 0 and not cfg.checkpoint.at_end
+        assert cfg.run.output_dir == str(tmp_path / "arms" / arm.name)
