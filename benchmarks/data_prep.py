@@ -12,8 +12,10 @@ packing, hashing, fsync'd shard writes). throughput_ratio_vs_tokenizers = baseli
 sift-prep seconds on the same token count; CPU seconds (all threads) are recorded beside wall
 time because CPU time is less disturbed by other jobs on the machine.
 Peak RSS: ru_maxrss of the sift-prep process (os.wait4), with a loaded tokenizer and with
-training, at 1x and 10x the shared text (the 10x corpus is the shared tree copied ten times into
-a temp dir). Each number is one run on a machine shared with other jobs: expect noise.
+training, at 1x and 10x the shared text: every file's text repeated ten times (same files), and
+the shared tree copied ten times (ten times the files: per-file metadata, i.e. the source list
+the manifest records, grows with the file count). Each number is one run (the throughput pair:
+a median of alternating repeats) on a machine shared with other jobs: expect noise.
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def main() -> None:
         for w in sorted({1, workers}):
             wenv = {**env, "RAYON_NUM_THREADS": str(w)}
             reps = []
-            for _ in range(args.repeats):
+            for _ in range(args.repeats if w == workers else 1):
                 rep = {}
                 for label, piece in (("pieces", 65536), ("whole_documents", 1 << 40)):
                     out = run_rss([sys.executable, "-c", BASELINE, str(tok_json), str(args.shared), str(piece)], wenv)[2]
@@ -144,7 +146,7 @@ def main() -> None:
             med = lambda f: statistics.median(f(r) for r in reps)  # noqa: E731
             tokens = reps[0]["sift_prep"]["tokens"]
             prep_s = med(lambda r: r["sift_prep"]["seconds"])
-            row = {"text_tokens": tokens, "repeats": args.repeats,
+            row = {"text_tokens": tokens, "repeats": len(reps),
                    "sift_prep_seconds": prep_s, "sift_prep_tokens_per_s": tokens / prep_s,
                    "sift_prep_cpu_seconds": med(lambda r: r["sift_prep"]["cpu_seconds"]),
                    "peak_rss_mb": max(r["sift_prep"]["peak_rss_mb"] for r in reps)}
@@ -162,14 +164,26 @@ def main() -> None:
         runs["1x_loaded"] = {"seconds": thr[f"workers_{workers}"]["sift_prep_seconds"],
                              "peak_rss_mb": thr[f"workers_{workers}"]["peak_rss_mb"]}
 
-        # 3. Ten times the text: peak RSS must not grow.
-        big = tmp / "big"
+        # 3. Ten times the text. Two ways: each file holding its text ten times (same file count:
+        # isolates corpus size) and ten copies of the tree (ten times the files: the source list,
+        # kept in memory and in the manifest, grows with the file count by design).
+        big_text, big_files = tmp / "big_text", tmp / "big_files"
+        for f in sorted(p for p in args.shared.rglob("*") if p.is_file()):
+            dst = big_text / f.relative_to(args.shared)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            data = f.read_bytes()
+            if not data.endswith(b"\n"):
+                data += b"\n"
+            dst.write_bytes(data * args.scale)
         for i in range(args.scale):
-            shutil.copytree(args.shared, big / f"copy_{i:02d}")
-        for name, extra in (("loaded", ["--tokenizer", str(tok_json)]), ("train", [])):
-            wall, rss, _, _, _ = run_rss(prep_cmd([big], tmp / f"big_{name}", *extra), env)
+            shutil.copytree(args.shared, big_files / f"copy_{i:02d}")
+        for name, corpus, extra in (("text_loaded", big_text, ["--tokenizer", str(tok_json)]),
+                                    ("text_train", big_text, []),
+                                    ("files_loaded", big_files, ["--tokenizer", str(tok_json)])):
+            wall, rss, _, _, cpu = run_rss(prep_cmd([corpus], tmp / f"big_{name}", *extra), env)
             m = json.loads((tmp / f"big_{name}" / "manifest.json").read_text())
-            runs[f"{args.scale}x_{name}"] = {"seconds": wall, "peak_rss_mb": rss, "stream_tokens": stream_tokens(m),
+            runs[f"{args.scale}x_{name}"] = {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss,
+                                             "stream_tokens": stream_tokens(m),
                                              "tokens_per_s": stream_tokens(m) / wall}
             print(f"{args.scale}x {name}:", runs[f"{args.scale}x_{name}"], flush=True)
             shutil.rmtree(tmp / f"big_{name}")
@@ -180,9 +194,10 @@ def main() -> None:
     result["runs"] = runs
     result["peak_rss_mb"] = {
         "shared_loaded_tokenizer": runs["1x_loaded"]["peak_rss_mb"],
-        f"shared_x{args.scale}_loaded_tokenizer": runs[f"{args.scale}x_loaded"]["peak_rss_mb"],
+        f"shared_text_x{args.scale}_loaded_tokenizer": runs[f"{args.scale}x_text_loaded"]["peak_rss_mb"],
         "shared_training": runs["1x_train"]["peak_rss_mb"],
-        f"shared_x{args.scale}_training": runs[f"{args.scale}x_train"]["peak_rss_mb"],
+        f"shared_text_x{args.scale}_training": runs[f"{args.scale}x_text_train"]["peak_rss_mb"],
+        f"shared_files_x{args.scale}_loaded_tokenizer": runs[f"{args.scale}x_files_loaded"]["peak_rss_mb"],
     }
     result["targets"] = {"throughput_ratio_vs_tokenizers": ">= 0.8", "peak_rss": "no growth with corpus size"}
     result["machine"]["loadavg_at_end"] = os.getloadavg()
