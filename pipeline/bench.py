@@ -302,22 +302,15 @@ def load_arm(work: Path, name: str) -> dict[str, Any]:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    arms = arms_for(args.policies, args.fractions, args.pools, args.exit_layers, args.exit_heads)
-    out = Path(args.out)
-    work = Path(args.work_dir or REPO / "runs" / "bench" / args.name).resolve()
-    overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),
-                 *args.overrides, f"data.data_dir={Path(args.data).resolve()}"]
+def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], work: Path
+             ) -> dict[str, dict[str, Any]]:
+    """The benchmark job (all arms), then the HF baseline; arm name -> its summary + settings."""
     plan = {"recipe": args.recipe, "overrides": overrides, "out_dir": str(work),
             "budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
             "arms": [{"name": a.name, "overrides": a.overrides()} for a in arms]}
     work.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     env = job_env(args.world_size)
-    print(f"sift-bench: {len(arms)} arms x {args.budget_s:g} s of training on {args.world_size} "
-          f"rank(s): {', '.join(a.name for a in arms)}", flush=True)
-    started = datetime.datetime.now(datetime.timezone.utc)
     run_job(launch_cmd("pipeline.bench_run", args.world_size, ["--plan", str(work / "plan.json")]),
             env, work / "bench_run.log", args.timeout_s)
     results = {a.name: {**a.describe(), **load_arm(work, a.name)} for a in arms}
@@ -329,15 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work / "hf_trainer.log", args.timeout_s)
         results[HF_ARM] = {"policy": "hf-trainer", "fraction": 1.0, "pool": "", "exit": "",
                            **load_arm(work, HF_ARM)}
-    controls = {a.name: a.control().name for a in arms if a.control() is not None
-                and a.control().name in results}
-    analysis = bench_report.analyze(results, args.budget_s, "vanilla", args.target_fraction, controls)
+    return results
+
+
+def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[str],
+                 results: dict[str, dict[str, Any]], analysis: dict[str, Any],
+                 started: datetime.datetime) -> dict[str, Any]:
+    """The JSON document: headline numbers first, then settings, machine, analysis, every arm."""
     per_arm = analysis["arms"]
-    report = {
+    has_hf = HF_ARM in per_arm
+    return {
         "benchmark": "time_to_accuracy", "quick": args.quick,
         "created": started.isoformat(timespec="seconds"),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["sift-bench", *(argv if argv is not None else sys.argv[1:])],
+        "command": ["sift-bench", *argv],
         "machine": machine_info(),
         "settings": {"budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
                      "world_size": args.world_size, "recipe": args.recipe, "overrides": overrides,
@@ -351,21 +349,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speedup_vs_vanilla_loss": {n: r["speedup_vs_vanilla_loss"] for n, r in per_arm.items()},
         "speedup_vs_control": {n: r.get("speedup_vs_control") for n, r in per_arm.items()
                                if r.get("control")},
-        "hf_trainer_time_ratio": _hf_ratio(per_arm, "time_to_target_s") if HF_ARM in per_arm else None,
-        "hf_trainer_time_ratio_loss": (_hf_ratio(per_arm, "time_to_target_loss_s")
-                                       if HF_ARM in per_arm else None),
+        "hf_trainer_time_ratio": _hf_ratio(per_arm, "time_to_target_s") if has_hf else None,
+        "hf_trainer_time_ratio_loss": _hf_ratio(per_arm, "time_to_target_loss_s") if has_hf else None,
         "hf_trainer_tokens_per_s_ratio": (results[HF_ARM]["tokens_per_s"] / results["vanilla"]["tokens_per_s"]
-                                          if HF_ARM in results else None),
+                                          if has_hf else None),
         "analysis": analysis,
         "arms": results,
     }
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.recipe:
+        args.recipe = str(Path(args.recipe).resolve())  # the jobs run from the repository root
+    arms = arms_for(args.policies, args.fractions, args.pools, args.exit_layers, args.exit_heads)
+    out = Path(args.out)
+    work = Path(args.work_dir or REPO / "runs" / "bench" / args.name).resolve()
+    overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),
+                 *args.overrides, f"data.data_dir={Path(args.data).resolve()}"]
+    print(f"sift-bench: {len(arms)} arms x {args.budget_s:g} s of training on {args.world_size} "
+          f"rank(s): {', '.join(a.name for a in arms)}", flush=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results = run_arms(args, arms, overrides, work)
+    controls = {a.name: a.control().name for a in arms
+                if a.control() is not None and a.control().name in results}
+    analysis = bench_report.analyze(results, args.budget_s, "vanilla", args.target_fraction, controls)
+    report = build_report(args, argv, overrides, results, analysis, started)
+
     from pipeline.metrics import write_json_atomic
 
+    out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{args.name}.json"
     write_json_atomic(json_path, _jsonable(report))
     table = bench_report.markdown_table(analysis, results)
-    if HF_ARM in per_arm:
+    if HF_ARM in results:
         table += (f"\nHugging Face Trainer time to target / vanilla's: "
                   f"{_ratio_text(report['hf_trainer_time_ratio'])} (accuracy), "
                   f"{_ratio_text(report['hf_trainer_time_ratio_loss'])} (loss); tokens/s ratio "

@@ -138,6 +138,9 @@ def hf_training_args(cfg: TrainConfig, ds_config: dict[str, Any], out_dir: Path,
     """TrainingArguments that agree with the DeepSpeed JSON (HF checks that they match)."""
     from transformers import TrainingArguments
 
+    if cfg.optim.decay != "constant":
+        raise ValueError(f"the HF baseline follows the harness's time budgets: optim.decay must be "
+                         f"'constant' (warmup, then constant), got {cfg.optim.decay!r}")
     bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
     fp16 = bool(ds_config.get("fp16", {}).get("enabled", False))
     micro = int(ds_config["train_micro_batch_size_per_gpu"])

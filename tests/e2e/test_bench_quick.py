@@ -23,7 +23,7 @@ QUICK_ARMS = ["vanilla", "sift-loss-expand-f0.5", "sift-entropy-expand-f0.5",
               "full-loss-expand-f0.5", "random-expand-f0.5"]
 BUDGET_S, INTERVAL_S = 6.0, 1.5
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # about 2 minutes on 2 shared cores
 
 
 def finite(x) -> bool:
