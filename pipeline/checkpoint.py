@@ -4,12 +4,14 @@ Layout under the checkpoint directory:
 
   step_00000020/            engine.save_checkpoint output (model, ZeRO partitions, optimizer)
       sift_state.json       our client state, also readable without torch (resume, export)
+      rng_rank{r}.pt        each rank's Python / numpy / torch RNG states
   latest                    the tag of the newest *complete* checkpoint (written last, atomically)
   tokenizer/                copy of the data's tokenizer, so sift-export needs only this directory
 
 The client state holds the data position in global samples (what makes resume exact whatever the
-new world size), the step, counters, selector totals, rank 0's RNG states, the config and its
-fingerprint, and the tokenizer fingerprint. DeepSpeed's own `latest` is disabled: ours moves only
+new world size), the step, counters, selector totals, the config and its fingerprint, and the
+tokenizer fingerprint; each rank's RNG states go to `rng_rank{r}.pt` beside it. (The trainer
+reseeds dropout per micro-batch from (seed, micro-batch, rank), so exactness does not hinge on them.) DeepSpeed's own `latest` is disabled: ours moves only
 after every rank finished writing (a barrier), by writing a temp file and `os.replace`, so a
 process killed mid-save leaves `latest` on the previous complete checkpoint.
 
@@ -44,9 +46,23 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states (tensors as lists so the state is plain JSON)."""
-    return {"python": repr(random.getstate()), "numpy": repr(np.random.get_state()[1][:4].tolist()),
-            "torch": torch.get_rng_state().tolist()}
+    """This process's Python, numpy, torch (and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rng_rank{rank}.pt"
 
 
 def write_latest(ckpt_dir: Path, tag: str) -> None:
@@ -131,8 +147,9 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tokenizer_dir is not None and not (ckpt_dir / "tokenizer").is_dir():
             shutil.copytree(tokenizer_dir, ckpt_dir / "tokenizer")
-    state = {**client_state, "step": step, "tag": tag, "rng": rng_state()}
+    state = {**client_state, "step": step, "tag": tag}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"sift": state}, save_latest=False)
+    torch.save(rng_state(), rng_file(ckpt_dir / tag, rank))  # per rank: each has its own streams
     if rank == 0:  # the JSON copy marks the directory complete for `latest`/export
         tmp = ckpt_dir / tag / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
@@ -146,12 +163,16 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
     return tag
 
 
-def load(engine: Any, load_dir: Path, tag: str) -> dict[str, Any]:
-    """Collective: restore the engine from (load_dir, tag); returns our client state."""
+def load(engine: Any, load_dir: Path, tag: str, rank: int) -> dict[str, Any]:
+    """Collective: restore the engine and this rank's RNG states (when the checkpoint has this
+    rank: a larger new world size starts the extra ranks' generators fresh); returns our state."""
     path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {Path(load_dir) / tag}")
+    rng = rng_file(Path(load_dir) / tag, rank)
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
     if "sift" in (client or {}):
         return client["sift"]
     return json.loads((Path(load_dir) / tag / STATE_FILE).read_text())

@@ -4,7 +4,8 @@ Owns `MetricsWriter`. Only rank 0 writes; on other ranks every method is a no-op
 calls it unconditionally. DeepSpeed's own TensorBoard monitor logs only the learning rate, hence
 our own SummaryWriter. Scalar names (TensorBoard tags; the JSONL keys are the same):
 
-  train/loss, train/exit_score, train/lr, train/grad_norm, train/samples_backpropagated,
+  train/loss, train/exit_score (mean exit-pass score of the candidates), train/exit_loss
+  (separate exit head's auxiliary loss), train/lr, train/grad_norm, train/samples_backpropagated,
   train/nonfinite_skipped, select/fraction, select/score_selected, select/score_all,
   select/bytes_moved, select/samples_moved, perf/samples_per_s, perf/tokens_per_s,
   time/data_s, time/score_s, time/select_s, time/forward_backward_s, time/optimizer_s,
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_SCALARS = (
-    "train/loss", "train/exit_score", "train/lr", "train/grad_norm", "train/samples_backpropagated",
+    "train/loss", "train/exit_score", "train/exit_loss", "train/lr", "train/grad_norm", "train/samples_backpropagated",
     "train/nonfinite_skipped", "select/fraction", "select/score_selected", "select/score_all",
     "select/bytes_moved", "select/samples_moved", "perf/samples_per_s", "perf/tokens_per_s",
     "time/data_s", "time/score_s", "time/select_s", "time/forward_backward_s", "time/optimizer_s",
 )
-EVAL_SCALARS = ("eval/accuracy", "eval/loss", "eval/spearman_exit_vs_full")
+EVAL_SCALARS = ("eval/accuracy", "eval/loss", "eval/spearman_exit_vs_full",
+                "eval/samples_backpropagated", "eval/elapsed_s")
 
 
 def _jsonable(v: Any) -> Any:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -99,6 +101,24 @@ def dead_ranks(output_dir: str, world_size: int) -> list[int]:
     return dead
 
 
+class Terminated(Exception):
+    """SIGTERM (a launcher stopping the job because another rank died): report, then exit."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signal.Signals(signum).name} (the launcher is stopping the job)")
+
+
+def wait_for_dead_ranks(output_dir: str, world_size: int, patience_s: float = 3.0) -> list[int]:
+    """dead_ranks, polled briefly: a peer's sockets close a moment before its process is reaped."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        dead = dead_ranks(output_dir, world_size)
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = [o for group in args.overrides for o in group]
@@ -110,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sift-train: configuration error: {exc}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    signal.signal(signal.SIGTERM, _raise_terminated)  # so a terminated rank still says why
     try:
         discover_env()
         rank, world_size = comm.init_distributed(timeout_s=cfg.run.dist_timeout_s)
@@ -121,15 +142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sift-train: rank {rank}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one line naming the rank; the traceback for the log
+    except Exception as exc:  # one line naming the rank (and any dead peer), then the traceback
         import traceback
 
-        traceback.print_exc()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish this report; os._exit follows
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        dead = dead_ranks(cfg.run.output_dir, world) if world > 1 else []
+        dead = wait_for_dead_ranks(cfg.run.output_dir, world) if world > 1 else []
         lost = f" (rank(s) {', '.join(map(str, dead))} of {world} no longer running)" if dead else ""
         print(f"sift-train: rank {rank} failed{lost}: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)
+        traceback.print_exc()
+        sys.stderr.flush()
         os._exit(1)  # a peer may be gone: skip teardown collectives that could hang
     finally:
         try:

@@ -90,8 +90,6 @@ class Trainer:
         self.ckpt_dir = cfg.checkpoint_dir()
         self.evals: list[dict[str, float]] = []
         self._session_start = time.perf_counter()
-        self._time0 = 0.0
-        self._step_losses: list[float] = []
 
     # ------------------------------------------------------------------ the loop
 
@@ -274,7 +272,7 @@ class Trainer:
         return tag
 
     def resume(self, load_dir: Path, tag: str) -> None:
-        client = checkpoint.load(self.engine, load_dir, tag)
+        client = checkpoint.load(self.engine, load_dir, tag, self.rank)
         if client["tokenizer_fingerprint"] != self.train_set.fingerprint:
             raise checkpoint.CheckpointError(
                 f"{load_dir / tag} was trained with another tokenizer (fingerprint "
@@ -430,8 +428,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
                        f"policy {cfg.selection.policy} ({cfg.selection.scope}, f={cfg.selection.fraction})")
         if resume_from is not None:
             trainer.resume(*resume_from)
-            if writer._bar is not None:
-                writer._bar.update(trainer.state.step)
+            writer.progress(trainer.state.step)
         summary = trainer.train()
         writer.summary(summary)
         writer.message(f"done ({summary['stop_reason']}): {summary['steps']} steps, accuracy "

@@ -10,13 +10,12 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import free_port
-from tests.e2e.test_train import (BASE_RECIPE, REPO, data_dir, job_env, read_metrics, recipe,  # noqa: F401
+from tests.e2e.test_train import (REPO, data_dir, job_env, read_metrics, recipe,  # noqa: F401 (fixtures)
                                   run_train, summary, train_losses)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
@@ -108,3 +107,17 @@ def test_mpirun_two_processes(recipe, data_dir, tmp_path):
     assert s["world_size"] == 2 and s["steps"] == 2
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert json.loads((out / "config.json").read_text())["engine"]["world_size"] == 2
+
+
+def test_samples_and_target_accuracy_budgets_stop_the_run(recipe, data_dir, tmp_path):
+    out = tmp_path / "samples"
+    run_train(1, recipe, data_dir, out, "budget.steps=50", "budget.samples=64", "checkpoint.every_steps=0")
+    s = summary(out)
+    assert s["stop_reason"] == "samples" and s["steps"] == 4 and s["samples_backpropagated"] == 64
+
+    out = tmp_path / "target"
+    run_train(1, recipe, data_dir, out, "budget.steps=50", "budget.target_accuracy=0.005",
+              "eval.every_steps=2", "checkpoint.every_steps=0")
+    s = summary(out)
+    assert s["stop_reason"] == "target_accuracy" and s["steps"] < 50
+    assert s["accuracy_after"] >= 0.005 and s["steps"] % 2 == 0

@@ -120,3 +120,50 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
     cos = OptimConfig(lr=1.0, warmup_steps=0, decay="cosine")
     assert lr_at(5, cos, horizon=10) == pytest.approx(0.5)
+
+
+def test_cli_surface_does_not_grow_unnoticed():
+    from pipeline.train import parse_args
+
+    args = parse_args(["--config", "r.toml", "--set", "optim.lr=1", "budget.steps=2", "--set",
+                       "run.seed=3", "--resume", "auto", "--local_rank=1"])
+    assert vars(args) == {"config": "r.toml", "overrides": [["optim.lr=1", "budget.steps=2"], ["run.seed=3"]],
+                          "resume": "auto", "local_rank": 1}
+
+
+def test_resume_resolution(tmp_path):
+    from pipeline.checkpoint import CheckpointError, resolve_resume, write_latest
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    assert resolve_resume("none", ckpt) is None
+    assert resolve_resume("auto", ckpt) is None  # nothing saved yet: a fresh start
+    for step in (2, 4):
+        (ckpt / f"step_{step:08d}").mkdir()
+        (ckpt / f"step_{step:08d}" / "sift_state.json").write_text("{}")
+    write_latest(ckpt, "step_00000002")
+    assert resolve_resume("auto", ckpt) == (ckpt, "step_00000002")
+    assert resolve_resume(str(ckpt), ckpt) == (ckpt, "step_00000002")
+    assert resolve_resume(str(ckpt / "step_00000004"), ckpt) == (ckpt, "step_00000004")
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
+        resolve_resume(str(tmp_path), ckpt)
+    write_latest(ckpt, "step_00000006")  # names a checkpoint that never completed
+    with pytest.raises(CheckpointError, match="is missing"):
+        resolve_resume("auto", ckpt)
+
+
+def test_per_sample_mean_and_spearman():
+    import torch
+
+    from pipeline.evaluation import per_sample_mean, spearman, summarize
+
+    labels = torch.full((3, 4), -100)
+    labels[0, 1] = labels[0, 3] = 5
+    labels[2, 0] = 7  # row 1 has no target
+    values = torch.tensor([1.0, 3.0, 10.0])  # (N,) row-major over the masked positions
+    assert per_sample_mean(values, labels).tolist() == [2.0, 0.0, 10.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    m = summarize(loss_sum=6.0, correct=1, tokens=4, exit_losses=[1, 2, 3], full_losses=[2, 3, 4])
+    assert m["accuracy"] == 0.25 and m["loss"] == 1.5 and m["spearman_exit_vs_full"] == pytest.approx(1.0)
