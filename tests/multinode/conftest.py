@@ -72,3 +72,11 @@ def ssh_cluster(cluster, tmp_path_factory):
     from tests.multinode.ssh import start_sshd
 
     yield from start_sshd(cluster, tmp_path_factory.mktemp("ssh"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(cluster, tmp_path_factory):
+    """munged + slurmctld on node0 + slurmd on each host; yields the slurm.conf path."""
+    from tests.multinode.slurm import start_slurm
+
+    yield from start_slurm(cluster, tmp_path_factory.mktemp("slurm"))
