@@ -75,10 +75,15 @@ def _trainer_class():
             return super().elapsed() - self._setup_s - self.eval_time_s
 
         def evaluate(self) -> dict[str, float]:
-            self._frozen_at = self.elapsed()  # the clock stops while we evaluate
+            t_train = self._frozen_at = self.elapsed()  # the clock stops while we evaluate
             t0 = time.perf_counter()
             try:
-                return super().evaluate()
+                metrics = super().evaluate()  # the same dict the trainer appended to self.evals
+                # the two coordinates of every curve, set here so the report never depends on
+                # which extras the trainer's own eval record carries
+                metrics["elapsed_s"] = t_train
+                metrics["samples_backpropagated"] = self.state.samples_backpropagated
+                return metrics
             finally:
                 self.eval_time_s += time.perf_counter() - t0
                 self._frozen_at = None
