@@ -266,7 +266,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        # `--set key=none` (TOML has no null) clears an optional field; for a plain string field
+        # such as selection.policy, "none" stays the string it is.
+        if type(None) in args and (value is None or
+                                   (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
         errors = []
         for a in args:
@@ -329,9 +332,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # a bare word such as sift-loss or a path
-    if raw.lower() in ("none", "null"):
-        value = None
+        value = raw  # a bare word such as sift-loss, none or a path
     return parts, value
 
 

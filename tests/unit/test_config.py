@@ -35,13 +35,22 @@ def test_cli_beats_file_beats_defaults(tmp_path):
 def test_override_values_are_toml():
     assert parse_override("budget.steps=10") == (["budget", "steps"], 10)
     assert parse_override("optim.betas=[0.9, 0.95]") == (["optim", "betas"], [0.9, 0.95])
-    assert parse_override("eval.max_samples=none") == (["eval", "max_samples"], None)
+    assert parse_override("eval.max_samples=none") == (["eval", "max_samples"], "none")
     assert parse_override("run.output_dir=runs/x") == (["run", "output_dir"], "runs/x")
     cfg = load_config(None, ["data.data_dir=d", "optim.betas=[0.9, 0.95]", "eval.max_samples=none",
                              "debug.nonfinite_at_micro_batches=[3, 4]"])
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.eval.max_samples is None
     assert cfg.debug.nonfinite_at_micro_batches == (3, 4)
+
+
+def test_none_clears_optional_fields_but_is_a_policy_name():
+    # "none" is vanilla training for selection.policy (a plain string field), not "the default"
+    cfg = load_config(None, ["data.data_dir=d", "selection.policy=none", "budget.samples=NULL"])
+    assert cfg.selection.policy == "none"
+    assert cfg.budget.samples is None
+    with pytest.raises(ConfigError, match="budget.steps: expected an integer"):
+        load_config(None, ["data.data_dir=d", "budget.steps=nothing"])
 
 
 @pytest.mark.parametrize("overrides, message", [
