@@ -19,6 +19,7 @@ Collectives only through pipeline.comm; must not import torch.distributed or dee
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -272,6 +273,13 @@ class Trainer:
         return tag
 
     def resume(self, load_dir: Path, tag: str) -> None:
+        saved = json.loads((Path(load_dir) / tag / checkpoint.STATE_FILE).read_text())
+        if saved["world_size"] != self.world_size and self.facts.zero_stage > 0:
+            # DeepSpeed cannot re-partition ZeRO optimizer state to another world size.
+            raise checkpoint.CheckpointError(
+                f"{load_dir / tag} was saved by {saved['world_size']} ranks under ZeRO; resuming on "
+                f"{self.world_size} needs the same world size (ZeRO-0 checkpoints resume on any world "
+                "size; or continue from the weights alone: sift-export, then a fresh run)")
         client = checkpoint.load(self.engine, load_dir, tag, self.rank)
         if client["tokenizer_fingerprint"] != self.train_set.fingerprint:
             raise checkpoint.CheckpointError(

@@ -266,3 +266,12 @@ def test_resume_on_another_world_size_continues_the_global_position(runs, recipe
     assert s["steps"] == 6 and s["world_size"] == 1
     assert s["global_sample_position"] == 3 * 2 * 32 + 3 * 1 * 32
     assert sorted(train_losses(out)) == [4, 5, 6]
+
+
+def test_zero_checkpoint_on_another_world_size_is_a_clear_error(runs, recipe, data_dir, tmp_path):
+    two = zero_run(runs, 2)
+    proc = run_train(1, recipe, data_dir, tmp_path / "one", f"checkpoint.dir={two / 'checkpoints'}",
+                     "budget.steps=8", "checkpoint.every_steps=0", "checkpoint.at_end=false",
+                     resume="auto", expect_ok=False)
+    assert proc.returncode != 0
+    assert "was saved by 2 ranks under ZeRO; resuming on 1 needs the same world size" in proc.stderr
