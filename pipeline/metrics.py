@@ -9,7 +9,10 @@ our own SummaryWriter. Scalar names (TensorBoard tags; the JSONL keys are the sa
   train/nonfinite_skipped, select/fraction, select/score_selected, select/score_all,
   select/bytes_moved, select/samples_moved, perf/samples_per_s, perf/tokens_per_s,
   time/data_s, time/score_s, time/select_s, time/forward_backward_s, time/optimizer_s,
-  eval/accuracy, eval/loss, eval/spearman_exit_vs_full.
+  eval/accuracy, eval/loss, eval/spearman_exit_vs_full, eval/samples_backpropagated, eval/elapsed_s.
+
+Train scalars are per-step means over the logging window (time/* in seconds per optimizer step),
+except select/samples_moved and select/bytes_moved, which are totals over the window.
 
 Must not import torch.distributed or deepspeed.
 """

@@ -400,8 +400,8 @@ class _Window:
             if key.startswith("_"):
                 continue
             vals = [r[key] for r in self.records]
-            out[key] = sum(vals) / n if key.startswith(("train/", "select/fraction", "select/score")) \
-                else sum(vals)
+            # counts moved add up over the window; everything else is a per-step mean
+            out[key] = sum(vals) if key in ("select/samples_moved", "select/bytes_moved") else sum(vals) / n
         out["train/lr"] = self.records[-1]["train/lr"]
         st = trainer.state
         out["train/samples_backpropagated"] = float(st.samples_backpropagated)
