@@ -1,9 +1,9 @@
 """Starting training jobs on the namespace hosts, and the checks every launch path shares."""
 from __future__ import annotations
 
+import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -68,12 +68,20 @@ def assert_all_ok(finished: dict[int, Finished]) -> None:
     assert not bad, "\n".join(f"--- {f.host.hostname} exited {f.returncode}:\n{f.log[-4000:]}" for f in bad)
 
 
+def rank_hosts(out: Path) -> dict[int, str]:
+    """rank -> hostname each rank registered under (the trainer's `.ranks/rank{i}.json`)."""
+    return {int(p.stem.removeprefix("rank")): json.loads(p.read_text())["host"]
+            for p in (out / ".ranks").glob("rank*.json")}
+
+
 def assert_global_sift_run(out: Path, reference: dict[int, float], steps: int, world: int,
                            tx_bytes: dict[int, int]) -> None:
-    """The job trained `steps` global-selection steps on `world` ranks, its losses equal the
-    single-host reference exactly, selected rows moved between ranks, and each host sent at least
-    those bytes over the veth link (`tx_bytes`: what each host's eth0 sent during the job)."""
+    """The job trained `steps` global-selection steps on `world` ranks, rank i on node{i}, its
+    losses equal the single-host reference exactly, selected rows moved between ranks, and each
+    host sent at least its share of those bytes over the veth link (`tx_bytes`: what each host's
+    eth0 sent during the job)."""
     s = summary(out)
+    assert rank_hosts(out) == {r: f"node{r}" for r in range(world)}  # one rank on each host
     assert s["world_size"] == world and s["steps"] == steps and s["policy"] == "sift-loss", s
     assert train_losses(out) == reference  # same seed and config as 2 ranks on one host
     records = read_metrics(out)

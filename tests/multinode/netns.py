@@ -6,7 +6,7 @@ to or from any other network), plus its own hostname: every command runs in a fr
 named after the host, so `socket.gethostname()` differs between hosts as on a real cluster. The
 filesystem, the repository and the virtualenv are shared, as on a shared-filesystem cluster.
 
-Namespaces are named `siftmn<pid>h<i>` after the creating process, so a later run can find and
+Namespaces are named `siftmn<pid>c<k>h<i>` after the creating process (cluster k of it), so a later run can find and
 remove the ones a crashed run left (`remove_stale`) without touching a concurrent run's.
 Teardown kills every process still inside the namespaces, then deletes them (the veth goes with
 them). This module owns the namespaces; it must not import the pipeline.
@@ -63,6 +63,11 @@ def namespace_pids(netns: str) -> list[int]:
     return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
 
 
+def namespace_name(pid: int, cluster: int, host: int) -> str:
+    """`siftmn<pid>c<cluster>h<host>`: creator, its cluster number, the host index."""
+    return f"{PREFIX}{pid}c{cluster}h{host}"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -93,7 +98,7 @@ def remove_stale() -> list[str]:
     """Delete namespaces left by runs whose creating process is gone; return their names."""
     stale = []
     for ns in list_namespaces():
-        m = re.fullmatch(rf"{PREFIX}(\d+)h\d+", ns)
+        m = re.fullmatch(rf"{PREFIX}(\d+)c\d+h\d+", ns)
         if m and not _alive(int(m.group(1))):
             _destroy(ns)
             stale.append(ns)
@@ -106,7 +111,7 @@ def refusal_reason() -> str | None:
         return "the `ip` command (iproute2) is not installed"
     if os.geteuid() != 0:
         return f"network namespaces need root (running as uid {os.geteuid()})"
-    probe = f"{PREFIX}{os.getpid()}h99"
+    probe = namespace_name(os.getpid(), 999, 0)
     try:
         _ip("netns", "add", probe)
         _ip("-n", probe, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1")
@@ -125,11 +130,15 @@ def refusal_reason() -> str | None:
 class Cluster:
     """`n` hosts on one link: node0 .. node{n-1} at 10.213.0.1 .. (n = 2: a direct veth pair)."""
 
+    _created = 0
+    """Clusters made by this process so far (numbers their namespaces)."""
+
     def __init__(self, n: int = 2):
         if n != 2:
             raise ValueError(f"the veth harness joins exactly 2 hosts, got {n}")
-        self.hosts = [Host(i, f"{PREFIX}{os.getpid()}h{i}", f"node{i}", f"{SUBNET}.{i + 1}")
-                      for i in range(n)]
+        Cluster._created += 1
+        self.hosts = [Host(i, namespace_name(os.getpid(), Cluster._created, i), f"node{i}",
+                           f"{SUBNET}.{i + 1}") for i in range(n)]
         self._up = False
 
     def __enter__(self) -> "Cluster":

@@ -3,7 +3,6 @@ discovery (mpi4py), via launch/mpirun.sh started on node0. The master address is
 picks on rank 0 (`hostname -I`: node0's veth address), not set by hand."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -21,10 +20,7 @@ def test_mpirun_two_hosts_equal_one_host(cluster, ssh_cluster, mn_recipe, mn_dat
                                          tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not found (apt-get install openmpi-bin libopenmpi-dev)")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        pytest.skip("mpi4py not installed (`bash launch/setup_env.sh mpi`)")
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (`bash launch/setup_env.sh mpi`)")
     out = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{h.hostname} slots=1\n" for h in cluster.hosts))
@@ -37,6 +33,3 @@ def test_mpirun_two_hosts_equal_one_host(cluster, ssh_cluster, mn_recipe, mn_dat
     assert_all_ok(finished)
     tx = {h.index: cluster.tx_bytes(h) - tx0[h.index] for h in cluster.hosts}
     assert_global_sift_run(out, reference_losses, STEPS, 2, tx)
-    ranks = sorted((out / ".ranks").glob("rank*.json"))
-    hosts = {p.stem: json.loads(p.read_text())["host"] for p in ranks}
-    assert hosts == {"rank0": "node0", "rank1": "node1"}  # one rank on each host
