@@ -107,14 +107,6 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
                           f"a checkpoint tag directory with {STATE_FILE}")
 
 
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags with our state file (complete saves), oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p.name for p in ckpt_dir.iterdir()
-                  if TAG_RE.match(p.name) and (p / STATE_FILE).is_file())
-
-
 def prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
     """Delete all but the newest `keep_last` step directories (never `protect`); 0 keeps all."""
     if keep_last <= 0:
