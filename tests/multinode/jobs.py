@@ -96,3 +96,19 @@ def assert_global_sift_run(out: Path, reference: dict[int, float], steps: int, w
     assert s["samples_moved"] == moved
     for i, sent in tx_bytes.items():
         assert sent > moved_bytes / world, (i, sent, moved_bytes)
+
+
+def assert_no_training_processes(cluster: Cluster, grace_s: float = 10.0) -> None:
+    """No launcher or rank is left on any host (a few seconds' grace for exits in flight)."""
+    deadline = time.monotonic() + grace_s
+    while any((left := training_processes(cluster)).values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(left.values()), f"orphaned processes: {left}"
+
+
+def training_processes(cluster: Cluster) -> dict[str, list[str]]:
+    """hostname -> command lines of launcher or trainer processes still running there (daemons
+    such as sshd or slurmd that other fixtures keep up are not counted)."""
+    return {h.hostname: [c for c in cluster.commands(h) if "deepspeed" in c or "pipeline.train" in c
+                         or "mpirun" in c or "orted" in c]
+            for h in cluster.hosts}

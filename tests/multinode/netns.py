@@ -201,6 +201,16 @@ class Cluster:
     def pids(self, host: Host) -> list[int]:
         return namespace_pids(host.netns)
 
+    def commands(self, host: Host) -> list[str]:
+        """Command lines of the processes running on `host` now."""
+        out = []
+        for pid in self.pids(host):
+            try:
+                out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:  # ended meanwhile
+                pass
+        return out
+
     def tx_bytes(self, host: Host) -> int:
         """Bytes `host` has sent over its eth0 (the veth link) so far."""
         stats = json.loads(_ip("-n", host.netns, "-j", "-s", "link", "show", "eth0").stdout)

@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import free_port
 from tests.multinode.conftest import RUN_SETS, STEPS
-from tests.multinode.jobs import BIN, assert_all_ok, assert_global_sift_run, run_on_hosts, train_args
+from tests.multinode.jobs import (BIN, assert_all_ok, assert_global_sift_run, run_on_hosts, train_args,
+                                  assert_no_training_processes)
 
 pytestmark = [pytest.mark.multinode]
 
@@ -34,7 +35,7 @@ def test_hostfile_no_ssh_two_hosts_equal_one_host(cluster, mn_recipe, mn_data, r
     tx = {h.index: cluster.tx_bytes(h) - tx0[h.index] for h in cluster.hosts}
     assert_global_sift_run(out, reference_losses, STEPS, 2, tx)
     assert "nnodes=2, num_local_procs=1, node_rank=1" in finished[1].log
-    assert all(cluster.pids(h) == [] for h in cluster.hosts)
+    assert_no_training_processes(cluster)
 
 
 def test_killed_rank_on_one_host_fails_the_other_fast(cluster, mn_recipe, mn_data, tmp_path):
@@ -53,4 +54,4 @@ def test_killed_rank_on_one_host_fails_the_other_fast(cluster, mn_recipe, mn_dat
     assert "sift-train: rank 0 failed" in survivor.log, survivor.log[-3000:]
     assert f"[{cluster.hosts[1].addr}]" in survivor.log  # the lost peer, by address
     assert not (out / "summary.json").exists()
-    assert all(cluster.pids(h) == [] for h in cluster.hosts)  # no orphan on either host
+    assert_no_training_processes(cluster)  # no orphan on either host

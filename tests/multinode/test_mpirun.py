@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import free_port
 from tests.e2e.test_train import REPO, job_env
 from tests.multinode.conftest import RUN_SETS, STEPS
-from tests.multinode.jobs import assert_all_ok, assert_global_sift_run, run_on_hosts, train_args
+from tests.multinode.jobs import (assert_all_ok, assert_global_sift_run, run_on_hosts, train_args,
+                                  assert_no_training_processes)
 
 pytestmark = [pytest.mark.multinode]
 
@@ -33,3 +34,4 @@ def test_mpirun_two_hosts_equal_one_host(cluster, ssh_cluster, mn_recipe, mn_dat
     assert_all_ok(finished)
     tx = {h.index: cluster.tx_bytes(h) - tx0[h.index] for h in cluster.hosts}
     assert_global_sift_run(out, reference_losses, STEPS, 2, tx)
+    assert_no_training_processes(cluster)  # no orphan on either host

@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import free_port
 from tests.e2e.test_train import REPO, job_env
 from tests.multinode.conftest import RUN_SETS, STEPS
-from tests.multinode.jobs import assert_all_ok, assert_global_sift_run, run_on_hosts, train_args
+from tests.multinode.jobs import (assert_all_ok, assert_global_sift_run, run_on_hosts, train_args,
+                                  assert_no_training_processes)
 
 pytestmark = [pytest.mark.multinode]
 
@@ -38,5 +39,6 @@ def test_pdsh_hostfile_two_hosts_equal_one_host(cluster, ssh_cluster, mn_recipe,
     log = finished[0].log
     assert "Running on the following workers: node0,node1" in log, log[-3000:]
     assert_global_sift_run(out, reference_losses, STEPS, 2, tx)
+    assert_no_training_processes(cluster)  # no orphan on either host
     # pdsh prefixes each remote line with its host: both hosts ran a rank.
     assert "node1: " in log and "node0: " in log

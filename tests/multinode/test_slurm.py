@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import free_port
 from tests.e2e.test_train import REPO, job_env
 from tests.multinode.conftest import RUN_SETS, STEPS
-from tests.multinode.jobs import assert_all_ok, assert_global_sift_run, run_on_hosts, train_args
+from tests.multinode.jobs import (assert_all_ok, assert_global_sift_run, run_on_hosts, train_args,
+                                  assert_no_training_processes)
 
 pytestmark = [pytest.mark.multinode]
 
@@ -33,3 +34,4 @@ def test_sbatch_two_hosts_equal_one_host(cluster, slurm_cluster, mn_recipe, mn_d
     assert "Submitted batch job" in finished[0].log, (finished[0].log, job_log[-3000:])
     tx = {h.index: cluster.tx_bytes(h) - tx0[h.index] for h in cluster.hosts}
     assert_global_sift_run(out, reference_losses, STEPS, 2, tx)
+    assert_no_training_processes(cluster)  # no orphan on either host
