@@ -224,9 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [o for group in args.overrides for o in group]
     cfg = load_config(args.recipe, [*overrides, "budget.steps=none",
                                     f"budget.wall_time_s={args.budget_s}"])
-    from pipeline.train import discover_env
-
-    discover_env()  # RANK etc. for a plain process: HF's DeepSpeed integration needs them
+    comm.discover_env()  # RANK etc. for a plain process: HF's DeepSpeed integration needs them
     os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     try:
         run(cfg, Path(args.out_dir), args.budget_s, args.eval_interval_s)

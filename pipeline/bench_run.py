@@ -161,9 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     plan = json.loads(Path(args.plan).read_text())
-    from pipeline.train import discover_env
-
-    discover_env()
+    comm.discover_env()
     rank = 0
     try:
         rank, world_size = comm.init_distributed(timeout_s=float(plan.get("dist_timeout_s", 600)))

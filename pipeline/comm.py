@@ -18,6 +18,8 @@ Must not import: anything from `pipeline` (this module sits below all of it).
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +28,7 @@ import torch.distributed as dist
 __all__ = [
     "get_dist_info", "is_distributed", "wire_device", "barrier", "all_gather_tensor",
     "all_gather_varlen", "all_to_all_rows", "all_reduce", "broadcast_object",
-    "all_gather_object", "init_distributed", "destroy_process_group",
+    "all_gather_object", "discover_env", "init_distributed", "destroy_process_group",
 ]
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -165,6 +167,38 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_dist_info()[1]
     dist.all_gather_object(out, obj)
     return out
+
+
+def discover_env() -> None:
+    """Fill env:// rendezvous variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) when no launcher did.
+
+    deepspeed / torchrun set them already. Under mpirun: DeepSpeed's MPI discovery (mpi4py), then
+    SIFT_MASTER_ADDR, if set, replaces the address it picked (hostname -I may name an interface
+    the ranks cannot use). Under SLURM srun: SLURM_PROCID / NTASKS / LOCALID (MASTER_ADDR from the
+    batch script). Otherwise: one process on this machine.
+    """
+    env = os.environ
+    if "RANK" in env:
+        return
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        from deepspeed.comm.comm import mpi_discovery  # lazy: importing deepspeed costs seconds
+
+        mpi_discovery(distributed_port=int(env.get("MASTER_PORT", 29500)), verbose=False)
+        if env.get("SIFT_MASTER_ADDR"):
+            env["MASTER_ADDR"] = env["SIFT_MASTER_ADDR"]
+        return
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29500")
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(port))
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,

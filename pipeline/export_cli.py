@@ -48,7 +48,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
                         meta["max_seq_len"], meta["pad_token_id"])
     missing, unexpected = model.load_state_dict(fp32_state_dict(load_dir, tag), strict=False)
     model.tie_weights()
-    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    tied = set(model.all_tied_weights_keys)  # decoders tied to the embeddings, both head kinds
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{load_dir / tag}: weights do not match the recorded model "
                               f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")

@@ -31,40 +31,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def discover_env() -> None:
-    """Fill env:// rendezvous variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) when no launcher did.
-
-    deepspeed / torchrun set them already. Under mpirun: DeepSpeed's MPI discovery (mpi4py), then
-    SIFT_MASTER_ADDR, if set, replaces the address it picked (hostname -I may name an interface
-    the ranks cannot use). Under SLURM srun: SLURM_PROCID / NTASKS / LOCALID (MASTER_ADDR from the
-    batch script). Otherwise: one process on this machine.
-    """
-    env = os.environ
-    if "RANK" in env:
-        return
-    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
-        from deepspeed.comm.comm import mpi_discovery
-
-        mpi_discovery(distributed_port=int(env.get("MASTER_PORT", 29500)), verbose=False)
-        if env.get("SIFT_MASTER_ADDR"):
-            env["MASTER_ADDR"] = env["SIFT_MASTER_ADDR"]
-        return
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
-                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", "29500")
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(port))
-
-
 def _rank_file(output_dir: str, rank: int) -> Path:
     return Path(output_dir) / ".ranks" / f"rank{rank}.json"
 
@@ -132,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     signal.signal(signal.SIGTERM, _raise_terminated)  # so a terminated rank still says why
     try:
-        discover_env()
+        comm.discover_env()
         rank, world_size = comm.init_distributed(timeout_s=cfg.run.dist_timeout_s)
         register_rank(cfg.run.output_dir, rank)
         from pipeline.trainer import run  # after init: importing deepspeed's engine is slow

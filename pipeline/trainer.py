@@ -155,7 +155,9 @@ class Trainer:
                                   step=st.micro_index, rank=self.rank)  # (n_cand,) or None
         t2 = time.perf_counter()
         if scores is not None:
-            batch, stats = select_and_exchange(batch, scores, quota, cfg.selection.scope)
+            # every rank loads the same n_cand: as the bound it fuses the two score all-gathers
+            batch, stats = select_and_exchange(batch, scores, quota, cfg.selection.scope,
+                                               max_candidates=n_cand)
             totals.add_selection(stats, n_cand, quota)
             st.samples_moved += stats.samples_moved
             st.bytes_moved += stats.bytes_moved
