@@ -267,13 +267,23 @@ def _clear_temp_files(out: Path) -> None:
                         p.unlink()
 
 
+def held_out(train_sources: list, valid_sources: list) -> list:
+    """The training sources minus the files named for validation.
+
+    `sift-prep corpus/ --valid-input corpus/test.txt` must not train on the held-out file too.
+    """
+    held = {s.path.resolve() for s in valid_sources if s.path is not None}
+    return [s for s in train_sources if s.path is None or s.path.resolve() not in held]
+
+
 def prepare(cfg: PrepConfig, log=print) -> dict:
     """Run (or resume, or confirm) data prep into cfg.output; returns the manifest."""
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     tk.set_threads(cfg.effective_workers)
     out = cfg.output
     sources = src.resolve_inputs(cfg.inputs) if cfg.inputs else [src.embedded_source()]
-    sources += src.resolve_inputs(cfg.valid_inputs, valid_only=True)
+    valid_sources = src.resolve_inputs(cfg.valid_inputs, valid_only=True)
+    sources = held_out(sources, valid_sources) + valid_sources
     settings = cfg.settings()
     source_entries = [s.fingerprint() for s in sources]
 

@@ -202,6 +202,16 @@ def test_loaded_tokenizer_and_valid_input(shared_data, tmp_path):
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
 
 
+def test_a_valid_input_inside_a_training_directory_is_held_out(shared_data, tmp_path):
+    held = shared_data / "wikitext-2" / "test.txt"
+    out = tmp_path / "out"
+    prep(shared_data / "wikitext-2", "--output", out, "--vocab-size", "1000", "--valid-input", held)
+    m = json.loads((out / "manifest.json").read_text())
+    by_split = {(s["split"], Path(s["path"]).name) for s in m["sources"]}
+    assert by_split == {("auto", "valid.txt"), ("valid", "test.txt")}  # test.txt not trained on
+    assert m["splits"]["valid"]["num_sequences"] > 1000
+
+
 # ---------------------------------------------------------------------------------------------
 # Crash safety
 
