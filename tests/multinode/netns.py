@@ -102,6 +102,10 @@ def remove_stale() -> list[str]:
         if m and not _alive(int(m.group(1))):
             _destroy(ns)
             stale.append(ns)
+    for etc in ETC_NETNS.glob(f"{PREFIX}*"):  # a crash between `ip netns del` and this cleanup
+        m = re.fullmatch(rf"{PREFIX}(\d+)c\d+h\d+", etc.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(etc, ignore_errors=True)
     return stale
 
 
