@@ -6,8 +6,9 @@ to or from any other network), plus its own hostname: every command runs in a fr
 named after the host, so `socket.gethostname()` differs between hosts as on a real cluster. The
 filesystem, the repository and the virtualenv are shared, as on a shared-filesystem cluster.
 
-Namespaces are named `siftmn<pid>c<k>h<i>` after the creating process (cluster k of it), so a later run can find and
-remove the ones a crashed run left (`remove_stale`) without touching a concurrent run's.
+Namespaces are named `siftmn<pid>c<k>h<i>` after the creating process (its cluster k), so a later
+run can find and remove the ones a crashed run left (`remove_stale`) without touching a concurrent
+run's.
 Teardown kills every process still inside the namespaces, then deletes them (the veth goes with
 them). This module owns the namespaces; it must not import the pipeline.
 """
@@ -143,7 +144,6 @@ class Cluster:
         Cluster._created += 1
         self.hosts = [Host(i, namespace_name(os.getpid(), Cluster._created, i), f"node{i}",
                            f"{SUBNET}.{i + 1}") for i in range(n)]
-        self._up = False
 
     def __enter__(self) -> "Cluster":
         self.start()
@@ -163,7 +163,6 @@ class Cluster:
                 etc.mkdir(parents=True, exist_ok=True)
                 (etc / "hosts").write_text(hosts)
                 _ip("netns", "add", h.netns)
-                self._up = True
                 _ip("-n", h.netns, "link", "set", "lo", "up")
             a, b = self.hosts
             # Created directly inside the namespaces: no name ever exists in the root namespace.
@@ -181,7 +180,7 @@ class Cluster:
         for h in self.hosts:
             if h.netns in list_namespaces():
                 _destroy(h.netns)
-        self._up = False
+            shutil.rmtree(ETC_NETNS / h.netns, ignore_errors=True)
 
     # ------------------------------------------------------------------ running commands
 
