@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -35,11 +36,42 @@ def _rank_file(output_dir: str, rank: int) -> Path:
     return Path(output_dir) / ".ranks" / f"rank{rank}.json"
 
 
+def _address_towards(host: str) -> str | None:
+    """This machine's address on the route to `host` (what peers see in their socket errors)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # UDP connect sends nothing: it only picks the route
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
 def register_rank(output_dir: str, rank: int) -> None:
-    """Record (host, pid) of this rank, so a survivor can tell which ranks died (no comm needed)."""
+    """Record host, pid and address of this rank, so a survivor can name ranks that died."""
     path = _rank_file(output_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    addr = _address_towards(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "addr": addr}))
+
+
+def _registered(output_dir: str, world_size: int) -> dict[int, dict]:
+    out = {}
+    for rank in range(world_size):
+        try:
+            out[rank] = json.loads(_rank_file(output_dir, rank).read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def unreachable_ranks(output_dir: str, world_size: int, error_text: str, me: int) -> list[int]:
+    """Ranks on other hosts whose address the collective's error names (e.g. gloo's
+    "Read error [10.0.0.2]:7377: Connection reset by peer"): a survivor cannot see another
+    host's processes, but the socket that broke says who was at the other end."""
+    named = set(re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?", error_text))
+    here = socket.gethostname()
+    return [r for r, info in _registered(output_dir, world_size).items()
+            if r != me and info.get("host") != here and info.get("addr") in named]
 
 
 def _running(pid: int) -> bool:
@@ -56,15 +88,9 @@ def _running(pid: int) -> bool:
 
 def dead_ranks(output_dir: str, world_size: int) -> list[int]:
     """Ranks of this host whose process is gone (other hosts' ranks cannot be checked from here)."""
-    dead = []
-    for rank in range(world_size):
-        try:
-            info = json.loads(_rank_file(output_dir, rank).read_text())
-        except (OSError, ValueError):
-            continue
-        if info.get("host") == socket.gethostname() and not _running(int(info["pid"])):
-            dead.append(rank)
-    return dead
+    here = socket.gethostname()
+    return [rank for rank, info in _registered(output_dir, world_size).items()
+            if info.get("host") == here and not _running(int(info["pid"]))]
 
 
 class Terminated(Exception):
@@ -115,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         dead = wait_for_dead_ranks(cfg.run.output_dir, world) if world > 1 else []
         lost = f" (rank(s) {', '.join(map(str, dead))} of {world} no longer running)" if dead else ""
+        if not dead and world > 1:
+            gone = unreachable_ranks(cfg.run.output_dir, world, f"{exc}", rank)
+            lost = f" (rank(s) {', '.join(map(str, gone))} of {world} unreachable)" if gone else ""
         print(f"sift-train: rank {rank} failed{lost}: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)
         traceback.print_exc()

@@ -53,5 +53,6 @@ def test_killed_rank_on_one_host_fails_the_other_fast(cluster, mn_recipe, mn_dat
     assert survivor.seconds < victim.seconds + timeout_s, (survivor.seconds, victim.seconds)
     assert "sift-train: rank 0 failed" in survivor.log, survivor.log[-3000:]
     assert f"[{cluster.hosts[1].addr}]" in survivor.log  # the lost peer, by address
+    assert "rank(s) 1 of 2 unreachable" in survivor.log, survivor.log[-3000:]  # ... and by rank
     assert not (out / "summary.json").exists()
     assert_no_training_processes(cluster)  # no orphan on either host
