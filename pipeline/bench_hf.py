@@ -230,10 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(cfg, Path(args.out_dir), args.budget_s, args.eval_interval_s)
         return 0
     finally:
-        try:
-            comm.destroy_process_group()
-        except Exception:
-            pass
+        comm.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -217,15 +217,22 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
 
 
 def destroy_process_group() -> None:
-    """Tear the group down (DeepSpeed's own call when DeepSpeed is loaded); a no-op without one."""
+    """Tear the group down (DeepSpeed's own call when DeepSpeed is loaded); a no-op without one.
+
+    Best effort, never raises: it runs in `finally` blocks at exit, where a peer may already be
+    gone, and must not hide the error that brought the process there.
+    """
     if not is_distributed():
         return
     import sys
 
-    if "deepspeed.comm" in sys.modules:  # DeepSpeed also drops its cached group references
-        import deepspeed.comm as ds_comm
+    try:
+        if "deepspeed.comm" in sys.modules:  # DeepSpeed also drops its cached group references
+            import deepspeed.comm as ds_comm
 
-        if ds_comm.is_initialized():
-            ds_comm.destroy_process_group()
-    if is_distributed():
-        dist.destroy_process_group()
+            if ds_comm.is_initialized():
+                ds_comm.destroy_process_group()
+        if is_distributed():
+            dist.destroy_process_group()
+    except Exception:  # see the docstring: teardown must not replace the real error
+        pass

@@ -150,10 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(1)  # a peer may be gone: skip teardown collectives that could hang
     finally:
-        try:
-            comm.destroy_process_group()
-        except Exception:
-            pass
+        comm.destroy_process_group()
 
 
 if __name__ == "__main__":
