@@ -5,6 +5,8 @@ Layout under the checkpoint directory:
   step_00000020/            engine.save_checkpoint output (model, ZeRO partitions, optimizer)
       sift_state.json       our client state, also readable without torch (resume, export)
       rng_rank{r}.pt        each rank's Python / numpy / torch RNG states
+  step_00000020_universal/  made on demand: the same checkpoint as a DeepSpeed universal
+                            checkpoint, for a ZeRO resume on another world size
   latest                    the tag of the newest *complete* checkpoint (written last, atomically)
   tokenizer/                copy of the data's tokenizer, so sift-export needs only this directory
 
@@ -14,6 +16,14 @@ tokenizer fingerprint; each rank's RNG states go to `rng_rank{r}.pt` beside it. 
 reseeds dropout per micro-batch from (seed, micro-batch, rank), so exactness does not hinge on them.) DeepSpeed's own `latest` is disabled: ours moves only
 after every rank finished writing (a barrier), by writing a temp file and `os.replace`, so a
 process killed mid-save leaves `latest` on the previous complete checkpoint.
+
+Another world size: ZeRO-1/2/3 partition the optimizer state (ZeRO-3 the weights too) over the
+ranks that saved them, and DeepSpeed refuses to load the partitions on another data-parallel size.
+Such a resume converts the tag once to DeepSpeed's universal checkpoint (one file per parameter for
+the fp32 weights and each Adam moment; `deepspeed.checkpoint.ds_to_universal`, in rank 0's
+process) in the sibling `TAG_universal`, written into a temp directory and renamed (so its existence
+means complete and a later resume reuses it), and the engine loads it re-partitioned under
+`"checkpoint": {"load_universal": true}` in the DeepSpeed config.
 
 Must not import torch.distributed or deepspeed.comm: the barrier comes from pipeline.comm.
 """
@@ -35,6 +45,7 @@ from pipeline import comm
 LATEST = "latest"
 STATE_FILE = "sift_state.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+UNIVERSAL_SUFFIX = "_universal"
 
 
 class CheckpointError(RuntimeError):
@@ -108,13 +119,72 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
 
 
 def prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
-    """Delete all but the newest `keep_last` step directories (never `protect`); 0 keeps all."""
+    """Delete all but the newest `keep_last` step directories (never `protect`), each with its
+    universal conversion if any; 0 keeps all."""
     if keep_last <= 0:
         return
     tags = sorted(p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name))
     for tag in tags[:-keep_last]:
         if tag != protect:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def saved_world_size(load_dir: Path, tag: str) -> int:
+    """The number of ranks that saved (load_dir, tag), from our client state."""
+    return int(json.loads((Path(load_dir) / tag / STATE_FILE).read_text())["world_size"])
+
+
+def is_partitioned(load_dir: Path, tag: str) -> bool:
+    """Whether DeepSpeed saved (load_dir, tag) as ZeRO-1/2/3 partitions (one optimizer file per
+    rank) rather than ZeRO-0's single model file that any world size loads."""
+    return any((Path(load_dir) / tag).glob("*optim_states.pt"))
+
+
+def needs_universal(load_dir: Path, tag: str, world_size: int) -> bool:
+    """Whether resuming (load_dir, tag) on `world_size` ranks goes through a universal checkpoint."""
+    return saved_world_size(load_dir, tag) != world_size and is_partitioned(load_dir, tag)
+
+
+def with_universal_load(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """`ds_config` plus `"checkpoint": {"load_universal": true}` (a copy; other keys kept)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def universal_tag(tag: str) -> str:
+    return tag + UNIVERSAL_SUFFIX
+
+
+def convert_to_universal(load_dir: Path, tag: str) -> str:
+    """Write (load_dir, tag) as a universal checkpoint in `TAG_universal` unless a complete one is
+    there; returns that tag. Not collective: rank 0 calls it, the others wait at a barrier."""
+    load_dir = Path(load_dir)
+    out = load_dir / universal_tag(tag)
+    if out.is_dir():  # renamed into place only when complete
+        return out.name
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = load_dir / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # In this process (1 worker: no process pool); inject_missing_state adds the version record
+    # that Megatron-style clients save and a plain engine does not.
+    args = Namespace(input_folder=str(load_dir / tag), output_folder=str(tmp), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=True)
+    try:
+        ds_to_universal.main(args)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {load_dir / tag} to a universal checkpoint failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        # ds_to_universal points a `latest_universal` beside the output at the temp name; our
+        # `latest` is the only pointer this directory keeps.
+        (load_dir / "latest_universal").unlink(missing_ok=True)
+    os.replace(tmp, out)
+    return out.name
 
 
 def params_finite(engine: Any) -> bool:
@@ -155,13 +225,17 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
     return tag
 
 
-def load(engine: Any, load_dir: Path, tag: str, rank: int) -> dict[str, Any]:
-    """Collective: restore the engine and this rank's RNG states (when the checkpoint has this
-    rank: a larger new world size starts the extra ranks' generators fresh); returns our state."""
-    path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+def load(engine: Any, load_dir: Path, tag: str, rank: int, engine_tag: str | None = None
+         ) -> dict[str, Any]:
+    """Collective: restore the engine (from `engine_tag`, default `tag`: the universal conversion
+    of `tag` when resuming on another world size) and this rank's RNG states (when the checkpoint
+    has this rank: a larger new world size starts the extra ranks' generators fresh); returns our
+    state."""
+    engine_tag = engine_tag or tag
+    path, client = engine.load_checkpoint(str(load_dir), tag=engine_tag, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {Path(load_dir) / tag}")
+        raise CheckpointError(f"DeepSpeed could not load {Path(load_dir) / engine_tag}")
     rng = rng_file(Path(load_dir) / tag, rank)
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))

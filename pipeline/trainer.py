@@ -274,15 +274,22 @@ class Trainer:
         self.writer.message(f"checkpoint {self.ckpt_dir / tag}")
         return tag
 
-    def resume(self, load_dir: Path, tag: str) -> None:
+    def resume(self, load_dir: Path, tag: str, universal: bool = False) -> None:
+        """Restore engine and `TrainState` from (load_dir, tag). `universal`: the checkpoint holds
+        ZeRO partitions of another world size; the engine was built with load_universal and
+        loads rank 0's universal conversion of it (made here unless already there)."""
         saved = json.loads((Path(load_dir) / tag / checkpoint.STATE_FILE).read_text())
-        if saved["world_size"] != self.world_size and self.facts.zero_stage > 0:
-            # DeepSpeed cannot re-partition ZeRO optimizer state to another world size.
+        engine_tag = tag
+        if universal:
+            engine_tag = self._universal_tag(Path(load_dir), tag, saved["world_size"])
+        elif saved["world_size"] != self.world_size and self.facts.zero_stage > 0:
+            # A ZeRO-0 checkpoint has no partitions to convert, and DeepSpeed's ZeRO load
+            # refuses another data-parallel size.
             raise checkpoint.CheckpointError(
-                f"{load_dir / tag} was saved by {saved['world_size']} ranks under ZeRO; resuming on "
-                f"{self.world_size} needs the same world size (ZeRO-0 checkpoints resume on any world "
-                "size; or continue from the weights alone: sift-export, then a fresh run)")
-        client = checkpoint.load(self.engine, load_dir, tag, self.rank)
+                f"{load_dir / tag} was saved by {saved['world_size']} ranks without ZeRO "
+                f"partitions; resuming it under ZeRO-{self.facts.zero_stage} on {self.world_size} "
+                "ranks is not supported (resume it under ZeRO-0, or on the same world size)")
+        client = checkpoint.load(self.engine, load_dir, tag, self.rank, engine_tag=engine_tag)
         if client["tokenizer_fingerprint"] != self.train_set.fingerprint:
             raise checkpoint.CheckpointError(
                 f"{load_dir / tag} was trained with another tokenizer (fingerprint "
@@ -298,6 +305,22 @@ class Trainer:
         self.writer.message(f"resumed from {load_dir / tag}: step {self.state.step}, global sample "
                             f"position {self.state.position} (saved by {client['world_size']} ranks, "
                             f"now {self.world_size})")
+
+    def _universal_tag(self, load_dir: Path, tag: str, saved_world: int) -> str:
+        """Collective: rank 0 converts (or finds) the universal checkpoint; every rank gets its
+        tag, or the same error when the conversion failed."""
+        result: tuple[bool, str] | None = None
+        if self.rank == 0:
+            self.writer.message(f"{load_dir / tag} holds ZeRO partitions of {saved_world} ranks: "
+                                f"loading its universal checkpoint on {self.world_size}")
+            try:
+                result = (True, checkpoint.convert_to_universal(load_dir, tag))
+            except checkpoint.CheckpointError as exc:
+                result = (False, str(exc))
+        ok, text = comm.broadcast_object(result, src=0)
+        if not ok:
+            raise checkpoint.CheckpointError(text)
+        return text
 
     def summary(self, reason: str | None) -> dict[str, Any]:
         first, last = (self.evals[0], self.evals[-1]) if self.evals else ({}, {})
@@ -418,6 +441,10 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     train_set = ShardDataset(cfg.data.data_dir, cfg.data.train_split)
     valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir())
+    universal = resume_from is not None and checkpoint.needs_universal(*resume_from, world_size)
+    if universal:  # ZeRO partitions of another world size: the engine loads them re-partitioned
+        ds_config = checkpoint.with_universal_load(ds_config)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, train_set.vocab_size, train_set.seq_len, train_set.special_ids["pad"])
     engine, facts = build_engine(model, cfg.optim, ds_config)
@@ -428,7 +455,6 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
 
         write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config,
                                                     "engine": dataclasses.asdict(facts)})
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir())
     writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, cfg.logging.progress_bar,
                            total_steps=cfg.budget.steps)
     trainer = Trainer(cfg, engine, facts, train_set, valid_set, writer, rank, world_size)
@@ -437,7 +463,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
                        f"micro batch {facts.micro_batch} x accumulation {facts.grad_accum}, "
                        f"policy {cfg.selection.policy} ({cfg.selection.scope}, f={cfg.selection.fraction})")
         if resume_from is not None:
-            trainer.resume(*resume_from)
+            trainer.resume(*resume_from, universal=universal)
             writer.progress(trainer.state.step)
         summary = trainer.train()
         writer.summary(summary)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._dist import run_distributed
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -268,10 +269,72 @@ def test_resume_on_another_world_size_continues_the_global_position(runs, recipe
     assert sorted(train_losses(out)) == [4, 5, 6]
 
 
-def test_zero_checkpoint_on_another_world_size_is_a_clear_error(runs, recipe, data_dir, tmp_path):
+def load_universal_worker(rank: int, world_size: int, ckpt_dir: Path, tag: str, ds_config: str):
+    """Build the engine as the trainer does for a resume on another world size, load `tag`
+    through its universal conversion, and return the module's weights before and right after the
+    load (numpy: a tensor's shared memory would not outlive this process on the result queue)."""
+    os.environ.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"))
+    from pipeline import checkpoint
+    from pipeline.config import OptimConfig
+    from pipeline.engine import build_engine, load_ds_config
+    from pipeline.model import ModelConfig, build_model
+
+    state = json.loads((ckpt_dir / tag / "sift_state.json").read_text())
+    meta = state["model"]
+    torch.manual_seed(state["config"]["run"]["seed"])  # the trainer's initial weights
+    model = build_model(ModelConfig(**state["config"]["model"]), meta["vocab_size"],
+                        meta["max_seq_len"], meta["pad_token_id"])
+    initial = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+    engine, facts = build_engine(model, OptimConfig(), checkpoint.with_universal_load(
+        load_ds_config(REPO / ds_config, world_size)))
+    assert checkpoint.needs_universal(ckpt_dir, tag, world_size) and facts.zero_stage == 2
+    universal = checkpoint.convert_to_universal(ckpt_dir, tag)  # the trainer's conversion, reused
+    client = checkpoint.load(engine, ckpt_dir, tag, rank, engine_tag=universal)
+    weights = {k: v.detach().float().numpy().copy() for k, v in engine.module.state_dict().items()}
+    return universal, client["train_state"]["position"], initial, weights
+
+
+def test_zero2_checkpoint_resumes_on_another_world_size(runs, recipe, data_dir, tmp_path):
+    """A 2-rank ZeRO-2 checkpoint at step 3, resumed by 1 process to step 6 through DeepSpeed's
+    universal checkpoint: the global sample position carries on, the run trains, and the weights
+    right after the load are the 2-rank checkpoint's consolidated fp32 weights, bit for bit."""
     two = zero_run(runs, 2)
-    proc = run_train(1, recipe, data_dir, tmp_path / "one", f"checkpoint.dir={two / 'checkpoints'}",
-                     "budget.steps=8", "checkpoint.every_steps=0", "checkpoint.at_end=false",
-                     resume="auto", expect_ok=False)
-    assert proc.returncode != 0
-    assert "was saved by 2 ranks under ZeRO; resuming on 1 needs the same world size" in proc.stderr
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    shutil.copytree(two / "checkpoints" / "step_00000003", ckpt / "step_00000003")
+    shutil.copytree(two / "checkpoints" / "tokenizer", ckpt / "tokenizer")
+    (ckpt / "latest").write_text("step_00000003\n")
+    out = tmp_path / "one_rank"
+    proc = run_train(1, recipe, data_dir, out, "run.ds_config=ds_configs/cpu_zero2_fp32.json",
+                     f"checkpoint.dir={ckpt}", resume="auto")
+    log = proc.stdout + proc.stderr
+    assert "holds ZeRO partitions of 2 ranks: loading its universal checkpoint on 1" in log
+    assert "resumed from" in log and "saved by 2 ranks, now 1" in log
+    s = summary(out)
+    assert s["steps"] == 6 and s["world_size"] == 1 and s["zero_stage"] == 2
+    assert s["global_sample_position"] == 3 * 2 * 32 + 3 * 1 * 32
+    assert s["samples_backpropagated"] == 3 * 2 * 16 + 3 * 1 * 16
+    losses = train_losses(out)
+    assert sorted(losses) == [4, 5, 6] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert json.loads((out / "config.json").read_text())["deepspeed"]["checkpoint"]["load_universal"]
+    # The conversion sits beside the tag, complete (renamed into place), with no temp left over.
+    universal_dir = ckpt / "step_00000003_universal"
+    assert (universal_dir / "zero").is_dir() and not list(ckpt.glob(".*tmp*"))
+    assert not (ckpt / "latest_universal").exists() and (ckpt / "latest").read_text().strip() == "step_00000006"
+    saved = json.loads((ckpt / "step_00000006" / "sift_state.json").read_text())
+    assert saved["world_size"] == 1 and saved["train_state"]["position"] == s["global_sample_position"]
+
+    # Right after the load: the same weights as the 2-rank checkpoint consolidated (the existing
+    # conversion is reused, not redone).
+    before = universal_dir.stat().st_mtime_ns
+    (tag, position, initial, weights), = run_distributed(load_universal_worker, 1, ckpt, "step_00000003",
+                                                "ds_configs/cpu_zero2_fp32.json", timeout=180)
+    assert tag == "step_00000003_universal" and universal_dir.stat().st_mtime_ns == before
+    assert position == 3 * 2 * 32
+    ref = fp32_weights(two / "checkpoints", "step_00000003")
+    initial = {k: torch.from_numpy(v) for k, v in initial.items()}
+    weights = {k: torch.from_numpy(v) for k, v in weights.items()}
+    assert ref.keys() <= weights.keys()
+    assert all(torch.equal(ref[k], weights[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], weights[k])]
+    # ... which are not the initial weights the engine started from: the load moved them.
+    assert any(not torch.equal(ref[k], initial[k]) for k in ref)
