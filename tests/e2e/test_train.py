@@ -272,7 +272,8 @@ def test_resume_on_another_world_size_continues_the_global_position(runs, recipe
 def load_universal_worker(rank: int, world_size: int, ckpt_dir: Path, tag: str, ds_config: str):
     """Build the engine as the trainer does for a resume on another world size, load `tag`
     through its universal conversion, and return the module's weights before and right after the
-    load (numpy: a tensor's shared memory would not outlive this process on the result queue)."""
+    load, and Adam's state per group (numpy: a tensor's shared memory would not outlive this
+    process on the result queue)."""
     os.environ.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"))
     from pipeline import checkpoint
     from pipeline.config import OptimConfig
@@ -291,13 +292,18 @@ def load_universal_worker(rank: int, world_size: int, ckpt_dir: Path, tag: str, 
     universal = checkpoint.convert_to_universal(ckpt_dir, tag)  # the trainer's conversion, reused
     client = checkpoint.load(engine, ckpt_dir, tag, rank, engine_tag=universal)
     weights = {k: v.detach().float().numpy().copy() for k, v in engine.module.state_dict().items()}
-    return universal, client["train_state"]["position"], initial, weights
+    adam = engine.optimizer.optimizer.state  # ZeRO-2: keyed by each group's flat fp32 partition
+    moments = [{"step": float(adam[flat]["step"]), **{k: adam[flat][k].numpy().copy()
+                                                      for k in ("exp_avg", "exp_avg_sq")}}
+               for flat in engine.optimizer.single_partition_of_fp32_groups]
+    return universal, client["train_state"]["position"], initial, weights, moments
 
 
 def test_zero2_checkpoint_resumes_on_another_world_size(runs, recipe, data_dir, tmp_path):
     """A 2-rank ZeRO-2 checkpoint at step 3, resumed by 1 process to step 6 through DeepSpeed's
     universal checkpoint: the global sample position carries on, the run trains, and the weights
-    right after the load are the 2-rank checkpoint's consolidated fp32 weights, bit for bit."""
+    right after the load are the 2-rank checkpoint's consolidated fp32 weights and Adam moments, bit
+    for bit."""
     two = zero_run(runs, 2)
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
@@ -327,7 +333,7 @@ def test_zero2_checkpoint_resumes_on_another_world_size(runs, recipe, data_dir, 
     # Right after the load: the same weights as the 2-rank checkpoint consolidated (the existing
     # conversion is reused, not redone).
     before = universal_dir.stat().st_mtime_ns
-    (tag, position, initial, weights), = run_distributed(load_universal_worker, 1, ckpt, "step_00000003",
+    (tag, position, initial, weights, moments), = run_distributed(load_universal_worker, 1, ckpt, "step_00000003",
                                                 "ds_configs/cpu_zero2_fp32.json", timeout=180)
     assert tag == "step_00000003_universal" and universal_dir.stat().st_mtime_ns == before
     assert position == 3 * 2 * 32
@@ -338,3 +344,14 @@ def test_zero2_checkpoint_resumes_on_another_world_size(runs, recipe, data_dir, 
     assert all(torch.equal(ref[k], weights[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], weights[k])]
     # ... which are not the initial weights the engine started from: the load moved them.
     assert any(not torch.equal(ref[k], initial[k]) for k in ref)
+    # Adam's moments: each group's flat moments are the 2 ranks' partitions end to end (the same
+    # parameter order on any world size), up to the padding each world size adds at the end.
+    parts = [torch.load(ckpt / "step_00000003" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                        map_location="cpu", weights_only=False)["optimizer_state_dict"] for r in (0, 1)]
+    for g, got in enumerate(moments):
+        assert got["step"] == 3.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            saved = torch.cat([p["base_optimizer_state"]["state"][g][key] for p in parts])
+            n = saved.numel() - sum(p["group_paddings"][g] for p in parts)  # real elements
+            assert torch.equal(torch.from_numpy(got[key])[:n], saved[:n]), (g, key)
+            assert saved[:n].abs().sum() > 0  # moments that 3 steps filled, not zeros
