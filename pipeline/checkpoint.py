@@ -157,7 +157,7 @@ def universal_tag(tag: str) -> str:
 
 def convert_to_universal(load_dir: Path, tag: str) -> str:
     """Write (load_dir, tag) as a universal checkpoint in `TAG_universal` unless a complete one is
-    there; returns that tag. Not collective: rank 0 calls it, the others wait at a barrier."""
+    there; returns that tag. Not collective: rank 0 calls it, the others wait for its answer."""
     load_dir = Path(load_dir)
     out = load_dir / universal_tag(tag)
     if out.is_dir():  # renamed into place only when complete
@@ -166,8 +166,9 @@ def convert_to_universal(load_dir: Path, tag: str) -> str:
 
     from deepspeed.checkpoint import ds_to_universal
 
+    for stale in load_dir.glob(f".{out.name}.tmp*"):  # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = load_dir / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     # In this process (1 worker: no process pool); inject_missing_state adds the version record
     # that Megatron-style clients save and a plain engine does not.
     args = Namespace(input_folder=str(load_dir / tag), output_folder=str(tmp), num_extract_workers=1,
