@@ -10,15 +10,9 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, p
 
 from pipeline.export import save_hf_directory
 from pipeline.model import SIFT_CONFIG_KEYS, ModelConfig, build_model
-from tests.unit.test_model_support import real_batch, train_tokenizer
+from tests.unit.test_model_support import VOCAB, real_batch
 
-VOCAB = 600
 SEQ = 48
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(shared_data, tmp_path_factory):
-    return train_tokenizer(shared_data, tmp_path_factory.mktemp("tok"), vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,9 @@ from pipeline.model import (
     bert_config,
     build_model,
 )
-from tests.unit.test_model_support import real_batch, train_tokenizer
+from tests.unit.test_model_support import VOCAB, real_batch
 
-VOCAB = 600
 SEQ = 48
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(shared_data, tmp_path_factory):
-    return train_tokenizer(shared_data, tmp_path_factory.mktemp("tok"), vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, as data_prep trains them
 CORPUS = Path("nltk") / "abc" / "science.txt"
+VOCAB = 600
+"""Vocabulary of the shared test tokenizer (the `tokenizer_dir` fixture in tests/unit/conftest.py)."""
 
 
 def corpus_lines(shared_data: Path, max_chars: int = 400_000) -> list[str]:

@@ -9,15 +9,9 @@ import torch
 from pipeline.model import ModelConfig, build_model
 from pipeline.scoring import per_sample_mean, score_candidates, score_exit, score_full, token_scores
 from pipeline.selection import SelectionConfig, random_scores
-from tests.unit.test_model_support import real_batch, train_tokenizer
+from tests.unit.test_model_support import VOCAB, real_batch
 
-VOCAB = 600
 SEQ = 48
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(shared_data, tmp_path_factory):
-    return train_tokenizer(shared_data, tmp_path_factory.mktemp("tok"), vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
