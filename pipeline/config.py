@@ -166,6 +166,9 @@ class LoggingConfig:
     """Write TensorBoard event files under <output_dir>/tensorboard."""
     progress_bar: bool = True
     """Show a tqdm bar on rank 0."""
+    plan_digests: bool = False
+    """Every rank appends each selection's plan digest and source counts to
+    <output_dir>/plans/rank<r>.jsonl: evidence that all ranks computed the same global plan."""
 
     def __post_init__(self):
         _check(self.every_steps >= 1, "logging.every_steps must be >= 1")

@@ -42,7 +42,8 @@ import torch
 from pipeline import comm
 
 __all__ = ["SelectorStats", "plan", "plan_arrays", "select_mask", "min_samples_moved", "RankPlan",
-           "rank_plan", "selection_means", "pack_rows", "unpack_rows", "select_and_exchange"]
+           "rank_plan", "selection_means", "plan_digest", "pack_rows", "unpack_rows",
+           "select_and_exchange"]
 
 SCOPES = ("global", "local")
 
@@ -70,6 +71,9 @@ class SelectorStats:
     scope, this rank's for local); NaN when none is finite."""
     source_counts: list[int]
     """For this rank's training micro-batch: how many rows came from each rank (length world)."""
+    plan_digest: int = 0
+    """crc32 of the global selection and the per-rank counts it was planned from: the same on
+    every rank in global scope (each computes the plan on its own; this shows they agree)."""
 
     def __post_init__(self) -> None:
         if self.samples_moved < 0 or self.bytes_moved < 0:
@@ -408,13 +412,21 @@ def _float_scores(scores: torch.Tensor) -> torch.Tensor:
     return s
 
 
+def plan_digest(selected_mask: np.ndarray, counts: Sequence[int]) -> int:
+    """crc32 of a selection (N,) bool and the per-rank candidate counts (W,): the plan's inputs
+    that are not the scores themselves, so equal digests mean equal plans."""
+    packed = np.packbits(np.asarray(selected_mask, dtype=bool)).tobytes()
+    return zlib.crc32(np.asarray(counts, dtype=np.int64).tobytes(), zlib.crc32(packed))
+
+
 def _local_select(batch, scores_np, quota, rank, world):
     rp = rank_plan(scores_np, [scores_np.shape[0]], quota, 0)
     counts = [0] * world
     counts[rank] = quota
     selected, everything = selection_means(scores_np, rp.selected_mask)
     stats = SelectorStats(samples_moved=0, bytes_moved=0, mean_score_selected=selected,
-                          mean_score_all=everything, source_counts=counts)
+                          mean_score_all=everything, source_counts=counts,
+                          plan_digest=plan_digest(rp.selected_mask, [scores_np.shape[0]]))
     return _take(batch, rp.kept_index), stats
 
 
@@ -511,5 +523,6 @@ def select_and_exchange(batch: dict[str, torch.Tensor], scores: torch.Tensor, qu
     stats = SelectorStats(samples_moved=rp.samples_moved,
                           bytes_moved=rp.samples_moved * row_bytes,
                           mean_score_selected=selected, mean_score_all=everything,
-                          source_counts=source_counts.tolist())
+                          source_counts=source_counts.tolist(),
+                          plan_digest=plan_digest(rp.selected_mask, counts))
     return kept, stats

@@ -159,6 +159,8 @@ class Trainer:
             batch, stats = select_and_exchange(batch, scores, quota, cfg.selection.scope,
                                                max_candidates=n_cand)
             totals.add_selection(stats, n_cand, quota)
+            if cfg.logging.plan_digests:
+                self._log_plan(stats)
             st.samples_moved += stats.samples_moved
             st.bytes_moved += stats.bytes_moved
         t3 = time.perf_counter()
@@ -202,6 +204,14 @@ class Trainer:
         return 1
 
     # ------------------------------------------------------------------ budgets, eval, checkpoints
+
+    def _log_plan(self, stats: Any) -> None:
+        """One line per selection, on every rank (logging.plan_digests)."""
+        path = Path(self.cfg.run.output_dir) / "plans" / f"rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"micro_batch": self.state.micro_index, "digest": stats.plan_digest,
+                                "source_counts": stats.source_counts}) + "\n")
 
     def elapsed(self) -> float:
         return self.state.train_time_s + time.perf_counter() - self._session_start

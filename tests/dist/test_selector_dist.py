@@ -159,6 +159,8 @@ def test_select_and_exchange_matches_single_process_reference(world):
                                                                   nan_ok=True)
                 assert stats.mean_score_all == pytest.approx(
                     _finite_mean([v for s in scores for v in s]), nan_ok=True)
+        if scope == "global":  # every rank computed its plan alone: the digests agree
+            assert len({r["stats"].plan_digest for r in per_rank}) == 1
         if name == "nothing_moves":
             assert per_rank[0]["stats"].samples_moved == 0
         if name in ("skewed", "zero_candidates", "uneven_zero"):

@@ -16,7 +16,8 @@ from tests.multinode.netns import Cluster, refusal_reason
 
 STEPS = 4
 """Optimizer steps of every multi-node run (enough for selections that move rows)."""
-RUN_SETS = (f"budget.steps={STEPS}", "checkpoint.every_steps=0", "run.dist_timeout_s=60")
+RUN_SETS = (f"budget.steps={STEPS}", "checkpoint.every_steps=0", "run.dist_timeout_s=60",
+            "logging.plan_digests=true")
 """Overrides every multi-node run and its single-host reference share."""
 
 

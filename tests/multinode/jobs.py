@@ -94,6 +94,15 @@ def assert_global_sift_run(out: Path, reference: dict[int, float], steps: int, w
     # and the losses equal the reference only when they trained the same global top-k.
     assert moved > 0 and moved_bytes > 0, records
     assert s["samples_moved"] == moved
+    # Each host computed its plan alone: the plan digests of every selection agree, and some
+    # micro-batches drew rows from the other host's rank.
+    plans = [[json.loads(line) for line in (out / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(world)]
+    assert len(plans[0]) >= steps and all(len(p) == len(plans[0]) for p in plans)
+    for per_rank in zip(*plans):
+        assert len({p["digest"] for p in per_rank}) == 1, per_rank
+    assert any(sum(p["source_counts"]) > p["source_counts"][r] for r in range(world)
+               for p in plans[r]), plans
     for i, sent in tx_bytes.items():
         assert sent > moved_bytes / world, (i, sent, moved_bytes)
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from pipeline import comm
 from pipeline.selector import (SelectorStats, min_samples_moved, pack_rows, plan, plan_arrays,
-                               rank_plan, select_and_exchange, select_mask, selection_means,
-                               unpack_rows)
+                               plan_digest, rank_plan, select_and_exchange, select_mask,
+                               selection_means, unpack_rows)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -316,7 +316,15 @@ def test_select_and_exchange_without_a_group_is_the_local_top_k():
             assert torch.equal(out[k].view(torch.uint8), v[[1, 3, 5]].view(torch.uint8))
         assert stats == SelectorStats(samples_moved=0, bytes_moved=0,
                                       mean_score_selected=pytest.approx(8.0 / 3),
-                                      mean_score_all=pytest.approx(7.5 / 5), source_counts=[3])
+                                      mean_score_all=pytest.approx(7.5 / 5), source_counts=[3],
+                                      plan_digest=plan_digest(np.arange(6) % 2 == 1, [6]))
+
+
+def test_plan_digest_tells_plans_apart():
+    mask = np.array([True, False, True, False])
+    assert plan_digest(mask, [2, 2]) == plan_digest(mask.copy(), [2, 2])
+    assert plan_digest(mask, [2, 2]) != plan_digest(mask, [1, 3])  # same flat mask, other ranks
+    assert plan_digest(mask, [2, 2]) != plan_digest(~mask, [2, 2])
 
 
 def test_select_and_exchange_rejects_bad_input():
