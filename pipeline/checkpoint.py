@@ -209,7 +209,10 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tokenizer_dir is not None and not (ckpt_dir / "tokenizer").is_dir():
-            shutil.copytree(tokenizer_dir, ckpt_dir / "tokenizer")
+            tmp_tok = ckpt_dir / f".tokenizer.tmp{os.getpid()}"  # a killed copy never looks done
+            shutil.rmtree(tmp_tok, ignore_errors=True)
+            shutil.copytree(tokenizer_dir, tmp_tok)
+            os.replace(tmp_tok, ckpt_dir / "tokenizer")
     state = {**client_state, "step": step, "tag": tag}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"sift": state}, save_latest=False)
     torch.save(rng_state(), rng_file(ckpt_dir / tag, rank))  # per rank: each has its own streams

@@ -38,7 +38,7 @@ from pipeline.evaluation import evaluate_local, summarize
 from pipeline.metrics import MetricsWriter
 from pipeline.model import build_model
 from pipeline.scoring import score_candidates
-from pipeline.selection import pool_sizes
+from pipeline.selection import is_active, pool_sizes
 from pipeline.selector import select_and_exchange
 
 
@@ -119,6 +119,8 @@ class Trainer:
                 self.save()
                 last_saved = step
             reason = self.budget_reached()
+        if window.records:  # the steps since the last log line (a budget rarely ends on one)
+            self.writer.log(self.state.step, window.scalars(self))
         if cfg.eval.at_end and last_eval != self.state.step:
             self.evaluate()
         if cfg.checkpoint.at_end and last_saved != self.state.step:
@@ -151,8 +153,10 @@ class Trainer:
         st.position += n_cand * self.world_size
         batch = {k: v.to(self.device) for k, v in batch.items()}
         t1 = time.perf_counter()
-        scores = score_candidates(self.engine.module, batch, cfg.selection, seed=cfg.run.seed,
-                                  step=st.micro_index, rank=self.rank)  # (n_cand,) or None
+        scores = None  # before selection.start_step: no pool, no scoring, train on everything
+        if is_active(cfg.selection, st.step):
+            scores = score_candidates(self.engine.module, batch, cfg.selection, seed=cfg.run.seed,
+                                      step=st.micro_index, rank=self.rank)  # (n_cand,) or None
         t2 = time.perf_counter()
         if scores is not None:
             # every rank loads the same n_cand: as the bound it fuses the two score all-gathers
@@ -325,8 +329,9 @@ class Trainer:
                                 f"loading its universal checkpoint on {self.world_size}")
             try:
                 result = (True, checkpoint.convert_to_universal(load_dir, tag))
-            except checkpoint.CheckpointError as exc:
-                result = (False, str(exc))
+            except Exception as exc:  # any failure must reach the ranks waiting below
+                result = (False, f"{load_dir / tag}: universal conversion failed: "
+                                 f"{type(exc).__name__}: {exc}")
         ok, text = comm.broadcast_object(result, src=0)
         if not ok:
             raise checkpoint.CheckpointError(text)
