@@ -40,23 +40,11 @@ class EvalSums:
     """Per-sample mean full-model loss, aligned with exit_losses."""
 
 
-def per_sample_mean(token_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean of `token_values` (N,) per row of `labels` (B, L); N = masked positions, row-major.
-
-    Rows with no masked token get 0.0 (the scoring contract's convention).
-    """
-    masked = labels.ne(IGNORE_INDEX)  # (B, L)
-    counts = masked.sum(dim=1)  # (B,)
-    row_of = torch.repeat_interleave(torch.arange(labels.shape[0]), counts)  # (N,)
-    sums = torch.zeros(labels.shape[0], dtype=torch.float64).index_add_(0, row_of, token_values.double())
-    return (sums / counts.clamp(min=1)).float()  # (B,)
-
-
 @torch.no_grad()
 def evaluate_local(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                    device: torch.device | str = "cpu") -> EvalSums:
     """Sums over this rank's validation batches; restores the model's train/eval mode."""
-    from pipeline.scoring import score_exit  # the exit pass (no grad, eval mode)
+    from pipeline.scoring import per_sample_mean, score_exit  # the exit pass (no grad, eval mode)
 
     was_training = model.training
     model.eval()
@@ -70,7 +58,7 @@ def evaluate_local(model: torch.nn.Module, batches: Iterable[dict[str, torch.Ten
             sums.loss_sum += float(token_ce.sum())
             sums.correct += int((out.logits.argmax(dim=-1) == targets).sum())
             sums.tokens += int(targets.numel())
-            full = per_sample_mean(token_ce.cpu(), b["labels"].cpu())  # (B,)
+            full = per_sample_mean(token_ce.cpu(), b["labels"].cpu().ne(IGNORE_INDEX))  # (B,)
             exit_ = score_exit(model, b, metric="loss").float().cpu()  # (B,)
             has = b["labels"].ne(IGNORE_INDEX).any(dim=1).cpu()  # (B,)
             sums.full_losses += full[has].tolist()

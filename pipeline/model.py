@@ -46,8 +46,7 @@ from transformers.models.bert.modeling_bert import (
     BertPreTrainedModel,
 )
 
-IGNORE_INDEX = -100
-"""Label value at positions that carry no MLM target (the `labels` convention of the batch)."""
+from pipeline.data import IGNORE_INDEX  # the batch contract: label of a position with no target
 
 PRESETS: dict[str, tuple[int, int]] = {
     "bert-tiny": (2, 128),

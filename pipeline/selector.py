@@ -40,12 +40,11 @@ import numpy as np
 import torch
 
 from pipeline import comm
+from pipeline.selection import SCOPES
 
 __all__ = ["SelectorStats", "plan", "plan_arrays", "select_mask", "min_samples_moved", "RankPlan",
            "rank_plan", "selection_means", "plan_digest", "pack_rows", "unpack_rows",
            "select_and_exchange"]
-
-SCOPES = ("global", "local")
 
 GATHER_BY_ALL_REDUCE_FROM = 64
 """World size from which the fused score gather (max_candidates given) runs as a zero-padded
@@ -510,8 +509,7 @@ def select_and_exchange(batch: dict[str, torch.Tensor], scores: torch.Tensor, qu
 
     kept = _take(batch, rp.kept_index)
     if rp.samples_moved:  # every rank derives this from the same plan: all call, or none
-        packed, _ = pack_rows(batch)  # (B, row_bytes)
-        send = packed[torch.as_tensor(rp.send_index, device=packed.device)]
+        send, _ = pack_rows(_take(batch, rp.send_index))  # (sent, row_bytes): only what leaves
         recv = comm.all_to_all_rows(send, rp.send_counts.tolist(), rp.recv_counts.tolist())
         if recv.shape[0]:  # plan order: kept rows, then received rows by source rank
             received = unpack_rows(recv, layout)

@@ -165,13 +165,14 @@ def test_resume_resolution(tmp_path):
 def test_per_sample_mean_and_spearman():
     import torch
 
-    from pipeline.evaluation import per_sample_mean, spearman, summarize
+    from pipeline.evaluation import spearman, summarize
+    from pipeline.scoring import per_sample_mean
 
     labels = torch.full((3, 4), -100)
     labels[0, 1] = labels[0, 3] = 5
     labels[2, 0] = 7  # row 1 has no target
     values = torch.tensor([1.0, 3.0, 10.0])  # (N,) row-major over the masked positions
-    assert per_sample_mean(values, labels).tolist() == [2.0, 0.0, 10.0]
+    assert per_sample_mean(values, labels.ne(-100)).tolist() == [2.0, 0.0, 10.0]
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     m = summarize(loss_sum=6.0, correct=1, tokens=4, exit_losses=[1, 2, 3], full_losses=[2, 3, 4])
