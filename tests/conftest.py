@@ -26,6 +26,17 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """The embedded State of the Union corpus through the real sift-prep (vocab 600, 64 tokens):
+    small enough that bert-tiny learns in a minute; shared by the trainer and multi-node tests."""
+    from tests.prepared import run_prep
+
+    out = tmp_path_factory.mktemp("tiny_corpus") / "data"
+    return run_prep([], out, "--vocab-size", "600", "--seq-len", "64", "--valid-fraction", "0.05",
+                    "--no-progress")
+
+
+@pytest.fixture(scope="session")
 def state_union_shards(shared_data, tmp_path_factory) -> Path:
     """The State of the Union addresses prepared by the real sift-prep (vocab 2000, seq 64)."""
     from tests.prepared import run_prep

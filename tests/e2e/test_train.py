@@ -118,15 +118,21 @@ def fp32_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return fp32_state_dict(ckpt_dir, tag)
 
 
+def checkpoint_at_step_3(run: Path, tmp_path: Path) -> Path:
+    """A fresh checkpoint directory holding only `run`'s step-3 tag (and the tokenizer), with
+    `latest` naming it: what a run stopped after step 3 would have left."""
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    shutil.copytree(run / "checkpoints" / "step_00000003", ckpt / "step_00000003")
+    shutil.copytree(run / "checkpoints" / "tokenizer", ckpt / "tokenizer")
+    (ckpt / "latest").write_text("step_00000003\n")
+    return ckpt
+
+
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """The embedded State of the Union corpus through the real sift-prep (vocab 600, 64 tokens)."""
-    out = tmp_path_factory.mktemp("train_data") / "data"
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "--output", str(out), "--vocab-size",
-                           "600", "--seq-len", "64", "--valid-fraction", "0.05", "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def data_dir(tiny_corpus) -> Path:
+    """The embedded corpus, prepared once per session (tests/conftest.py)."""
+    return tiny_corpus
 
 
 @pytest.fixture(scope="module")
@@ -230,11 +236,7 @@ def test_exact_resume(runs, recipe, data_dir, tmp_path, stage):
     """Steps 1-3, a fresh process resumes from the step-3 checkpoint to step 6: identical losses
     and identical final weights to the uninterrupted 6-step run."""
     full = zero_run(runs, stage)
-    ckpt = tmp_path / "checkpoints"
-    ckpt.mkdir()
-    shutil.copytree(full / "checkpoints" / "step_00000003", ckpt / "step_00000003")
-    shutil.copytree(full / "checkpoints" / "tokenizer", ckpt / "tokenizer")
-    (ckpt / "latest").write_text("step_00000003\n")
+    ckpt = checkpoint_at_step_3(full, tmp_path)
     out = tmp_path / "resumed"
     proc = run_train(2, recipe, data_dir, out, f"run.ds_config=ds_configs/cpu_zero{stage}_fp32.json",
                      f"checkpoint.dir={ckpt}", resume="auto")
@@ -252,11 +254,7 @@ def test_exact_resume(runs, recipe, data_dir, tmp_path, stage):
 def test_resume_on_another_world_size_continues_the_global_position(runs, recipe, data_dir, tmp_path):
     """A 2-rank ZeRO-0 checkpoint at step 3, resumed by 1 process: the data position carries on."""
     two = zero_run(runs, 0)
-    ckpt = tmp_path / "checkpoints"
-    ckpt.mkdir()
-    shutil.copytree(two / "checkpoints" / "step_00000003", ckpt / "step_00000003")
-    shutil.copytree(two / "checkpoints" / "tokenizer", ckpt / "tokenizer")
-    (ckpt / "latest").write_text("step_00000003\n")
+    ckpt = checkpoint_at_step_3(two, tmp_path)
     saved = json.loads((ckpt / "step_00000003" / "sift_state.json").read_text())
     assert saved["train_state"]["position"] == 3 * 2 * 32 and saved["world_size"] == 2
     out = tmp_path / "one_rank"
@@ -305,11 +303,7 @@ def test_zero2_checkpoint_resumes_on_another_world_size(runs, recipe, data_dir, 
     right after the load are the 2-rank checkpoint's consolidated fp32 weights and Adam moments, bit
     for bit."""
     two = zero_run(runs, 2)
-    ckpt = tmp_path / "checkpoints"
-    ckpt.mkdir()
-    shutil.copytree(two / "checkpoints" / "step_00000003", ckpt / "step_00000003")
-    shutil.copytree(two / "checkpoints" / "tokenizer", ckpt / "tokenizer")
-    (ckpt / "latest").write_text("step_00000003\n")
+    ckpt = checkpoint_at_step_3(two, tmp_path)
     out = tmp_path / "one_rank"
     proc = run_train(1, recipe, data_dir, out, "run.ds_config=ds_configs/cpu_zero2_fp32.json",
                      f"checkpoint.dir={ckpt}", resume="auto")

@@ -5,13 +5,11 @@ namespace, daemon or rank behind; `netns.remove_stale` clears what a crashed ses
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_train import BASE_RECIPE, REPO
+from tests.e2e.test_train import BASE_RECIPE
 from tests.multinode.netns import Cluster, refusal_reason
 
 STEPS = 4
@@ -37,14 +35,9 @@ def cluster():
 
 
 @pytest.fixture(scope="session")
-def mn_data(tmp_path_factory) -> Path:
-    """The embedded State of the Union corpus through the real sift-prep (vocab 600, 64 tokens)."""
-    out = tmp_path_factory.mktemp("mn_data") / "data"
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "--output", str(out), "--vocab-size",
-                           "600", "--seq-len", "64", "--valid-fraction", "0.05", "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def mn_data(tiny_corpus) -> Path:
+    """The e2e tests' corpus (tests/conftest.py), on the shared filesystem both hosts see."""
+    return tiny_corpus
 
 
 @pytest.fixture(scope="session")
