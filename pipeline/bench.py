@@ -67,6 +67,10 @@ class Arm:
     """Layer the exit head reads (only sift-loss / sift-entropy use it for selection)."""
     exit_head: str = "shared"
     """shared or separate."""
+    tag: str = ""
+    """Names a variant (`--variant TAG SET...`): the arm's name ends with `-TAG`."""
+    extra: tuple[str, ...] = ()
+    """The variant's own `--set` overrides, applied after the selection settings."""
 
     def __post_init__(self):
         if self.policy not in ("none", *POLICIES):
@@ -75,6 +79,10 @@ class Arm:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.pool not in ("expand", "shrink"):
             raise ValueError(f"pool must be expand or shrink, got {self.pool!r}")
+        if self.tag and not all(c.isalnum() or c in "._" for c in self.tag):
+            raise ValueError(f"variant tag must be letters, digits, '.' or '_', got {self.tag!r}")
+        if bool(self.tag) != bool(self.extra):
+            raise ValueError("a variant needs both a tag and at least one override")
 
     @property
     def name(self) -> str:
@@ -84,7 +92,7 @@ class Arm:
         if self.policy in ("sift-loss", "sift-entropy"):
             name += "" if self.exit_layer == 1 else f"-L{self.exit_layer}"
             name += "" if self.exit_head == "shared" else f"-{self.exit_head}"
-        return name
+        return name + (f"-{self.tag}" if self.tag else "")
 
     def control(self) -> "Arm | None":
         """The random arm of the same batch size (None for vanilla and random)."""
@@ -98,18 +106,24 @@ class Arm:
                f'model.exit_head="{self.exit_head}"']
         if self.policy != "none":
             out += [f"selection.fraction={self.fraction}", f'selection.pool="{self.pool}"']
-        return out
+        return out + list(self.extra)
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.policy, "fraction": self.fraction if self.policy != "none" else 1.0,
                 "pool": self.pool if self.policy != "none" else "", "exit_layer": self.exit_layer,
                 "exit_head": self.exit_head,
-                "exit": f"L{self.exit_layer}/{self.exit_head}" if self.policy.startswith("sift") else ""}
+                "exit": f"L{self.exit_layer}/{self.exit_head}" if self.policy.startswith("sift") else "",
+                "variant": " ".join(self.extra)}
 
 
 def arms_for(policies: Sequence[str], fractions: Sequence[float], pools: Sequence[str],
-             exit_layers: Sequence[int], exit_heads: Sequence[str]) -> list[Arm]:
-    """The benchmark's arms in run order (see the module docstring); no duplicates."""
+             exit_layers: Sequence[int], exit_heads: Sequence[str],
+             variants: Sequence[Sequence[str]] = ()) -> list[Arm]:
+    """The benchmark's arms in run order (see the module docstring); no duplicates.
+
+    Each variant (TAG, SET, ...) is the base sweep arm (first SIFT policy, base fraction, pool,
+    exit layer and head) with its own overrides on top, e.g. a later `selection.start_step`.
+    """
     for p in policies:
         if p not in POLICIES:
             raise ValueError(f"unknown policy {p!r} (known: {', '.join(POLICIES)}; vanilla always runs)")
@@ -125,6 +139,9 @@ def arms_for(policies: Sequence[str], fractions: Sequence[float], pools: Sequenc
         arms += [Arm(p, f0, pool0, layer0, head0) for p in sift[1:]]
         arms += [Arm(sweep, f0, pool0, layer, head0) for layer in exit_layers[1:]]
         arms += [Arm(sweep, f0, pool0, layer0, head) for head in exit_heads[1:]]
+        arms += [Arm(sweep, f0, pool0, layer0, head0, v[0], tuple(v[1:])) for v in variants]
+    elif variants:
+        raise ValueError("variants modify the base SIFT arm: give a SIFT policy")
     if "random" in policies:
         arms += [c for c in (a.control() for a in arms) if c is not None]
         if not sift:
@@ -167,6 +184,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--exit-layers", type=ints, help="comma list; the first is the base (default 1,2)")
     p.add_argument("--exit-heads", type=words, help="comma list; the first is the base "
                    "(default shared,separate)")
+    p.add_argument("--variant", dest="variants", action="append", nargs="+", default=[],
+                   metavar=("TAG", "SECTION.KEY=VALUE"),
+                   help="one more arm: the base SIFT arm with these overrides, named <base>-TAG "
+                        "(repeatable), e.g. --variant start300 selection.start_step=300")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the arms (and HF baseline) a previous run of this --work-dir "
+                        "finished with the same settings; run only the others")
     p.add_argument("--target-fraction", type=float, default=0.8,
                    help="target = vanilla's accuracy at this fraction of its budget")
     p.add_argument("--hf-baseline", action=argparse.BooleanOptionalAction, default=True,
@@ -177,6 +201,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="kill a benchmark job that runs longer than this (default: generous)")
     args = p.parse_args(argv)
     args.overrides = [o for group in args.overrides for o in group]
+    if any(len(v) < 2 for v in args.variants):
+        p.error("--variant needs a TAG and at least one SECTION.KEY=VALUE")
     if args.quick:
         defaults = dict(budget_s=6.0, eval_interval_s=1.5, fractions=[0.5], pools=["expand"],
                         exit_layers=[1], exit_heads=["shared"], name="time_to_accuracy_quick")
@@ -307,6 +333,7 @@ def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], wo
     """The benchmark job (all arms), then the HF baseline; arm name -> its summary + settings."""
     plan = {"recipe": args.recipe, "overrides": overrides, "out_dir": str(work),
             "budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
+            "resume": args.resume,
             "arms": [{"name": a.name, "overrides": a.overrides()} for a in arms]}
     work.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
@@ -315,14 +342,31 @@ def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], wo
             env, work / "bench_run.log", args.timeout_s)
     results = {a.name: {**a.describe(), **load_arm(work, a.name)} for a in arms}
     if args.hf_baseline:
+        hf_dir = work / "arms" / HF_ARM
         hf_args = [*(["--recipe", args.recipe] if args.recipe else []), "--set", *overrides,
-                   "--out-dir", str(work / "arms" / HF_ARM), "--budget-s", str(args.budget_s),
+                   "--out-dir", str(hf_dir), "--budget-s", str(args.budget_s),
                    "--eval-interval-s", str(args.eval_interval_s)]
-        run_job(launch_cmd("pipeline.bench_hf", args.world_size, hf_args), env,
-                work / "hf_trainer.log", args.timeout_s)
+        request = {"args": hf_args, "world_size": args.world_size}
+        if args.resume and hf_finished(hf_dir, request):
+            print(f"sift-bench: {HF_ARM} finished earlier with the same settings: kept", flush=True)
+        else:
+            hf_dir.mkdir(parents=True, exist_ok=True)
+            (hf_dir / "summary.json").unlink(missing_ok=True)  # never pair a stale summary with new settings
+            (hf_dir / "request.json").write_text(json.dumps(request, indent=2) + "\n")
+            run_job(launch_cmd("pipeline.bench_hf", args.world_size, hf_args), env,
+                    work / "hf_trainer.log", args.timeout_s)
         results[HF_ARM] = {"policy": "hf-trainer", "fraction": 1.0, "pool": "", "exit": "",
                            **load_arm(work, HF_ARM)}
     return results
+
+
+def hf_finished(hf_dir: Path, request: dict[str, Any]) -> bool:
+    """Whether the HF baseline in `hf_dir` ran to its summary with exactly these arguments."""
+    try:
+        return (json.loads((hf_dir / "request.json").read_text()) == request
+                and (hf_dir / "summary.json").is_file())
+    except (OSError, ValueError):
+        return False
 
 
 def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[str],
@@ -363,7 +407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.recipe:
         args.recipe = str(Path(args.recipe).resolve())  # the jobs run from the repository root
-    arms = arms_for(args.policies, args.fractions, args.pools, args.exit_layers, args.exit_heads)
+    try:
+        arms = arms_for(args.policies, args.fractions, args.pools, args.exit_layers,
+                        args.exit_heads, args.variants)
+    except ValueError as exc:
+        print(f"sift-bench: error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     work = Path(args.work_dir or REPO / "runs" / "bench" / args.name).resolve()
     overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),

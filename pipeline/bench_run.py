@@ -127,6 +127,7 @@ def run_arm(cfg: TrainConfig, rank: int, world_size: int, eval_interval_s: float
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").unlink(missing_ok=True)  # see arm_finished
         write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
     writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, progress_bar=False)
     trainer = _trainer_class()(cfg, engine, facts, train_set, valid_set, writer, rank, world_size,
@@ -144,10 +145,36 @@ def run_arm(cfg: TrainConfig, rank: int, world_size: int, eval_interval_s: float
         gc.collect()  # the next arm builds its own engine: free this one's optimizer state first
 
 
+def arm_finished(cfg: TrainConfig, eval_interval_s: float, world_size: int) -> bool:
+    """Whether `cfg`'s output dir holds a finished run of exactly this arm (`--resume`).
+
+    run_arm deletes summary.json before it writes config.json, so a summary is always the
+    result of the config beside it."""
+    out = Path(cfg.run.output_dir)
+    try:
+        saved = json.loads((out / "config.json").read_text())["train"]
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (saved == json.loads(json.dumps(cfg.to_dict()))
+            and summary.get("eval_interval_s") == eval_interval_s
+            and summary.get("world_size", world_size) == world_size)
+
+
 def run_plan(plan: dict[str, Any], rank: int, world_size: int) -> None:
-    """Every arm of the plan in order; each arm's summary.json is its result."""
+    """Every arm of the plan in order; each arm's summary.json is its result.
+
+    With plan["resume"], an arm rank 0 finds finished with the same settings is kept (every
+    rank follows rank 0's answer: only it writes the outputs)."""
     for arm in plan["arms"]:
         cfg = arm_config(plan, arm)
+        if plan.get("resume"):
+            done = arm_finished(cfg, float(plan["eval_interval_s"]), world_size) if rank == 0 else None
+            if comm.broadcast_object(done):
+                if rank == 0:
+                    print(f"sift-bench: arm {arm['name']} finished earlier with the same "
+                          "settings: kept", flush=True)
+                continue
         summary = run_arm(cfg, rank, world_size, float(plan["eval_interval_s"]))
         if rank == 0:
             print(f"sift-bench: arm {arm['name']} done: {summary['steps']} steps, accuracy "

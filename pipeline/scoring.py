@@ -6,6 +6,10 @@ of the true token (`metric="loss"`) or the entropy of the predicted distribution
 either (its MLM loss term is empty), and a finite value keeps the selector's ordering total; NaN is
 reserved for a genuinely non-finite model output.
 
+With a `token_baseline` (V,) (selection.normalize = "unigram": `unigram_surprisal`), a loss
+score is the mean of loss minus baseline[true token]: difficulty beyond what word frequency alone
+predicts (the calibration run found raw loss mostly ranks samples by how rare their words are).
+
 `score_exit` runs embeddings + layers 1..k + the exit head only (`SiftBertForMaskedLM.exit_pass`),
 `score_full` the whole model; both run under no_grad with dropout off and restore the model's
 train/eval mode. Scores come back as float32 (B,) on the device of `batch["input_ids"]`.
@@ -16,6 +20,8 @@ torch.distributed or deepspeed: scoring is per rank, the selector gathers.
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +60,14 @@ def per_sample_mean(values: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return sums / counts.clamp(min=1)
 
 
+def unigram_surprisal(counts: "np.ndarray | torch.Tensor") -> torch.Tensor:
+    """-log p(token), (V,) float32, under the add-one-smoothed unigram model of token `counts`."""
+    c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=0) + 1.0  # (V,)
+    if c.ndim != 1 or c.numel() == 0:
+        raise ValueError(f"counts must be a non-empty 1-D array, got shape {tuple(c.shape)}")
+    return (c.sum().log() - c.log()).float()
+
+
 def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
     missing = [k for k in ("input_ids", "labels") if k not in batch]
     if missing:
@@ -67,7 +81,8 @@ def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[to
     return ids, mask, labels, types
 
 
-def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exit_only: bool) -> torch.Tensor:
+def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exit_only: bool,
+           token_baseline: torch.Tensor | None = None) -> torch.Tensor:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     net = unwrap_model(model)
@@ -82,20 +97,26 @@ def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exi
             else:
                 logits = net(ids, attention_mask=mask, labels=labels, token_type_ids=types).logits  # (N, V)
             masked = labels.ne(IGNORE_INDEX)  # (B, L)
-            scores = per_sample_mean(token_scores(logits, labels[masked], metric), masked)  # (B,)
+            targets = labels[masked]  # (N,)
+            values = token_scores(logits, targets, metric)  # (N,)
+            if token_baseline is not None:
+                values = values - token_baseline.to(values.device)[targets]
+            scores = per_sample_mean(values, masked)  # (B,)
     finally:
         net.train(was_training)
     return scores.to(batch["input_ids"].device)
 
 
-def score_exit(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss") -> torch.Tensor:
+def score_exit(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss",
+               token_baseline: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) float32 early-exit scores: embeddings + layers 1..exit_layer + exit head only."""
-    return _score(model, batch, metric, exit_only=True)
+    return _score(model, batch, metric, True, token_baseline)
 
 
-def score_full(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss") -> torch.Tensor:
+def score_full(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss",
+               token_baseline: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) float32 scores from the whole model (full-loss policy; Spearman against score_exit)."""
-    return _score(model, batch, metric, exit_only=False)
+    return _score(model, batch, metric, False, token_baseline)
 
 
 def score_candidates(
@@ -106,14 +127,21 @@ def score_candidates(
     seed: int,
     step: int,
     rank: int,
+    token_baseline: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Scores for `cfg.policy` (the policy table applied): None for 'none', else (B,) float32."""
+    """Scores for `cfg.policy` (the policy table applied): None for 'none', else (B,) float32.
+
+    `token_baseline` (V,) is required when cfg.normalize is 'unigram' and ignored otherwise."""
     plan = scoring_for(cfg.policy)
+    if cfg.normalize == "none":
+        token_baseline = None
+    elif token_baseline is None:
+        raise ValueError(f"selection.normalize = {cfg.normalize!r} needs a token_baseline")
     if plan.scorer == "none":
         return None
     if plan.scorer == "random":
         n = batch["input_ids"].shape[0]
         return random_scores(n, seed, step, rank).to(batch["input_ids"].device)
     if plan.scorer == "exit":
-        return score_exit(model, batch, plan.metric)
-    return score_full(model, batch, plan.metric)
+        return score_exit(model, batch, plan.metric, token_baseline)
+    return score_full(model, batch, plan.metric, token_baseline)

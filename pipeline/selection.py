@@ -22,6 +22,7 @@ import torch
 POLICIES = ("none", "random", "sift-loss", "sift-entropy", "full-loss")
 POOLS = ("expand", "shrink")
 SCOPES = ("global", "local")
+NORMALIZATIONS = ("none", "unigram")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class SelectionConfig:
     """global: one top-k over the candidates of all ranks (all-gather + exchange);
     local: each rank its own top-k, no communication (the baseline)."""
 
+    normalize: str = "none"
+    """none: raw scores; unigram: a loss score minus the unigram surprisal -log p(token) of the
+    same masked tokens (p from the training split's token counts), so a sample ranks by how much
+    worse the model does than word frequency alone rather than by how rare its words are
+    (loss policies only: sift-loss, full-loss)."""
+
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"selection.policy must be one of {POLICIES}, got {self.policy!r}")
@@ -58,6 +65,12 @@ class SelectionConfig:
             raise ValueError(f"selection.pool must be one of {POOLS}, got {self.pool!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"selection.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"selection.normalize must be one of {NORMALIZATIONS}, "
+                             f"got {self.normalize!r}")
+        if self.normalize != "none" and self.policy in ("random", "sift-entropy"):
+            raise ValueError(f"selection.normalize = {self.normalize!r} applies to loss scores; "
+                             f"policy {self.policy!r} has none (use sift-loss or full-loss)")
 
 
 @dataclass(frozen=True)

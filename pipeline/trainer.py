@@ -32,12 +32,12 @@ import torch
 
 from pipeline import checkpoint, comm
 from pipeline.config import TrainConfig
-from pipeline.data import GlobalSampler, ShardDataset, train_batch, validation_batches
+from pipeline.data import GlobalSampler, ShardDataset, token_counts, train_batch, validation_batches
 from pipeline.engine import EngineFacts, build_engine, load_ds_config, lr_at, set_lr
 from pipeline.evaluation import evaluate_local, summarize
 from pipeline.metrics import MetricsWriter
 from pipeline.model import build_model
-from pipeline.scoring import score_candidates
+from pipeline.scoring import score_candidates, unigram_surprisal
 from pipeline.selection import is_active, pool_sizes
 from pipeline.selector import select_and_exchange
 
@@ -90,6 +90,9 @@ class Trainer:
         self.device = engine.device
         self.ckpt_dir = cfg.checkpoint_dir()
         self.evals: list[dict[str, float]] = []
+        self.token_baseline = None  # (V,) -log p_unigram(token), for selection.normalize = unigram
+        if cfg.selection.normalize == "unigram":
+            self.token_baseline = unigram_surprisal(token_counts(train_set)).to(self.device)
         self._session_start = time.perf_counter()
 
     # ------------------------------------------------------------------ the loop
@@ -156,7 +159,8 @@ class Trainer:
         scores = None  # before selection.start_step: no pool, no scoring, train on everything
         if is_active(cfg.selection, st.step):
             scores = score_candidates(self.engine.module, batch, cfg.selection, seed=cfg.run.seed,
-                                      step=st.micro_index, rank=self.rank)  # (n_cand,) or None
+                                      step=st.micro_index, rank=self.rank,
+                                      token_baseline=self.token_baseline)  # (n_cand,) or None
         t2 = time.perf_counter()
         if scores is not None:
             # every rank loads the same n_cand: as the bound it fuses the two score all-gathers

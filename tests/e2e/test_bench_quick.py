@@ -1,8 +1,9 @@
 """End to end: `sift-bench --quick` (through benchmarks/time_to_accuracy.py) on a real corpus.
 
-One run of the real harness: the real trainer in every arm (bert-tiny, 6 s of training each), the
-Hugging Face Trainer baseline with its DeepSpeed integration when accelerate is installed, and the
-real report. Asserts on what it writes: JSON keys and finite values, curves that start at 0 and
+One run of the real harness: the real trainer in every arm (bert-tiny, 6 s of training each, one
+variant arm with unigram-normalized scores), the Hugging Face Trainer baseline with its DeepSpeed
+integration when accelerate is installed, and the real report; then the same command with
+`--resume`, which must keep every arm and only rewrite the report. Asserts on what it writes: JSON keys and finite values, curves that start at 0 and
 evaluate on the training-time grid, PNGs, a table row per arm. Speedups themselves are not
 asserted: at this size they are noise, and benchmarks measure, tests do not.
 """
@@ -20,7 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_ARMS = ["vanilla", "sift-loss-expand-f0.5", "sift-entropy-expand-f0.5",
-              "full-loss-expand-f0.5", "random-expand-f0.5"]
+              "full-loss-expand-f0.5", "sift-loss-expand-f0.5-uni", "random-expand-f0.5"]
+VARIANT = ["--variant", "uni", 'selection.normalize="unigram"']
 BUDGET_S, INTERVAL_S = 6.0, 1.5
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # about 2 minutes on 2 shared cores
@@ -36,7 +38,7 @@ def quick_run(state_union_shards, tmp_path_factory):
     has_hf = importlib.util.find_spec("accelerate") is not None
     cmd = [sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"), "--quick",
            "--data", str(state_union_shards), "--out", str(out / "results"),
-           "--work-dir", str(out / "work"), *([] if has_hf else ["--no-hf-baseline"])]
+           "--work-dir", str(out / "work"), *VARIANT, *([] if has_hf else ["--no-hf-baseline"])]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
@@ -47,11 +49,30 @@ def quick_run(state_union_shards, tmp_path_factory):
                              f"{(proc.stdout + proc.stderr)[-6000:]}")
     results = out / "results"
     report = json.loads((results / "time_to_accuracy_quick.json").read_text())
-    return results, report, has_hf
+    resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    if resumed.returncode != 0:
+        raise AssertionError(f"sift-bench --quick --resume failed ({resumed.returncode}):\n"
+                             f"{(resumed.stdout + resumed.stderr)[-6000:]}")
+    again = json.loads((results / "time_to_accuracy_quick.json").read_text())
+    return results, report, has_hf, resumed.stdout, again
+
+
+def test_resume_keeps_every_finished_arm(quick_run):
+    _, r, has_hf, stdout, again = quick_run
+    lines = [line.strip() for line in stdout.splitlines()]
+    kept = sorted(line.split()[2] for line in lines
+                  if line.startswith("sift-bench: arm ") and line.endswith("settings: kept"))
+    assert kept == sorted(QUICK_ARMS)
+    assert ("hf-trainer finished earlier" in stdout) == has_hf
+    assert "eval step" not in stdout  # nothing trained again
+    assert sorted(again["arms"]) == sorted(r["arms"])
+    for name, arm in r["arms"].items():
+        assert again["arms"][name]["evals"] == arm["evals"], name
 
 
 def test_json_has_targets_speedups_machine_and_versions(quick_run):
-    _, r, has_hf = quick_run
+    _, r, has_hf, _, _ = quick_run
     assert 0 < r["target_accuracy"] <= 1 and finite(r["target_loss"]) and r["target_loss"] > 0
     expected = QUICK_ARMS + (["hf-trainer"] if has_hf else [])
     assert sorted(r["arms"]) == sorted(expected)
@@ -62,7 +83,8 @@ def test_json_has_targets_speedups_machine_and_versions(quick_run):
     assert 0 <= t_van <= 0.8 * BUDGET_S + 1e-9
     for name, s in r["speedup_vs_vanilla"].items():
         assert s is None or (finite(s) and s > 0), (name, s)
-    for sift in ("sift-loss-expand-f0.5", "sift-entropy-expand-f0.5", "full-loss-expand-f0.5"):
+    for sift in ("sift-loss-expand-f0.5", "sift-entropy-expand-f0.5", "full-loss-expand-f0.5",
+                 "sift-loss-expand-f0.5-uni"):
         assert r["analysis"]["arms"][sift]["control"] == "random-expand-f0.5"
     if has_hf:
         ratio = r["hf_trainer_time_ratio"]
@@ -78,7 +100,7 @@ def test_json_has_targets_speedups_machine_and_versions(quick_run):
 
 
 def test_each_arm_ran_its_policy_for_the_budget_with_evals_on_the_time_grid(quick_run):
-    _, r, _ = quick_run
+    _, r, _, _, _ = quick_run
     for name, arm in r["arms"].items():
         evals = arm["evals"]
         assert len(evals) >= 3, name
@@ -108,7 +130,7 @@ def test_each_arm_ran_its_policy_for_the_budget_with_evals_on_the_time_grid(quic
 
 
 def test_plots_are_pngs_and_the_table_has_a_row_per_arm(quick_run):
-    results, r, _ = quick_run
+    results, r, _, _, _ = quick_run
     for suffix in ("accuracy_vs_time", "accuracy_vs_samples", "spearman_vs_time"):
         png = results / f"time_to_accuracy_quick_{suffix}.png"
         data = png.read_bytes()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,53 @@ def test_full_run_recipe_loads_for_every_arm(tmp_path):
         assert cfg.budget.wall_time_s == 300.0 and cfg.budget.steps is None
         assert cfg.eval.every_steps == 0 and not cfg.checkpoint.at_end
         assert cfg.run.output_dir == str(tmp_path / "arms" / arm.name)
+
+
+def test_variants_are_the_base_sift_arm_plus_their_overrides(tmp_path):
+    from pipeline.bench_run import arm_config
+
+    arms = arms_for(["sift-loss", "random"], [0.25, 0.5], ["expand"], [1], ["shared"],
+                    variants=[["start50", "selection.start_step=50"],
+                              ["uni", 'selection.normalize="unigram"', "optim.lr=2e-3"]])
+    by_name = {a.name: a for a in arms}
+    assert {"sift-loss-expand-f0.5-start50", "sift-loss-expand-f0.5-uni"} <= set(by_name)
+    uni = by_name["sift-loss-expand-f0.5-uni"]
+    assert uni.control().name == "random-expand-f0.5" and uni.describe()["variant"]
+    plan = {"recipe": None, "overrides": [f"data.data_dir={tmp_path}", "optim.decay=constant"],
+            "out_dir": str(tmp_path),
+            "budget_s": 10.0, "eval_interval_s": 1.0}
+    cfg = arm_config(plan, {"name": uni.name, "overrides": uni.overrides()})
+    assert (cfg.selection.policy, cfg.selection.fraction, cfg.selection.normalize, cfg.optim.lr) \
+        == ("sift-loss", 0.5, "unigram", 2e-3)
+    start = by_name["sift-loss-expand-f0.5-start50"]
+    assert arm_config(plan, {"name": start.name, "overrides": start.overrides()}).selection.start_step == 50
+    with pytest.raises(ValueError, match="SIFT policy"):
+        arms_for(["random"], [0.5], ["expand"], [1], ["shared"], variants=[["x", "optim.lr=1"]])
+    with pytest.raises(ValueError, match="tag"):
+        Arm("sift-loss", tag="a b", extra=("optim.lr=1",))
+    with pytest.raises(ValueError, match="override"):
+        Arm("sift-loss", tag="nothing")
+
+
+def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
+    """--resume keeps an arm only when config.json equals this arm's config and a summary exists."""
+    from pipeline.bench_run import arm_config, arm_finished
+    from pipeline.metrics import write_json_atomic
+
+    plan = {"recipe": None, "overrides": [f"data.data_dir={tmp_path}", "optim.decay=constant"],
+            "out_dir": str(tmp_path),
+            "budget_s": 10.0, "eval_interval_s": 1.0}
+    arm = Arm("sift-loss", 0.5)
+    cfg = arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True)
+    assert not arm_finished(cfg, 1.0, 2)  # nothing there
+    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": {}})
+    assert not arm_finished(cfg, 1.0, 2)  # started, never finished
+    write_json_atomic(out / "summary.json", {"eval_interval_s": 1.0, "world_size": 2, "steps": 3})
+    assert arm_finished(cfg, 1.0, 2)
+    assert not arm_finished(cfg, 2.0, 2) and not arm_finished(cfg, 1.0, 4)
+    longer = arm_config({**plan, "budget_s": 20.0}, {"name": arm.name, "overrides": arm.overrides()})
+    assert not arm_finished(longer, 1.0, 2)  # another budget is another arm
+    (out / "summary.json").write_text("{not json")
+    assert not arm_finished(cfg, 1.0, 2)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import (IGNORE_INDEX, DataError, GlobalSampler, MaskingConfig, ShardDataset,
-                           train_batch, validation_batches)
+                           token_counts, train_batch, validation_batches)
 
 
 def test_rows_are_the_shard_rows_in_manifest_order(state_union_shards):
@@ -66,3 +66,21 @@ def test_missing_or_foreign_directory_is_a_clear_error(tmp_path, state_union_sha
         ShardDataset(tmp_path)
     with pytest.raises(DataError, match="no split 'test'"):
         ShardDataset(state_union_shards, "test")
+
+
+def test_token_counts_count_every_row_or_an_even_spread_without_specials(state_union_shards):
+    ds = ShardDataset(state_union_shards, "train")
+    every_row = ds.rows(np.arange(len(ds)))
+    specials = list(ds.special_ids.values())
+    expected = np.bincount(every_row.ravel(), minlength=ds.vocab_size)
+    expected[specials] = 0
+    counts = token_counts(ds)
+    assert counts.dtype == np.int64 and counts.shape == (ds.vocab_size,)
+    assert (counts == expected).all() and counts.sum() > 0
+    few = token_counts(ds, max_rows=7)  # rows 0 .. len-1, evenly spaced, both ends included
+    picks = np.unique(np.linspace(0, len(ds) - 1, num=7).round().astype(np.int64))
+    expected_few = np.bincount(ds.rows(picks).ravel(), minlength=ds.vocab_size)
+    expected_few[specials] = 0
+    assert picks.size == 7 and (few == expected_few).all()
+    with pytest.raises(ValueError, match="max_rows"):
+        token_counts(ds, max_rows=0)

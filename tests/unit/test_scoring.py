@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.model import ModelConfig, build_model
-from pipeline.scoring import per_sample_mean, score_candidates, score_exit, score_full, token_scores
+from pipeline.scoring import (per_sample_mean, score_candidates, score_exit, score_full, token_scores,
+                              unigram_surprisal)
 from pipeline.selection import SelectionConfig, random_scores
 from tests.unit.test_model_support import VOCAB, real_batch
 
@@ -159,3 +160,40 @@ def test_bad_inputs_are_clear_errors(batch):
         score_exit(m, batch, "accuracy")
     with pytest.raises(TypeError, match="SiftBertForMaskedLM"):
         score_exit(torch.nn.Linear(2, 2), batch)
+
+
+def test_unigram_surprisal_is_the_smoothed_negative_log_frequency():
+    got = unigram_surprisal([3, 0, 1])
+    expected = [-math.log(4 / 7), -math.log(1 / 7), -math.log(2 / 7)]  # add-one: counts 4, 1, 2
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+    with pytest.raises(ValueError, match="1-D"):
+        unigram_surprisal([])
+
+
+@pytest.mark.parametrize("exit_only", [True, False])
+def test_unigram_normalization_subtracts_the_mean_surprisal_of_each_sample(batch, exit_only):
+    m = model()
+    baseline = torch.linspace(0.0, 9.0, VOCAB)  # any per-token values: the subtraction is exact
+    labels = batch["labels"]
+    masked = labels.ne(-100)
+    expected_shift = [float(baseline[labels[b][masked[b]]].mean()) for b in range(labels.shape[0])]
+    scorer = score_exit if exit_only else score_full
+    raw, normalized = scorer(m, batch), scorer(m, batch, "loss", baseline)
+    torch.testing.assert_close(raw - normalized, torch.tensor(expected_shift), rtol=1e-5, atol=1e-5)
+    policy = "sift-loss" if exit_only else "full-loss"
+    kw = {"seed": 7, "step": 3, "rank": 1}
+    cfg = SelectionConfig(policy=policy, normalize="unigram")
+    assert torch.equal(score_candidates(m, batch, cfg, token_baseline=baseline, **kw), normalized)
+    with pytest.raises(ValueError, match="token_baseline"):
+        score_candidates(m, batch, cfg, **kw)
+    # without normalize a baseline is ignored
+    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy=policy),
+                                        token_baseline=baseline, **kw), raw)
+
+
+@pytest.mark.parametrize("policy", ["random", "sift-entropy"])
+def test_unigram_normalization_needs_a_loss_policy(policy):
+    with pytest.raises(ValueError, match="loss scores"):
+        SelectionConfig(policy=policy, normalize="unigram")
+    with pytest.raises(ValueError, match="normalize"):
+        SelectionConfig(normalize="zscore")
