@@ -325,6 +325,11 @@ def load_arm(work: Path, name: str) -> dict[str, Any]:
     t, n = summary.get("train_time_s"), summary.get("samples_backpropagated")
     summary["samples_per_s"] = n / t if t else None
     summary["tokens_per_s"] = n * summary["seq_len"] / t if t else None
+    metrics = work / "arms" / name / "metrics.jsonl"  # the project trainer's arms, not the HF one
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        summary["diagnostics"] = bench_report.step_diagnostics(
+            [r for r in records if r.get("kind") == "train"])
     return summary
 
 
@@ -437,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{_ratio_text(report['hf_trainer_time_ratio'])} (accuracy), "
                   f"{_ratio_text(report['hf_trainer_time_ratio_loss'])} (loss); tokens/s ratio "
                   f"{_ratio_text(report['hf_trainer_tokens_per_s_ratio'])}.\n")
+    table += ("\nWhere the time went (means over the logged training windows; scoring = the exit or "
+              "full-model pass over the candidates):\n\n" + bench_report.diagnostics_table(results))
     (out / f"{args.name}.md").write_text(table)
     plots = bench_report.write_plots(results, analysis, out, args.name)
     print(table)

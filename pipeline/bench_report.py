@@ -121,6 +121,45 @@ def analyze(arms: dict[str, dict[str, Any]], budget_s: float, reference: str = "
             "target_fraction": target_fraction, "reference": reference, "arms": per_arm}
 
 
+TIME_KEYS = ("data", "score", "select", "forward_backward", "optimizer")
+
+
+def step_diagnostics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Where an arm's training time went and what its selection kept, from its train records.
+
+    records: the `"kind": "train"` lines of metrics.jsonl (each the mean over a logging window).
+    Returns the mean seconds per optimizer step of each phase (`<phase>_s`), `step_s`, the share
+    of step time spent scoring candidates (`score_share`) and selecting (`select_share`), and
+    the mean score of the kept samples minus that of all candidates (`score_gap`, in the score's
+    units: nats for loss policies; None without selection)."""
+    phases = {k: [r[f"time/{k}_s"] for r in records if _finite(r.get(f"time/{k}_s"))]
+              for k in TIME_KEYS}
+    out: dict[str, Any] = {f"{k}_s": (sum(v) / len(v) if v else None) for k, v in phases.items()}
+    step = sum(v for v in out.values() if v is not None)
+    out["step_s"] = step if any(phases.values()) else None
+    for k in ("score", "select"):
+        out[f"{k}_share"] = out[f"{k}_s"] / step if step and out[f"{k}_s"] is not None else None
+    gaps = [r["select/score_selected"] - r["select/score_all"] for r in records
+            if _finite(r.get("select/score_selected")) and _finite(r.get("select/score_all"))]
+    out["score_gap"] = sum(gaps) / len(gaps) if gaps else None
+    return out
+
+
+def diagnostics_table(arms: dict[str, dict[str, Any]]) -> str:
+    """Per arm: seconds per step by phase, scoring share, selected-minus-all score."""
+    lines = ["| arm | s/step | score s | forward+backward s | optimizer s | scoring share "
+             "| selected - all score |", "|---|---|---|---|---|---|---|"]
+    for name, info in arms.items():
+        d = info.get("diagnostics")
+        if not d or d.get("step_s") is None:
+            continue
+        lines.append(f"| {name} | {_fmt(d['step_s'], '.3f', 'n/a')} | {_fmt(d['score_s'], '.3f', 'n/a')} "
+                     f"| {_fmt(d['forward_backward_s'], '.3f', 'n/a')} "
+                     f"| {_fmt(d['optimizer_s'], '.3f', 'n/a')} "
+                     f"| {_fmt(d['score_share'], '.1%', 'n/a')} | {_fmt(d['score_gap'], '+.3f', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(x: Any, spec: str, missing: str = "not reached") -> str:
     return format(x, spec) if _finite(x) else missing
 

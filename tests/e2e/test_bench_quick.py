@@ -135,7 +135,16 @@ def test_plots_are_pngs_and_the_table_has_a_row_per_arm(quick_run):
         png = results / f"time_to_accuracy_quick_{suffix}.png"
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
-    table = (results / "time_to_accuracy_quick.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert sorted(row.split("|")[1].strip() for row in rows) == sorted(r["arms"])
+    table, diagnostics = (results / "time_to_accuracy_quick.md").read_text().split("Where the time went")
+
+    def arm_names(text):
+        rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        return sorted(row.split("|")[1].strip() for row in rows)
+
+    assert arm_names(table) == sorted(r["arms"])
+    assert arm_names(diagnostics) == sorted(QUICK_ARMS)  # the HF arm has no step split
+    for name in QUICK_ARMS:
+        d = r["arms"][name]["diagnostics"]
+        assert d["step_s"] > 0 and d["forward_backward_s"] > 0, name
+        assert (d["score_share"] > 0) == (name != "vanilla"), name
     assert f"{r['target_accuracy']:.4f}" in table

@@ -174,3 +174,26 @@ def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
     assert not arm_finished(longer, 1.0, 2)  # another budget is another arm
     (out / "summary.json").write_text("{not json")
     assert not arm_finished(cfg, 1.0, 2)
+
+
+def test_step_diagnostics_split_the_step_and_measure_what_selection_kept():
+    from pipeline.bench_report import diagnostics_table, step_diagnostics
+
+    def rec(score, fb, sel=None, all_=None):
+        r = {"kind": "train", "time/data_s": 0.01, "time/score_s": score, "time/select_s": 0.01,
+             "time/forward_backward_s": fb, "time/optimizer_s": 0.08}
+        if sel is not None:
+            r.update({"select/score_selected": sel, "select/score_all": all_})
+        return r
+
+    d = step_diagnostics([rec(0.2, 0.6, 7.5, 7.0), rec(0.4, 0.8, 8.0, 7.0)])
+    assert d["score_s"] == pytest.approx(0.3) and d["forward_backward_s"] == pytest.approx(0.7)
+    assert d["step_s"] == pytest.approx(0.01 + 0.3 + 0.01 + 0.7 + 0.08)
+    assert d["score_share"] == pytest.approx(0.3 / 1.1) and d["select_share"] == pytest.approx(0.01 / 1.1)
+    assert d["score_gap"] == pytest.approx(0.75)
+    vanilla = step_diagnostics([rec(0.0, 0.5), {"kind": "train", "time/score_s": float("nan")}])
+    assert vanilla["score_share"] == 0.0 and vanilla["score_gap"] is None
+    assert step_diagnostics([])["step_s"] is None
+    table = diagnostics_table({"sift": {"diagnostics": d}, "hf": {}})
+    assert "| sift | 1.100 | 0.300 |" in table and "27.3%" in table and "+0.750" in table
+    assert "| hf |" not in table
