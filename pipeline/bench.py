@@ -41,6 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 SIFT_POLICIES = ("sift-loss", "sift-entropy", "full-loss")
 POLICIES = (*SIFT_POLICIES, "random")
 HF_ARM = "hf-trainer"
+# The settings an Arm owns (its name, description and random control follow from them).
+ARM_KEYS = ("selection.policy", "selection.fraction", "selection.pool", "model.exit_layer",
+            "model.exit_head")
 
 # Settings the harness applies when no --recipe is given (a recipe owns them otherwise): a
 # wall-time budget has no step horizon, so the LR is constant after warmup in every arm alike.
@@ -83,6 +86,10 @@ class Arm:
             raise ValueError(f"variant tag must be letters, digits, '.' or '_', got {self.tag!r}")
         if bool(self.tag) != bool(self.extra):
             raise ValueError("a variant needs both a tag and at least one override")
+        fixed = [o for o in self.extra if o.split("=", 1)[0].strip() in ARM_KEYS]
+        if fixed:
+            raise ValueError(f"variant {self.tag!r} sets {fixed}: an arm's policy, fraction, pool "
+                             "and exit are its own fields (and its control's), not variant settings")
 
     @property
     def name(self) -> str:
@@ -148,6 +155,8 @@ def arms_for(policies: Sequence[str], fractions: Sequence[float], pools: Sequenc
             arms += [Arm("random", f, pool) for pool in pools for f in fractions]
     seen: dict[str, Arm] = {}
     for a in arms:
+        if a.tag and a.name in seen:
+            raise ValueError(f"variant {a.tag!r} would be named {a.name}, which another arm has")
         seen.setdefault(a.name, a)
     return list(seen.values())
 
@@ -351,7 +360,7 @@ def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], wo
         hf_args = [*(["--recipe", args.recipe] if args.recipe else []), "--set", *overrides,
                    "--out-dir", str(hf_dir), "--budget-s", str(args.budget_s),
                    "--eval-interval-s", str(args.eval_interval_s)]
-        request = {"args": hf_args, "world_size": args.world_size}
+        request = hf_request(args, hf_args, overrides)
         if args.resume and hf_finished(hf_dir, request):
             print(f"sift-bench: {HF_ARM} finished earlier with the same settings: kept", flush=True)
         else:
@@ -363,6 +372,20 @@ def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], wo
         results[HF_ARM] = {"policy": "hf-trainer", "fraction": 1.0, "pool": "", "exit": "",
                            **load_arm(work, HF_ARM)}
     return results
+
+
+def hf_request(args: argparse.Namespace, hf_args: list[str], overrides: list[str]) -> dict[str, Any]:
+    """What the HF baseline's result depends on: its arguments and, by content, the files they
+    name (recipe, DeepSpeed JSON, data manifest), so `--resume` never keeps a run of other files."""
+    from pipeline.config import load_config
+
+    ds_path = Path(load_config(args.recipe, overrides).run.ds_config)
+    if not ds_path.is_absolute() and not ds_path.exists():
+        ds_path = REPO / ds_path
+    return {"args": hf_args, "world_size": args.world_size,
+            "recipe": Path(args.recipe).read_text() if args.recipe else None,
+            "ds_config": ds_path.read_text() if ds_path.is_file() else None,
+            "manifest": Path(args.data, "manifest.json").read_text()}
 
 
 def hf_finished(hf_dir: Path, request: dict[str, Any]) -> bool:
@@ -388,6 +411,7 @@ def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[
         "machine": machine_info(),
         "settings": {"budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
                      "world_size": args.world_size, "recipe": args.recipe, "overrides": overrides,
+                     "work_dir": args.work_dir,
                      "data": _data_facts(Path(args.data)), "target_fraction": args.target_fraction,
                      "target_rule": "vanilla's metric at target_fraction x budget, linearly "
                                     "interpolated between the bracketing evaluations; time to "
@@ -420,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     work = Path(args.work_dir or REPO / "runs" / "bench" / args.name).resolve()
+    args.work_dir = str(work)
     overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),
                  *args.overrides, f"data.data_dir={Path(args.data).resolve()}"]
     print(f"sift-bench: {len(arms)} arms x {args.budget_s:g} s of training on {args.world_size} "

@@ -147,7 +147,7 @@ def step_diagnostics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def diagnostics_table(arms: dict[str, dict[str, Any]]) -> str:
     """Per arm: seconds per step by phase, scoring share, selected-minus-all score."""
-    lines = ["| arm | s/step | score s | forward+backward s | optimizer s | scoring share "
+    lines = ["| arm | s/step (sum of phases) | score s | forward+backward s | optimizer s | scoring share "
              "| selected - all score |", "|---|---|---|---|---|---|---|"]
     for name, info in arms.items():
         d = info.get("diagnostics")

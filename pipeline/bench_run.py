@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -127,7 +128,11 @@ def run_arm(cfg: TrainConfig, rank: int, world_size: int, eval_interval_s: float
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").unlink(missing_ok=True)  # see arm_finished
+        # a (re)started arm starts clean: the writer appends (as a resumed sift-train must), and
+        # a summary must never sit beside another run's config (see arm_finished)
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
         write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
     writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, progress_bar=False)
     trainer = _trainer_class()(cfg, engine, facts, train_set, valid_set, writer, rank, world_size,
@@ -150,15 +155,23 @@ def arm_finished(cfg: TrainConfig, eval_interval_s: float, world_size: int) -> b
 
     run_arm deletes summary.json before it writes config.json, so a summary is always the
     result of the config beside it."""
+    from pipeline.engine import load_ds_config
+    from pipeline.trainer import resolve_path
+
     out = Path(cfg.run.output_dir)
     try:
-        saved = json.loads((out / "config.json").read_text())["train"]
+        saved = json.loads((out / "config.json").read_text())
         summary = json.loads((out / "summary.json").read_text())
+        if not (isinstance(saved, dict) and isinstance(summary, dict)):
+            return False
+        # the DeepSpeed JSON by content: config.json names it by path only
+        ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return (saved == json.loads(json.dumps(cfg.to_dict()))
+    return (saved.get("train") == json.loads(json.dumps(cfg.to_dict()))
+            and saved.get("deepspeed") == json.loads(json.dumps(ds_config))
             and summary.get("eval_interval_s") == eval_interval_s
-            and summary.get("world_size", world_size) == world_size)
+            and summary.get("world_size") == world_size)
 
 
 def run_plan(plan: dict[str, Any], rank: int, world_size: int) -> None:
@@ -166,8 +179,9 @@ def run_plan(plan: dict[str, Any], rank: int, world_size: int) -> None:
 
     With plan["resume"], an arm rank 0 finds finished with the same settings is kept (every
     rank follows rank 0's answer: only it writes the outputs)."""
-    for arm in plan["arms"]:
-        cfg = arm_config(plan, arm)
+    # every arm's config first: a bad override fails now, not an hour into the run
+    configs = [arm_config(plan, arm) for arm in plan["arms"]]
+    for arm, cfg in zip(plan["arms"], configs):
         if plan.get("resume"):
             done = arm_finished(cfg, float(plan["eval_interval_s"]), world_size) if rank == 0 else None
             if comm.broadcast_object(done):

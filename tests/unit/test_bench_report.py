@@ -150,6 +150,14 @@ def test_variants_are_the_base_sift_arm_plus_their_overrides(tmp_path):
         Arm("sift-loss", tag="a b", extra=("optim.lr=1",))
     with pytest.raises(ValueError, match="override"):
         Arm("sift-loss", tag="nothing")
+    with pytest.raises(ValueError, match="own fields"):  # would be mislabelled and mis-controlled
+        Arm("sift-loss", tag="f25", extra=("selection.fraction=0.25",))
+    with pytest.raises(ValueError, match="another arm"):  # a tag that repeats an arm's name
+        arms_for(["sift-loss"], [0.5], ["expand"], [1, 2], ["shared"],
+                 variants=[["L2", "optim.lr=1e-4"]])
+    with pytest.raises(ValueError, match="another arm"):
+        arms_for(["sift-loss"], [0.5], ["expand"], [1], ["shared"],
+                 variants=[["x", "optim.lr=1e-4"], ["x", "optim.lr=2e-4"]])
 
 
 def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
@@ -164,12 +172,25 @@ def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
     cfg = arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True)
+    from pipeline.engine import load_ds_config
+    from pipeline.trainer import resolve_path
+
     assert not arm_finished(cfg, 1.0, 2)  # nothing there
-    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": {}})
+    ds_config = load_ds_config(resolve_path(cfg.run.ds_config), 2)
+    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
     assert not arm_finished(cfg, 1.0, 2)  # started, never finished
     write_json_atomic(out / "summary.json", {"eval_interval_s": 1.0, "world_size": 2, "steps": 3})
     assert arm_finished(cfg, 1.0, 2)
     assert not arm_finished(cfg, 2.0, 2) and not arm_finished(cfg, 1.0, 4)
+    # the same path, other DeepSpeed settings (the file was edited since)
+    write_json_atomic(out / "config.json", {"train": cfg.to_dict(),
+                                            "deepspeed": {**ds_config, "gradient_clipping": 123.0}})
+    assert not arm_finished(cfg, 1.0, 2)
+    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
+    assert arm_finished(cfg, 1.0, 2)
+    (out / "config.json").write_text("[1, 2]")  # JSON, but not a config
+    assert not arm_finished(cfg, 1.0, 2)
+    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
     longer = arm_config({**plan, "budget_s": 20.0}, {"name": arm.name, "overrides": arm.overrides()})
     assert not arm_finished(longer, 1.0, 2)  # another budget is another arm
     (out / "summary.json").write_text("{not json")
