@@ -153,10 +153,12 @@ def diagnostics_table(arms: dict[str, dict[str, Any]]) -> str:
         d = info.get("diagnostics")
         if not d or d.get("step_s") is None:
             continue
+        # a random arm's scores are uniform draws: their gap says nothing about the samples
+        gap = "" if info.get("policy") == "random" else _fmt(d["score_gap"], "+.3f", "")
         lines.append(f"| {name} | {_fmt(d['step_s'], '.3f', 'n/a')} | {_fmt(d['score_s'], '.3f', 'n/a')} "
                      f"| {_fmt(d['forward_backward_s'], '.3f', 'n/a')} "
                      f"| {_fmt(d['optimizer_s'], '.3f', 'n/a')} "
-                     f"| {_fmt(d['score_share'], '.1%', 'n/a')} | {_fmt(d['score_gap'], '+.3f', '')} |")
+                     f"| {_fmt(d['score_share'], '.1%', 'n/a')} | {gap} |")
     return "\n".join(lines) + "\n"
 
 

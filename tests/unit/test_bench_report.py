@@ -215,6 +215,8 @@ def test_step_diagnostics_split_the_step_and_measure_what_selection_kept():
     vanilla = step_diagnostics([rec(0.0, 0.5), {"kind": "train", "time/score_s": float("nan")}])
     assert vanilla["score_share"] == 0.0 and vanilla["score_gap"] is None
     assert step_diagnostics([])["step_s"] is None
-    table = diagnostics_table({"sift": {"diagnostics": d}, "hf": {}})
+    table = diagnostics_table({"sift": {"diagnostics": d}, "hf": {},
+                               "random": {"policy": "random", "diagnostics": d}})
     assert "| sift | 1.100 | 0.300 |" in table and "27.3%" in table and "+0.750" in table
     assert "| hf |" not in table
+    assert table.count("+0.750") == 1  # uniform random scores have no meaningful gap
