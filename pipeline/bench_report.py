@@ -217,20 +217,23 @@ def write_plots(arms: dict[str, dict[str, Any]], analysis: dict[str, Any], out_d
               "training time (s, eval excluded)", "Spearman(exit-head loss, full-model loss)", False)]
     paths = []
     for suffix, x, y, xlabel, ylabel, show_target in specs:
-        fig, ax = plt.subplots(figsize=(9, 5.5))
+        fig, ax = plt.subplots(figsize=(11, 5.5))
+        palette = plt.get_cmap("tab20").colors  # 20 distinct colours: one per arm of a full run
+        others = [n for n in arms if n != analysis["reference"]]
         for name, arm in arms.items():
             pts = points(arm["evals"], x, y)
             if pts:
-                style = "-" if name == analysis["reference"] else "--" if "random" in name else "-"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=name,
-                        linewidth=2.2 if name == analysis["reference"] else 1.2)
+                ref = name == analysis["reference"]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if "random" in name else "-",
+                        marker=".", label=name, linewidth=2.4 if ref else 1.2,
+                        color="black" if ref else palette[others.index(name) % len(palette)])
         if show_target:
             ax.axhline(analysis["target_accuracy"], color="black", linestyle=":", linewidth=1,
                        label=f"target {analysis['target_accuracy']:.4f}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves
         fig.tight_layout()
         path = Path(out_dir) / f"{prefix}_{suffix}.png"
         fig.savefig(path, dpi=110)
