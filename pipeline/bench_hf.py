@@ -175,6 +175,7 @@ def run(cfg: TrainConfig, out_dir: Path, budget_s: float, interval_s: float) -> 
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world)
     args = hf_training_args(cfg, ds_config, out_dir, world)
     rank, world = comm.get_dist_info()  # TrainingArguments joined the process group
+    comm.release_shm_segment()  # as comm.init_distributed does for our own jobs
     torch.manual_seed(cfg.run.seed)
     model = BertForMaskedLM(bert_config(cfg.model, train.vocab_size, train.seq_len,
                                         train.special_ids["pad"]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "all_gather_object", "discover_env", "init_distributed", "destroy_process_group",
 ]
 
+SHM_DIR = Path("/dev/shm")
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -213,7 +215,33 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
 
         ds_comm.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery,
                                  timeout=datetime.timedelta(seconds=timeout_s))
+        release_shm_segment()
     return get_dist_info()
+
+
+def shm_segment_path(rank: int, addr: str | None, port: str | None) -> Path:
+    """Where DeepSpeed's CPU shm all-reduce keeps `rank`'s buffer (see release_shm_segment)."""
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_segment() -> None:
+    """Unlink this rank's DeepSpeed shm all-reduce segment once every rank has mapped it.
+
+    On CPU, DeepSpeed (0.19) gives each rank a ~69 MB /dev/shm segment named after MASTER_ADDR,
+    MASTER_PORT and the rank, and never unlinks it: every run left its segments in RAM-backed
+    tmpfs until the machine ran out of memory (21 GB after a few hundred runs here). Every rank
+    has opened every peer's segment before init_distributed returns, so after a barrier the names
+    can go; the mappings stay valid until the process exits, and then the memory is freed even
+    after a crash. A no-op where there is no segment (GPU runs, ranks on several hosts)."""
+    if not is_distributed():
+        return
+    rank = get_dist_info()[0]
+    path = shm_segment_path(rank, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+    barrier()  # every peer has mapped `path` by now (shm_initialize maps all ranks eagerly)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # best effort: a leftover segment costs memory, never correctness
 
 
 def destroy_process_group() -> None:

@@ -109,6 +109,8 @@ def test_json_has_targets_speedups_machine_and_versions(quick_run):
         assert ratio is None or (finite(ratio) and ratio > 0)
         assert finite(r["hf_trainer_tokens_per_s_ratio"]) and r["hf_trainer_tokens_per_s_ratio"] > 0
         assert r["arms"]["hf-trainer"]["deepspeed"] is True
+        floor = r["hf_trainer_time_ratio_at_least"]  # the ratio, or budget/vanilla's time if missed
+        assert floor is None or (finite(floor) and (ratio is None or floor == pytest.approx(ratio)))
     else:
         assert r["hf_trainer_time_ratio"] is None
     m = r["machine"]

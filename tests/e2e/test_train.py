@@ -349,3 +349,20 @@ def test_zero2_checkpoint_resumes_on_another_world_size(runs, recipe, data_dir, 
             n = saved.numel() - sum(p["group_paddings"][g] for p in parts)  # real elements
             assert torch.equal(torch.from_numpy(got[key])[:n], saved[:n]), (g, key)
             assert saved[:n].abs().sum() > 0  # moments that 3 steps filled, not zeros
+
+
+def test_no_shared_memory_segment_outlives_the_run(recipe, data_dir, tmp_path):
+    """DeepSpeed's CPU shm all-reduce gives each rank a ~69 MB /dev/shm segment and never unlinks
+    it (a few hundred runs filled this machine's 24 GB); comm.init_distributed unlinks the names
+    once every rank has mapped them, and the collectives after that still work."""
+    port = free_port()
+    out = tmp_path / "run"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           "--module", "pipeline.train", "--config", str(recipe), "--set", f"data.data_dir={data_dir}",
+           f"run.output_dir={out}", "budget.steps=3", "checkpoint.every_steps=0",
+           "checkpoint.at_end=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert summary(out)["steps"] == 3
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert left == []
