@@ -15,6 +15,11 @@ in the selection settings only. Arms (`arms_for`):
   shrink-mode lead came from the smaller batch alone, so SIFT must beat random at the same batch.
 Evaluation runs at fixed intervals of training time, eval time excluded (`bench_run`).
 
+`--seeds 42,43,44` runs the whole benchmark once per seed (`run.seed`: initial weights, data
+order, masking), each with its own vanilla and target, and writes each seed's report as
+`<name>_seed<S>.*` plus `<name>.json` / `.md` with every seed's ratios and their medians: one seed
+cannot resolve differences under ~20% in time to target at small scale (see the README).
+
 `--quick` is the smoke test (tiny model, seconds per arm, one fraction and pool): it keeps the
 harness working in CI and says nothing about speedups.
 
@@ -197,6 +202,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    metavar=("TAG", "SECTION.KEY=VALUE"),
                    help="one more arm: the base SIFT arm with these overrides, named <base>-TAG "
                         "(repeatable), e.g. --variant start300 selection.start_step=300")
+    p.add_argument("--seeds", type=ints,
+                   help="comma list: the whole benchmark once per seed (run.seed), each with its own "
+                        "vanilla and target; the report gives each seed's ratios and their medians "
+                        "(default: the recipe's seed, once)")
     p.add_argument("--resume", action="store_true",
                    help="keep the arms (and HF baseline) a previous run of this --work-dir "
                         "finished with the same settings; run only the others")
@@ -227,6 +236,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--budget-s and --eval-interval-s must be > 0")
     if args.world_size < 1:
         p.error("--world-size must be >= 1")
+    if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)):
+        p.error("--seeds needs distinct integers, e.g. --seeds 42,43,44")
     if not Path(args.data, "manifest.json").is_file():
         p.error(f"--data {args.data}: no manifest.json (run sift-prep first)")
     return args
@@ -377,11 +388,9 @@ def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], wo
 def hf_request(args: argparse.Namespace, hf_args: list[str], overrides: list[str]) -> dict[str, Any]:
     """What the HF baseline's result depends on: its arguments and, by content, the files they
     name (recipe, DeepSpeed JSON, data manifest), so `--resume` never keeps a run of other files."""
-    from pipeline.config import load_config
+    from pipeline.config import load_config, resolve_path
 
-    ds_path = Path(load_config(args.recipe, overrides).run.ds_config)
-    if not ds_path.is_absolute() and not ds_path.exists():
-        ds_path = REPO / ds_path
+    ds_path = Path(resolve_path(load_config(args.recipe, overrides).run.ds_config))
     return {"args": hf_args, "world_size": args.world_size,
             "recipe": Path(args.recipe).read_text() if args.recipe else None,
             "ds_config": ds_path.read_text() if ds_path.is_file() else None,
@@ -449,9 +458,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.work_dir = str(work)
     overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),
                  *args.overrides, f"data.data_dir={Path(args.data).resolve()}"]
+    seeds = args.seeds or []
     print(f"sift-bench: {len(arms)} arms x {args.budget_s:g} s of training on {args.world_size} "
-          f"rank(s): {', '.join(a.name for a in arms)}", flush=True)
+          f"rank(s){f' x {len(seeds)} seeds' if len(seeds) > 1 else ''}: "
+          f"{', '.join(a.name for a in arms)}", flush=True)
     started = datetime.datetime.now(datetime.timezone.utc)
+    if len(seeds) <= 1:
+        seed_sets = [f"run.seed={seeds[0]}"] if seeds else []
+        run_benchmark(args, argv, arms, [*overrides, *seed_sets], work, out, args.name, started)
+        return 0
+    reports = {}
+    for seed in seeds:  # one whole benchmark per seed: its own vanilla, target and work dir
+        print(f"sift-bench: seed {seed}", flush=True)
+        reports[seed] = run_benchmark(args, argv, arms, [*overrides, f"run.seed={seed}"],
+                                      work / f"seed{seed}", out, f"{args.name}_seed{seed}", started)
+    write_seed_summary(args, argv, reports, out, started)
+    return 0
+
+
+def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm],
+                  overrides: list[str], work: Path, out: Path, name: str,
+                  started: datetime.datetime) -> dict[str, Any]:
+    """Every arm (and the HF baseline) in `work`, then `<name>.json`, `.md` and the PNGs in `out`;
+    returns the JSON document."""
     results = run_arms(args, arms, overrides, work)
     controls = {a.name: a.control().name for a in arms
                 if a.control() is not None and a.control().name in results}
@@ -461,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.metrics import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / f"{args.name}.json"
+    json_path = out / f"{name}.json"
     write_json_atomic(json_path, _jsonable(report))
     table = bench_report.markdown_table(analysis, results)
     if HF_ARM in results:
@@ -472,12 +501,51 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{_ratio_text(report['hf_trainer_tokens_per_s_ratio'])}.\n")
     table += ("\nWhere the time went (means over the logged training windows; scoring = the exit or "
               "full-model pass over the candidates):\n\n" + bench_report.diagnostics_table(results))
-    (out / f"{args.name}.md").write_text(table)
-    plots = bench_report.write_plots(results, analysis, out, args.name)
+    (out / f"{name}.md").write_text(table)
+    plots = bench_report.write_plots(results, analysis, out, name)
     print(table)
-    print(f"sift-bench: wrote {json_path}, {out / (args.name + '.md')}, "
+    print(f"sift-bench: wrote {json_path}, {out / (name + '.md')}, "
           f"{', '.join(str(p) for p in plots)}", flush=True)
-    return 0
+    return report
+
+
+HF_KEYS = ("hf_trainer_time_ratio", "hf_trainer_time_ratio_loss", "hf_trainer_time_ratio_at_least",
+           "hf_trainer_tokens_per_s_ratio")
+
+
+def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
+                       reports: dict[int, dict[str, Any]], out: Path,
+                       started: datetime.datetime) -> dict[str, Any]:
+    """`<name>.json` and `.md` over the seeds: the headline ratios are medians over the seeds
+    (`bench_report.median_or_none`); every seed's own report sits beside it as `<name>_seed<S>`."""
+    agg = bench_report.across_seeds({s: r["analysis"] for s, r in reports.items()})
+    first = next(iter(reports.values()))
+    doc = {
+        "benchmark": "time_to_accuracy", "quick": args.quick, "seeds": list(reports),
+        "created": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["sift-bench", *argv], "machine": machine_info(),
+        "settings": {**first["settings"], "overrides": [o for o in first["settings"]["overrides"]
+                                                        if not o.startswith("run.seed=")]},
+        "target_accuracy": bench_report.median_or_none(list(agg["target_accuracy"].values())),
+        "target_loss": bench_report.median_or_none(list(agg["target_loss"].values())),
+        **{f"{key}": {n: row[key]["median"] for n, row in agg["arms"].items()
+                      if key != "speedup_vs_control" or row["control"]}
+           for key in bench_report.SEED_KEYS},
+        **{key: bench_report.median_or_none([r[key] for r in reports.values()]) for key in HF_KEYS},
+        "across_seeds": agg,
+        "per_seed_reports": {s: f"{args.name}_seed{s}.json" for s in reports},
+    }
+    from pipeline.metrics import write_json_atomic
+
+    write_json_atomic(out / f"{args.name}.json", _jsonable(doc))
+    table = bench_report.seeds_table(agg)
+    (out / f"{args.name}.md").write_text(
+        table + "\nEach seed's full table: " + ", ".join(f"`{args.name}_seed{s}.md`" for s in reports)
+        + ".\n")
+    print(table)
+    print(f"sift-bench: wrote {out / (args.name + '.json')}, {out / (args.name + '.md')}", flush=True)
+    return doc
 
 
 def _hf_ratio(per_arm: dict[str, dict[str, Any]], key: str) -> float | None:

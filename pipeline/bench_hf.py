@@ -167,7 +167,7 @@ def run(cfg: TrainConfig, out_dir: Path, budget_s: float, interval_s: float) -> 
     from pipeline.engine import load_ds_config
     from pipeline.metrics import write_json_atomic
     from pipeline.model import bert_config
-    from pipeline.trainer import resolve_path
+    from pipeline.config import resolve_path
 
     rank, world = comm.get_dist_info()
     train = ShardDataset(cfg.data.data_dir, cfg.data.train_split)

@@ -121,6 +121,73 @@ def analyze(arms: dict[str, dict[str, Any]], budget_s: float, reference: str = "
             "target_fraction": target_fraction, "reference": reference, "arms": per_arm}
 
 
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """The median of ratios where None ("target not reached") ranks below every number: None when
+    the middle (either middle value, for an even count) is a None, so a median is never flattered by
+    dropping the seeds that missed."""
+    if not values:
+        return None
+    ranked = sorted(values, key=lambda v: (v is not None, v if v is not None else 0.0))
+    mid = len(ranked) // 2
+    middle = ranked[mid - 1:mid + 1] if len(ranked) % 2 == 0 else ranked[mid:mid + 1]
+    if any(v is None for v in middle):
+        return None
+    return sum(middle) / len(middle)
+
+
+SEED_KEYS = ("speedup_vs_vanilla", "speedup_vs_control", "speedup_vs_vanilla_loss")
+
+
+def across_seeds(analyses: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per arm and per ratio (SEED_KEYS): its value under each seed, the median (None-aware, see
+    `median_or_none`), min and max of the reached ones, and how many seeds reached the target.
+
+    analyses: seed -> `analyze(...)` of that seed's arms (its own vanilla, its own target). Arms
+    missing from a seed are left out of every seed (a partial result is not a median).
+    """
+    if not analyses:
+        raise ValueError("across_seeds needs at least one seed's analysis")
+    arms = [n for n in next(iter(analyses.values()))["arms"]
+            if all(n in a["arms"] for a in analyses.values())]
+    out: dict[str, Any] = {"seeds": list(analyses), "arms": {}}
+    for name in arms:
+        row: dict[str, Any] = {"control": next(iter(analyses.values()))["arms"][name].get("control")}
+        for key in SEED_KEYS:
+            by_seed = {s: a["arms"][name].get(key) for s, a in analyses.items()}
+            reached = [v for v in by_seed.values() if v is not None]
+            row[key] = {"by_seed": by_seed, "median": median_or_none(list(by_seed.values())),
+                        "min": min(reached) if reached else None,
+                        "max": max(reached) if reached else None, "reached": len(reached)}
+        out["arms"][name] = row
+    out["target_accuracy"] = {s: a["target_accuracy"] for s, a in analyses.items()}
+    out["target_loss"] = {s: a["target_loss"] for s, a in analyses.items()}
+    return out
+
+
+def seeds_table(agg: dict[str, Any]) -> str:
+    """One row per arm: speedup vs vanilla and vs its random control under each seed, and medians."""
+    seeds = agg["seeds"]
+    per_seed = " / ".join(f"s{s}" for s in seeds)
+    lines = [
+        f"Across {len(seeds)} seeds ({', '.join(map(str, seeds))}): each seed has its own vanilla and "
+        "target (accuracy targets " + ", ".join(f"{agg['target_accuracy'][s]:.4f}" for s in seeds)
+        + "); a median counts a seed that missed the target as the slowest.",
+        "",
+        f"| arm | speedup vs vanilla ({per_seed}) | median | reached | vs control ({per_seed}) "
+        "| median vs control |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in agg["arms"].items():
+        van, ctl = row["speedup_vs_vanilla"], row["speedup_vs_control"]
+        has_control = row.get("control") is not None
+        lines.append(
+            f"| {name} | {' / '.join(_times(van['by_seed'][s]) for s in seeds)} "
+            f"| {_times(van['median'])} | {van['reached']}/{len(seeds)} "
+            f"| {' / '.join(_times(ctl['by_seed'][s]) for s in seeds) if has_control else ''} "
+            f"| {_times(ctl['median']) if has_control else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 TIME_KEYS = ("data", "score", "select", "forward_backward", "optimizer")
 
 

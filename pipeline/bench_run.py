@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -116,7 +115,7 @@ def run_arm(cfg: TrainConfig, rank: int, world_size: int, eval_interval_s: float
     from pipeline.engine import build_engine, load_ds_config
     from pipeline.metrics import MetricsWriter, write_json_atomic
     from pipeline.model import build_model
-    from pipeline.trainer import resolve_path
+    from pipeline.config import resolve_path
 
     train_set = ShardDataset(cfg.data.data_dir, cfg.data.train_split)
     valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
@@ -128,13 +127,12 @@ def run_arm(cfg: TrainConfig, rank: int, world_size: int, eval_interval_s: float
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        # a (re)started arm starts clean: the writer appends (as a resumed sift-train must), and
-        # a summary must never sit beside another run's config (see arm_finished)
+        # a (re)started arm starts clean: a summary must never sit beside another run's config
+        # (see arm_finished); the writer starts fresh logs
         (out_dir / "summary.json").unlink(missing_ok=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
         write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
     writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, progress_bar=False)
+    writer.begin(resumed_at=None)
     trainer = _trainer_class()(cfg, engine, facts, train_set, valid_set, writer, rank, world_size,
                                eval_interval_s=eval_interval_s)
     try:
@@ -156,7 +154,7 @@ def arm_finished(cfg: TrainConfig, eval_interval_s: float, world_size: int) -> b
     run_arm deletes summary.json before it writes config.json, so a summary is always the
     result of the config beside it."""
     from pipeline.engine import load_ds_config
-    from pipeline.trainer import resolve_path
+    from pipeline.config import resolve_path
 
     out = Path(cfg.run.output_dir)
     try:

@@ -13,9 +13,10 @@ Layout under the checkpoint directory:
 The client state holds the data position in global samples (what makes resume exact whatever the
 new world size), the step, counters, selector totals, the config and its fingerprint, and the
 tokenizer fingerprint; each rank's RNG states go to `rng_rank{r}.pt` beside it. (The trainer
-reseeds dropout per micro-batch from (seed, micro-batch, rank), so exactness does not hinge on them.) DeepSpeed's own `latest` is disabled: ours moves only
-after every rank finished writing (a barrier), by writing a temp file and `os.replace`, so a
-process killed mid-save leaves `latest` on the previous complete checkpoint.
+reseeds dropout per micro-batch from (seed, micro-batch, rank), so exactness does not hinge on
+them.) DeepSpeed's own `latest` is disabled: ours moves only after every rank finished writing and
+fsynced the tag directory (barriers), by writing a temp file and `os.replace`, so a process killed
+mid-save, or a machine losing power, leaves `latest` on the previous complete checkpoint.
 
 Another world size: ZeRO-1/2/3 partition the optimizer state (ZeRO-3 the weights too) over the
 ranks that saved them, and DeepSpeed refuses to load the partitions on another data-parallel size.
@@ -29,6 +30,7 @@ Must not import torch.distributed or deepspeed.comm: the barrier comes from pipe
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -76,14 +78,44 @@ def rng_file(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"rng_rank{rank}.pt"
 
 
+def _fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str | Path) -> None:
+    """fsync a directory's entries where the filesystem supports it (some network and FUSE
+    filesystems refuse a directory fsync; their files were synced one by one)."""
+    try:
+        _fsync_path(path)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then each directory (their entries), then `root`'s parent
+    (the entry of `root` itself): after a power loss, not only a killed process, `latest` never
+    names a checkpoint whose files were still cached."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_dir(dirpath)
+    _fsync_dir(Path(root).parent)
+
+
 def write_latest(ckpt_dir: Path, tag: str) -> None:
-    """Point `latest` at `tag`: temp file, fsync, rename (atomic on POSIX)."""
+    """Point `latest` at `tag`: temp file, fsync, rename (atomic on POSIX), fsync the directory."""
     tmp = ckpt_dir / f".{LATEST}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(tag + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_dir / LATEST)
+    _fsync_dir(ckpt_dir)
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
@@ -130,9 +162,14 @@ def prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(ckpt_dir / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
+def read_client_state(load_dir: Path, tag: str) -> dict[str, Any]:
+    """Our client state of (load_dir, tag): readable without torch or the engine."""
+    return json.loads((Path(load_dir) / tag / STATE_FILE).read_text())
+
+
 def saved_world_size(load_dir: Path, tag: str) -> int:
     """The number of ranks that saved (load_dir, tag), from our client state."""
-    return int(json.loads((Path(load_dir) / tag / STATE_FILE).read_text())["world_size"])
+    return int(read_client_state(load_dir, tag)["world_size"])
 
 
 def is_partitioned(load_dir: Path, tag: str) -> bool:
@@ -212,6 +249,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
             tmp_tok = ckpt_dir / f".tokenizer.tmp{os.getpid()}"  # a killed copy never looks done
             shutil.rmtree(tmp_tok, ignore_errors=True)
             shutil.copytree(tokenizer_dir, tmp_tok)
+            fsync_tree(tmp_tok)
             os.replace(tmp_tok, ckpt_dir / "tokenizer")
     state = {**client_state, "step": step, "tag": tag}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"sift": state}, save_latest=False)
@@ -220,7 +258,9 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
         tmp = ckpt_dir / tag / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, ckpt_dir / tag / STATE_FILE)
-    comm.barrier()  # every rank's files are on disk before `latest` moves
+    comm.barrier()  # every rank's files are written ...
+    fsync_tree(ckpt_dir / tag)  # ... and durable (each node syncs what it sees: node-local disks)
+    comm.barrier()  # ... before `latest` moves
     if crash_before_latest and rank == 0:  # test hook: die between the files and `latest`
         os.kill(os.getpid(), 9)
     if rank == 0:

@@ -30,6 +30,16 @@ from pipeline.model import ModelConfig
 from pipeline.selection import SelectionConfig
 
 
+def resolve_path(path: str) -> str:
+    """`path` as given when it exists, else relative to the repository (for installed scripts:
+    `run.ds_config = "ds_configs/..."` works from any directory)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return str(p)
+    repo = Path(__file__).resolve().parents[1] / p
+    return str(repo) if repo.exists() else str(p)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the problem."""
 

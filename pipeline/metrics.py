@@ -14,6 +14,13 @@ our own SummaryWriter. Scalar names (TensorBoard tags; the JSONL keys are the sa
 Train scalars are per-step means over the logging window (time/* in seconds per optimizer step),
 except select/samples_moved and select/bytes_moved, which are totals over the window.
 
+Nothing is written before `begin(resumed_at)`, which the trainer calls once the run's start is
+settled (after a successful resume): a resumed run first drops what the interrupted run logged
+after its checkpoint's step, since it is about to log those steps again (metrics.jsonl and the
+TensorBoard event files are rewritten with the records up to that step: TensorBoard's fast loader
+ignores SummaryWriter's purge_step, so the events are removed rather than hidden); a fresh run
+starts a fresh metrics.jsonl and event directory.
+
 Must not import torch.distributed or deepspeed.
 """
 from __future__ import annotations
@@ -22,7 +29,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TRAIN_SCALARS = (
     "train/loss", "train/exit_score", "train/exit_loss", "train/lr", "train/grad_norm", "train/samples_backpropagated",
@@ -48,34 +55,94 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def trim_jsonl(path: str | Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite the JSONL file at `path` with the records `keep` accepts, atomically. A line that
+    does not parse (the torn last line of a killed writer) is dropped; no file: nothing to do."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(record):
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def trim_tensorboard(log_dir: str | Path, max_step: int) -> None:
+    """Rewrite every event file in `log_dir` with the events at steps <= max_step (the file's
+    version record, at step 0, stays); a torn last record (a killed writer) is dropped."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        kept = [raw for raw in RawEventFileLoader(str(path)).Load()
+                if Event.FromString(raw).step <= max_step]
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for raw in kept:
+                writer.write(raw)
+        os.replace(tmp, path)
+
+
 class MetricsWriter:
     """TensorBoard + JSONL + tqdm on rank 0; no-ops elsewhere."""
 
     def __init__(self, output_dir: str | Path, rank: int, tensorboard: bool = True,
-                 progress_bar: bool = True, total_steps: int | None = None, initial_step: int = 0):
+                 progress_bar: bool = True, total_steps: int | None = None):
         self.active = rank == 0
         self.output_dir = Path(output_dir)
+        self.tensorboard = tensorboard
+        self.progress_bar = progress_bar
+        self.total_steps = total_steps
         self._tb = None
         self._bar = None
         self._jsonl = None
+
+    def begin(self, resumed_at: int | None) -> None:
+        """Open the logs. `resumed_at`: the step of the checkpoint this run resumed from (its
+        later records are dropped first); None: a fresh run (earlier logs here are removed)."""
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
+        jsonl, tb_dir = self.output_dir / "metrics.jsonl", self.output_dir / "tensorboard"
+        if resumed_at is None:
+            jsonl.unlink(missing_ok=True)
+            for old in tb_dir.glob("events.out.tfevents.*"):
+                old.unlink()
+        else:
+            trim_jsonl(jsonl, lambda r: r.get("step", 0) <= resumed_at)
+            trim_tensorboard(tb_dir, resumed_at)
+        self._jsonl = open(jsonl, "a", buffering=1)
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
-        if progress_bar:
+            self._tb = SummaryWriter(log_dir=str(tb_dir))
+        if self.progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=self.total_steps, initial=resumed_at or 0, desc="train",
+                             unit="step", dynamic_ncols=True)
+
+    def flush(self) -> None:
+        """Push queued TensorBoard events to disk (before a checkpoint: a resume from it never
+        logs its steps again)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def log(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
         """One record: every scalar to TensorBoard at `step`, one JSON line."""
         if not self.active:
             return
+        if self._jsonl is None:
+            raise RuntimeError("MetricsWriter.log before begin() (or after close())")
         record = {"kind": kind, "step": step, **{k: _jsonable(float(v)) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:

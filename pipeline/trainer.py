@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from pipeline import checkpoint, comm
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, resolve_path
 from pipeline.data import GlobalSampler, ShardDataset, token_counts, train_batch, validation_batches
 from pipeline.engine import EngineFacts, build_engine, load_ds_config, lr_at, set_lr
 from pipeline.evaluation import evaluate_local, summarize
-from pipeline.metrics import MetricsWriter
+from pipeline.metrics import MetricsWriter, trim_jsonl
 from pipeline.model import build_model
 from pipeline.scoring import score_candidates, unigram_surprisal
 from pipeline.selection import is_active, pool_sizes
@@ -100,6 +100,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run until a budget is reached; returns the summary (also written to summary.json)."""
         cfg = self.cfg
+        if cfg.logging.plan_digests:
+            self._trim_plan_log()
         if cfg.eval.at_start and self.state.step == 0:
             self.evaluate()
         last_saved = last_eval = self.state.step
@@ -213,13 +215,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ budgets, eval, checkpoints
 
+    def _plan_log(self) -> Path:
+        return Path(self.cfg.run.output_dir) / "plans" / f"rank{self.rank}.jsonl"
+
     def _log_plan(self, stats: Any) -> None:
         """One line per selection, on every rank (logging.plan_digests)."""
-        path = Path(self.cfg.run.output_dir) / "plans" / f"rank{self.rank}.jsonl"
+        path = self._plan_log()
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps({"micro_batch": self.state.micro_index, "digest": stats.plan_digest,
                                 "source_counts": stats.source_counts}) + "\n")
+
+    def _trim_plan_log(self) -> None:
+        """Drop the plans of micro-batches this run is about to replay (all of them when fresh),
+        as MetricsWriter does for metrics.jsonl."""
+        trim_jsonl(self._plan_log(), lambda r: r["micro_batch"] < self.state.micro_index)
 
     def elapsed(self) -> float:
         return self.state.train_time_s + time.perf_counter() - self._session_start
@@ -284,6 +294,7 @@ class Trainer:
 
     def save(self) -> str:
         crash = self.cfg.debug.crash_in_checkpoint_at_step == self.state.step
+        self.writer.flush()  # a resume from this checkpoint never logs its steps again
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, self.client_state(),
                               self.train_set.tokenizer_dir, self.rank, crash_before_latest=crash)
         if self.rank == 0:
@@ -296,7 +307,7 @@ class Trainer:
         """Restore engine and `TrainState` from (load_dir, tag). `universal`: the checkpoint holds
         ZeRO partitions of another world size; the engine was built with load_universal and
         loads rank 0's universal conversion of it (made here unless already there)."""
-        saved = json.loads((Path(load_dir) / tag / checkpoint.STATE_FILE).read_text())
+        saved = checkpoint.read_client_state(load_dir, tag)
         engine_tag = tag
         if universal:
             engine_tag = self._universal_tag(Path(load_dir), tag, saved["world_size"])
@@ -483,7 +494,8 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
                        f"policy {cfg.selection.policy} ({cfg.selection.scope}, f={cfg.selection.fraction})")
         if resume_from is not None:
             trainer.resume(*resume_from, universal=universal)
-            writer.progress(trainer.state.step)
+        # only now: a resume that fails must leave the interrupted run's logs as they were
+        writer.begin(None if resume_from is None else trainer.state.step)
         summary = trainer.train()
         writer.summary(summary)
         writer.message(f"done ({summary['stop_reason']}): {summary['steps']} steps, accuracy "
@@ -491,15 +503,6 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
         return summary
     finally:
         writer.close()
-
-
-def resolve_path(path: str) -> str:
-    """`path` as given when it exists, else relative to the repository (for installed scripts)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return str(p)
-    repo = Path(__file__).resolve().parents[1] / p
-    return str(repo) if repo.exists() else str(p)
 
 
 def _fmt(x: float | None) -> str:

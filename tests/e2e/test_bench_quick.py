@@ -171,3 +171,34 @@ def test_plots_are_pngs_and_the_table_has_a_row_per_arm(quick_run):
         elif not name.startswith("random"):
             assert d["score_share"] > 0.01, (name, d)
     assert f"{r['target_accuracy']:.4f}" in table
+
+
+def test_seeds_run_the_benchmark_once_per_seed_and_report_medians(state_union_shards, tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, "-m", "pipeline.bench", "--quick", "--seeds", "1,2",
+           "--policies", "sift-loss,random", "--no-hf-baseline", "--data", str(state_union_shards),
+           "--out", str(out), "--work-dir", str(work)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    arms = ["vanilla", "sift-loss-expand-f0.5", "random-expand-f0.5"]
+    doc = json.loads((out / "time_to_accuracy_quick.json").read_text())
+    assert doc["seeds"] == [1, 2] and sorted(doc["speedup_vs_vanilla"]) == sorted(arms)
+    assert doc["speedup_vs_vanilla"]["vanilla"] == pytest.approx(1.0)
+    first_losses = {}
+    for seed in (1, 2):
+        per_seed = json.loads((out / f"time_to_accuracy_quick_seed{seed}.json").read_text())
+        assert sorted(per_seed["arms"]) == sorted(arms)
+        for name in arms:  # the summary quotes each seed's own ratio
+            got = doc["across_seeds"]["arms"][name]["speedup_vs_vanilla"]["by_seed"][str(seed)]
+            assert got == per_seed["speedup_vs_vanilla"][name]
+        config = json.loads((work / f"seed{seed}" / "arms" / "vanilla" / "config.json").read_text())
+        assert config["train"]["run"]["seed"] == seed
+        first_losses[seed] = per_seed["arms"]["vanilla"]["evals"][0]["loss"]
+    assert first_losses[1] != first_losses[2]  # other initial weights: the seed took effect
+    table = (out / "time_to_accuracy_quick.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert sorted(row.split("|")[1].strip() for row in rows) == sorted(arms)

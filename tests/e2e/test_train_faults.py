@@ -17,30 +17,49 @@ import torch
 from tests.conftest import free_port
 from tests.e2e.test_train import (REPO, data_dir, job_env, read_metrics, recipe,  # noqa: F401 (fixtures)
                                   run_train, summary, train_losses)
+from tests.unit.test_metrics import tensorboard_points
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 
 
+def tensorboard_steps(out, tag: str) -> list[int]:
+    """The steps of `tag` in the event files as written (what every TensorBoard loader shows)."""
+    return [step for step, _ in tensorboard_points(out, tag)]
+
+
 def test_sigkill_during_checkpoint_write_resumes_from_last_complete(recipe, data_dir, tmp_path):
+    """Killed while writing the step-4 checkpoint, resumed in the same directory (`--resume auto`):
+    it replays steps 3-4 from the step-2 checkpoint exactly, and every log holds each step once."""
     out = tmp_path / "run"
-    proc = run_train(1, recipe, data_dir, out, "checkpoint.every_steps=2", "budget.steps=4",
-                     "debug.crash_in_checkpoint_at_step=4", expect_ok=False)
+    sets = ("checkpoint.every_steps=2", "budget.steps=4", "logging.plan_digests=true")
+    proc = run_train(1, recipe, data_dir, out, *sets, "debug.crash_in_checkpoint_at_step=4",
+                     expect_ok=False)
     assert proc.returncode != 0
     ckpt = out / "checkpoints"
     assert (ckpt / "step_00000004").is_dir()  # the files of step 4 were written ...
     assert (ckpt / "latest").read_text().strip() == "step_00000002"  # ... but `latest` never moved
     before = train_losses(out)
     assert sorted(before) == [1, 2, 3, 4]
+    plans_before = (out / "plans" / "rank0.jsonl").read_text().splitlines()
+    assert len(plans_before) == 4
 
-    out2 = tmp_path / "run2"
-    proc = run_train(1, recipe, data_dir, out2, "checkpoint.every_steps=2", "budget.steps=4",
-                     f"checkpoint.dir={ckpt}", resume="auto")
+    proc = run_train(1, recipe, data_dir, out, *sets, resume="auto")
     assert f"resumed from {ckpt / 'step_00000002'}: step 2" in proc.stdout + proc.stderr
-    after = train_losses(out2)
-    assert sorted(after) == [3, 4]
-    assert after[3] == before[3] and after[4] == before[4]  # replayed exactly
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == [1, 2, 3, 4]  # steps 3-4 of the killed run were dropped, then logged again
+    after = train_losses(out)
+    assert after == before  # replayed exactly
+    assert (out / "plans" / "rank0.jsonl").read_text().splitlines() == plans_before
+    assert tensorboard_steps(out, "train/loss") == [1, 2, 3, 4]
     assert (ckpt / "latest").read_text().strip() == "step_00000004"
-    assert summary(out2)["steps"] == 4
+    assert summary(out)["steps"] == 4
+
+    # a fresh start in the same directory (no --resume) is a new run: no earlier record is shown
+    shutil.rmtree(ckpt)
+    run_train(1, recipe, data_dir, out, "budget.steps=2", "logging.plan_digests=true")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert len((out / "plans" / "rank0.jsonl").read_text().splitlines()) == 2
+    assert tensorboard_steps(out, "train/loss") == [1, 2]
 
 
 def test_dead_rank_fails_the_job_fast_and_is_named(recipe, data_dir, tmp_path):

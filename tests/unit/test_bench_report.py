@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.bench import Arm, arms_for
-from pipeline.bench_report import (analyze, first_crossing, markdown_table, points, speedup,
-                                   target_from, value_at)
+from pipeline.bench_report import (across_seeds, analyze, first_crossing, markdown_table,
+                                   median_or_none, points, seeds_table, speedup, target_from,
+                                   value_at)
 from pipeline.config import load_config
 
 
@@ -69,6 +70,44 @@ def test_target_is_vanillas_value_at_80_percent_and_vanilla_reaches_it():
     assert "not reached" in next(r for r in rows if r.startswith("| slow "))
     with pytest.raises(ValueError, match="reference"):
         analyze({"fast": {"evals": fast}}, 100.0)
+
+
+def test_median_counts_a_missed_target_as_the_slowest():
+    assert median_or_none([2.0, 1.0, 3.0]) == 2.0
+    assert median_or_none([2.0, None, 3.0]) == 2.0  # the miss ranks lowest, the middle is 2.0
+    assert median_or_none([None, None, 3.0]) is None
+    assert median_or_none([1.0, 3.0]) == 2.0
+    assert median_or_none([None, 3.0]) is None  # an even count needs both middle values
+    assert median_or_none([]) is None
+
+
+def test_across_seeds_gives_each_seeds_ratios_and_their_medians():
+    vanilla = curve((0, 0.0), (50, 0.10), (100, 0.14))
+    fast = curve((0, 0.0), (25, 0.10), (50, 0.14), (100, 0.16))
+    slow = curve((0, 0.0), (100, 0.05))
+    seed1 = analyze({"vanilla": {"evals": vanilla}, "sift": {"evals": fast},
+                     "random": {"evals": vanilla}}, 100.0, controls={"sift": "random"})
+    seed2 = analyze({"vanilla": {"evals": vanilla}, "sift": {"evals": slow},
+                     "random": {"evals": fast}}, 100.0, controls={"sift": "random"})
+    seed3 = analyze({"vanilla": {"evals": vanilla}, "sift": {"evals": vanilla},
+                     "random": {"evals": vanilla}, "extra": {"evals": fast}}, 100.0,
+                    controls={"sift": "random"})
+    agg = across_seeds({1: seed1, 2: seed2, 3: seed3})
+    assert agg["seeds"] == [1, 2, 3] and list(agg["arms"]) == ["vanilla", "sift", "random"]
+    sift = agg["arms"]["sift"]["speedup_vs_vanilla"]
+    fast_ratio = seed1["arms"]["sift"]["speedup_vs_vanilla"]
+    assert fast_ratio > 1.0
+    assert sift["by_seed"] == {1: fast_ratio, 2: None, 3: pytest.approx(1.0)}
+    assert sift["median"] == pytest.approx(1.0) and sift["reached"] == 2
+    assert sift["min"] == pytest.approx(1.0) and sift["max"] == fast_ratio
+    assert agg["arms"]["sift"]["control"] == "random"
+    assert agg["arms"]["sift"]["speedup_vs_control"]["by_seed"][2] is None
+    assert agg["arms"]["vanilla"]["speedup_vs_vanilla"]["median"] == pytest.approx(1.0)
+    table = seeds_table(agg)
+    row = next(line for line in table.splitlines() if line.startswith("| sift "))
+    assert "n/a" in row and "2/3" in row
+    with pytest.raises(ValueError):
+        across_seeds({})
 
 
 def test_speedup_edge_cases():
@@ -173,7 +212,7 @@ def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True)
     from pipeline.engine import load_ds_config
-    from pipeline.trainer import resolve_path
+    from pipeline.config import resolve_path
 
     assert not arm_finished(cfg, 1.0, 2)  # nothing there
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), 2)
