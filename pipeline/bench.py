@@ -486,6 +486,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
                 if a.control() is not None and a.control().name in results}
     analysis = bench_report.analyze(results, args.budget_s, "vanilla", args.target_fraction, controls)
     report = build_report(args, argv, overrides, results, analysis, started)
+    report["settings"]["work_dir"] = str(work)
 
     from pipeline.metrics import write_json_atomic
 
@@ -509,8 +510,12 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
     return report
 
 
-HF_KEYS = ("hf_trainer_time_ratio", "hf_trainer_time_ratio_loss", "hf_trainer_time_ratio_at_least",
-           "hf_trainer_tokens_per_s_ratio")
+HF_TIME_KEYS = ("hf_trainer_time_ratio", "hf_trainer_time_ratio_loss")
+HF_KEYS = (*HF_TIME_KEYS, "hf_trainer_time_ratio_at_least", "hf_trainer_tokens_per_s_ratio")
+
+
+def _medians(agg: dict[str, Any], key: str) -> dict[str, float | None]:
+    return {n: row[key]["median"] for n, row in agg["arms"].items()}
 
 
 def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
@@ -525,14 +530,19 @@ def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
         "created": started.isoformat(timespec="seconds"),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": ["sift-bench", *argv], "machine": machine_info(),
-        "settings": {**first["settings"], "overrides": [o for o in first["settings"]["overrides"]
-                                                        if not o.startswith("run.seed=")]},
+        "settings": {**first["settings"], "work_dir": args.work_dir,
+                     "overrides": [o for o in first["settings"]["overrides"]
+                                   if not o.startswith("run.seed=")]},
         "target_accuracy": bench_report.median_or_none(list(agg["target_accuracy"].values())),
         "target_loss": bench_report.median_or_none(list(agg["target_loss"].values())),
-        **{f"{key}": {n: row[key]["median"] for n, row in agg["arms"].items()
-                      if key != "speedup_vs_control" or row["control"]}
-           for key in bench_report.SEED_KEYS},
-        **{key: bench_report.median_or_none([r[key] for r in reports.values()]) for key in HF_KEYS},
+        "speedup_vs_vanilla": _medians(agg, "speedup_vs_vanilla"),
+        "speedup_vs_vanilla_loss": _medians(agg, "speedup_vs_vanilla_loss"),
+        "speedup_vs_control_at_least": {n: m for n, m in
+                                        _medians(agg, "speedup_vs_control_at_least").items()
+                                        if agg["arms"][n]["control"]},
+        # time ratios (HF / ours): a miss is the slowest, so it ranks high
+        **{key: bench_report.median_or_none([r[key] for r in reports.values()],
+                                            none_is_high=key in HF_TIME_KEYS) for key in HF_KEYS},
         "across_seeds": agg,
         "per_seed_reports": {s: f"{args.name}_seed{s}.json" for s in reports},
     }

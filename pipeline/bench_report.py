@@ -117,17 +117,23 @@ def analyze(arms: dict[str, dict[str, Any]], budget_s: float, reference: str = "
                                                 row["time_to_target_s"])
             row["speedup_vs_control_loss"] = speedup(per_arm[control]["time_to_target_loss_s"],
                                                      row["time_to_target_loss_s"])
+            # a control that missed the target took longer than the budget: the arm is at least
+            # budget / its time faster (None only when the arm itself missed)
+            t_control = per_arm[control]["time_to_target_s"]
+            row["speedup_vs_control_at_least"] = speedup(
+                budget_s if t_control is None else t_control, row["time_to_target_s"])
     return {"target_accuracy": targets["accuracy"], "target_loss": targets["loss"],
             "target_fraction": target_fraction, "reference": reference, "arms": per_arm}
 
 
-def median_or_none(values: Sequence[float | None]) -> float | None:
-    """The median of ratios where None ("target not reached") ranks below every number: None when
-    the middle (either middle value, for an even count) is a None, so a median is never flattered by
-    dropping the seeds that missed."""
+def median_or_none(values: Sequence[float | None], none_is_high: bool = False) -> float | None:
+    """The median of ratios where None ("target not reached") ranks below every number (above, with
+    `none_is_high`: for a time ratio, where a miss is the largest): None when the middle (either
+    middle value, for an even count) is a None, so a median is never flattered by dropping the
+    seeds that missed."""
     if not values:
         return None
-    ranked = sorted(values, key=lambda v: (v is not None, v if v is not None else 0.0))
+    ranked = sorted(values, key=lambda v: ((v is None) == none_is_high, v if v is not None else 0.0))
     mid = len(ranked) // 2
     middle = ranked[mid - 1:mid + 1] if len(ranked) % 2 == 0 else ranked[mid:mid + 1]
     if any(v is None for v in middle):
@@ -135,7 +141,9 @@ def median_or_none(values: Sequence[float | None]) -> float | None:
     return sum(middle) / len(middle)
 
 
-SEED_KEYS = ("speedup_vs_vanilla", "speedup_vs_control", "speedup_vs_vanilla_loss")
+# speedup_vs_control_at_least, not speedup_vs_control: a seed where the control missed the target
+# is a SIFT win (counted at the budget), not a miss
+SEED_KEYS = ("speedup_vs_vanilla", "speedup_vs_control_at_least", "speedup_vs_vanilla_loss")
 
 
 def across_seeds(analyses: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -171,14 +179,15 @@ def seeds_table(agg: dict[str, Any]) -> str:
     lines = [
         f"Across {len(seeds)} seeds ({', '.join(map(str, seeds))}): each seed has its own vanilla and "
         "target (accuracy targets " + ", ".join(f"{agg['target_accuracy'][s]:.4f}" for s in seeds)
-        + "); a median counts a seed that missed the target as the slowest.",
+        + "); a median counts a seed where the arm missed the target as the slowest; vs control, a "
+        "seed where only the control missed counts at the budget (a lower bound).",
         "",
         f"| arm | speedup vs vanilla ({per_seed}) | median | reached | vs control ({per_seed}) "
         "| median vs control |",
         "|---|---|---|---|---|---|",
     ]
     for name, row in agg["arms"].items():
-        van, ctl = row["speedup_vs_vanilla"], row["speedup_vs_control"]
+        van, ctl = row["speedup_vs_vanilla"], row["speedup_vs_control_at_least"]
         has_control = row.get("control") is not None
         lines.append(
             f"| {name} | {' / '.join(_times(van['by_seed'][s]) for s in seeds)} "

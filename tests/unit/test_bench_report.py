@@ -79,6 +79,7 @@ def test_median_counts_a_missed_target_as_the_slowest():
     assert median_or_none([1.0, 3.0]) == 2.0
     assert median_or_none([None, 3.0]) is None  # an even count needs both middle values
     assert median_or_none([]) is None
+    assert median_or_none([None, 1.8, 2.0], none_is_high=True) == 2.0  # a time ratio: a miss is slowest
 
 
 def test_across_seeds_gives_each_seeds_ratios_and_their_medians():
@@ -92,6 +93,8 @@ def test_across_seeds_gives_each_seeds_ratios_and_their_medians():
     seed3 = analyze({"vanilla": {"evals": vanilla}, "sift": {"evals": vanilla},
                      "random": {"evals": vanilla}, "extra": {"evals": fast}}, 100.0,
                     controls={"sift": "random"})
+    seed4 = analyze({"vanilla": {"evals": vanilla}, "sift": {"evals": vanilla},
+                     "random": {"evals": slow}}, 100.0, controls={"sift": "random"})
     agg = across_seeds({1: seed1, 2: seed2, 3: seed3})
     assert agg["seeds"] == [1, 2, 3] and list(agg["arms"]) == ["vanilla", "sift", "random"]
     sift = agg["arms"]["sift"]["speedup_vs_vanilla"]
@@ -101,7 +104,10 @@ def test_across_seeds_gives_each_seeds_ratios_and_their_medians():
     assert sift["median"] == pytest.approx(1.0) and sift["reached"] == 2
     assert sift["min"] == pytest.approx(1.0) and sift["max"] == fast_ratio
     assert agg["arms"]["sift"]["control"] == "random"
-    assert agg["arms"]["sift"]["speedup_vs_control"]["by_seed"][2] is None
+    assert agg["arms"]["sift"]["speedup_vs_control_at_least"]["by_seed"][2] is None  # SIFT missed
+    # the control missed and SIFT reached the target at 80 s: at least budget / 80 = 1.25x, a win
+    control = across_seeds({4: seed4})["arms"]["sift"]["speedup_vs_control_at_least"]
+    assert control["by_seed"][4] == pytest.approx(1.25) and control["reached"] == 1
     assert agg["arms"]["vanilla"]["speedup_vs_vanilla"]["median"] == pytest.approx(1.0)
     table = seeds_table(agg)
     row = next(line for line in table.splitlines() if line.startswith("| sift "))
