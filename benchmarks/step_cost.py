@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from pipeline.model import ModelConfig, SiftBertForMaskedLM, build_model
 from pipeline.scoring import score_exit
-from pipeline.selection import SelectionConfig, num_candidates, num_selected, top_k_indices
+from pipeline.selection import SelectionConfig, num_candidates, num_selected
+from pipeline.selector import select_mask
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_cost.json"
 SPECIAL_IDS = 5  # ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]
@@ -86,7 +87,8 @@ def dense_step(model: SiftBertForMaskedLM, opt: torch.optim.Optimizer, batch: di
 def sift_step(model: SiftBertForMaskedLM, opt: torch.optim.Optimizer, candidates: dict[str, torch.Tensor],
               k: int) -> None:
     """Score candidates at the exit, keep the top k rows of every tensor, train on them."""
-    keep = top_k_indices(score_exit(model, candidates, "loss"), k)  # (k,)
+    scores = score_exit(model, candidates, "loss").float().cpu().numpy()  # (n,)
+    keep = torch.from_numpy(select_mask(scores, k).nonzero()[0])  # (k,) the trainer's top-k rule
     full_step(model, opt, {name: t.index_select(0, keep) for name, t in candidates.items()})
 
 
@@ -161,7 +163,10 @@ def bench_one(preset: str, vocab: int, seq_len: int, batch: int, fraction: float
 
 
 def markdown(results: list[dict], batch: int) -> str:
-    head = ("| model | vocab | full step b32 s | dense step b32 s | sparse speedup | exit c32 s | exit c64 s "
+    c_small = results[0]["shrink"]["candidates"] if results else batch
+    c_large = results[0]["expand"]["candidates"] if results else batch
+    head = (f"| model | vocab | full step b{batch} s | dense step b{batch} s | sparse speedup "
+            f"| exit c{c_small} s | exit c{c_large} s "
             "| SIFT expand s | expand / ideal | expand / parts | SIFT shrink s | shrink / ideal | shrink / parts |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:

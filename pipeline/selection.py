@@ -1,8 +1,7 @@
 """Selection policies as pure functions: how many candidates, how many kept, which ones.
 
 Owns `SelectionConfig` and the helpers every rank evaluates identically: `is_active` (should we
-select at this step), `num_candidates` / `num_selected` (pool sizes), `top_k_indices` (scores ->
-indices: descending, ties by lower index, NaN after every other score) and `random_scores` (the
+select at this step), `num_candidates` / `num_selected` (pool sizes) and `random_scores` (the
 `random` control: uniform scores from a generator seeded by (seed, step, rank), so the global
 top-k of the union is a uniform random subset and no global RNG is touched), plus `scoring_for`,
 the policy -> (scorer, metric) table the trainer reads instead of re-encoding it.
@@ -13,7 +12,6 @@ pipeline modules; rank enters only as an int seed component.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,26 +138,6 @@ def pool_sizes(train_micro_batch: int, cfg: SelectionConfig, step: int) -> tuple
         _check_batch(train_micro_batch)
         return train_micro_batch, train_micro_batch
     return num_candidates(train_micro_batch, cfg), num_selected(train_micro_batch, cfg)
-
-
-def top_k_indices(scores: torch.Tensor | Sequence[float] | np.ndarray, k: int) -> torch.Tensor:
-    """Indices (int64, (k,)) of the k highest scores, highest first.
-
-    Ties go to the lower index; NaN ranks after every other score (-inf included), so a NaN is
-    chosen only when fewer than k non-NaN scores exist. Deterministic: identical inputs give
-    identical outputs on every rank.
-    """
-    s = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) \
-        else np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1:
-        raise ValueError(f"scores must be 1-D, got shape {s.shape}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= s.size:
-        raise ValueError(f"k must be an int in 0..{s.size}, got {k!r}")
-    nan = np.isnan(s)
-    neg = np.where(nan, 0.0, -s)  # ascending -s == descending s
-    # lexsort: the last key is primary: non-NaN first, then by score descending, then by index.
-    order = np.lexsort((np.arange(s.size), neg, nan))
-    return torch.from_numpy(order[:k].astype(np.int64))
 
 
 def random_scores(n: int, seed: int, step: int, rank: int) -> torch.Tensor:

@@ -1,13 +1,10 @@
-"""Selection policies: pool sizes, exact top-k with index ties and NaN last, uniform random control."""
+"""Selection policies: pool sizes, the policy table, the uniform random control (the exact top-k
+rule itself is `selector.select_mask`, tested in test_selector.py)."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from pipeline.selection import (
@@ -19,8 +16,8 @@ from pipeline.selection import (
     pool_sizes,
     random_scores,
     scoring_for,
-    top_k_indices,
 )
+from pipeline.selector import select_mask
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -86,40 +83,6 @@ def test_scoring_table_covers_every_policy():
         scoring_for("oracle")
 
 
-# ---- top-k ----------------------------------------------------------------------------------
-
-def test_top_k_ties_by_index_and_nan_last():
-    s = [0.5, float("nan"), 2.0, 0.5, float("-inf"), 2.0, float("nan"), 0.5]
-    assert top_k_indices(s, 8).tolist() == [2, 5, 0, 3, 7, 4, 1, 6]
-    assert top_k_indices(torch.tensor(s), 3).tolist() == [2, 5, 0]
-    assert top_k_indices(np.array(s), 0).tolist() == []
-    assert top_k_indices(s, 1).dtype == torch.int64
-
-
-def test_top_k_rejects_bad_k_and_shapes():
-    with pytest.raises(ValueError, match="k must be"):
-        top_k_indices([1.0, 2.0], 3)
-    with pytest.raises(ValueError, match="k must be"):
-        top_k_indices([1.0, 2.0], -1)
-    with pytest.raises(ValueError, match="1-D"):
-        top_k_indices([[1.0, 2.0]], 1)
-
-
-def brute_force_top_k(scores: list[float], k: int) -> list[int]:
-    def key(i):
-        s = scores[i]
-        return (math.isnan(s), -s if not math.isnan(s) else 0.0, i)
-    return sorted(range(len(scores)), key=key)[:k]
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.sampled_from([0.0, 1.0, -1.0, float("nan"), float("inf"), float("-inf")]),
-                          st.floats(-5, 5, width=32)), max_size=40), st.data())
-def test_top_k_matches_brute_force(scores, data):
-    k = data.draw(st.integers(0, len(scores)))
-    assert top_k_indices(torch.tensor(scores, dtype=torch.float32), k).tolist() == brute_force_top_k(scores, k)
-
-
 # ---- random control -------------------------------------------------------------------------
 
 def test_random_scores_are_reproducible_and_differ_by_seed_step_rank():
@@ -139,7 +102,7 @@ def _selection_counts(world: int, per_rank: int, k: int, steps: int, draw) -> np
     counts = np.zeros(world * per_rank, dtype=np.int64)
     for step in range(steps):
         union = torch.cat([draw(step, r) for r in range(world)])  # (world * per_rank,)
-        counts[top_k_indices(union, k).numpy()] += 1
+        counts[select_mask(union.numpy(), k)] += 1
     return counts
 
 

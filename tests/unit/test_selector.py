@@ -127,6 +127,32 @@ def test_select_mask_matches_a_stable_descending_sort():
         assert set(np.flatnonzero(select_mask(s, k))) == set(order[:k].tolist())
 
 
+def brute_force_top_k(scores: list[float], k: int) -> list[int]:
+    """The rule spelled out: NaN last, then by score descending, ties to the lower index."""
+    def key(i):
+        s = scores[i]
+        return (math.isnan(s), -s if not math.isnan(s) else 0.0, i)
+    return sorted(range(len(scores)), key=key)[:k]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, NAN, INF, -INF]),
+                          st.floats(-5, 5, width=32)), max_size=40), st.data())
+def test_select_mask_matches_the_rule_spelled_out(scores, data):
+    k = data.draw(st.integers(0, len(scores)))
+    mask = select_mask(np.array(scores, dtype=np.float32), k)
+    assert sorted(np.flatnonzero(mask).tolist()) == sorted(brute_force_top_k(scores, k))
+
+
+def test_select_mask_rejects_bad_k_and_shapes():
+    with pytest.raises(ValueError, match="cannot select"):
+        select_mask(np.array([1.0, 2.0]), 3)
+    with pytest.raises(ValueError, match="cannot select"):
+        select_mask(np.array([1.0, 2.0]), -1)
+    with pytest.raises(ValueError, match="1-D"):
+        select_mask(np.array([[1.0, 2.0]]), 1)
+
+
 @pytest.mark.parametrize("kind", ["normal", "dup", "sorted", "nonfinite", "periodic", "nan_heavy"])
 def test_select_mask_large_inputs_take_the_sampled_bracket_exactly(kind):
     """N >= 65536 takes the sampled-bracket path; it must equal the stable sort, odd data too."""
