@@ -406,7 +406,7 @@ def hf_finished(hf_dir: Path, request: dict[str, Any]) -> bool:
         return False
 
 
-def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[str],
+def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[str], work: Path,
                  results: dict[str, dict[str, Any]], analysis: dict[str, Any],
                  started: datetime.datetime) -> dict[str, Any]:
     """The JSON document: headline numbers first, then settings, machine, analysis, every arm."""
@@ -420,7 +420,7 @@ def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[
         "machine": machine_info(),
         "settings": {"budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
                      "world_size": args.world_size, "recipe": args.recipe, "overrides": overrides,
-                     "work_dir": args.work_dir,
+                     "work_dir": str(work),
                      "data": _data_facts(Path(args.data)), "target_fraction": args.target_fraction,
                      "target_rule": "vanilla's metric at target_fraction x budget, linearly "
                                     "interpolated between the bracketing evaluations; time to "
@@ -485,8 +485,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
     controls = {a.name: a.control().name for a in arms
                 if a.control() is not None and a.control().name in results}
     analysis = bench_report.analyze(results, args.budget_s, "vanilla", args.target_fraction, controls)
-    report = build_report(args, argv, overrides, results, analysis, started)
-    report["settings"]["work_dir"] = str(work)
+    report = build_report(args, argv, overrides, work, results, analysis, started)
 
     from pipeline.metrics import write_json_atomic
 

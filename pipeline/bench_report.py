@@ -155,11 +155,11 @@ def across_seeds(analyses: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """
     if not analyses:
         raise ValueError("across_seeds needs at least one seed's analysis")
-    arms = [n for n in next(iter(analyses.values()))["arms"]
-            if all(n in a["arms"] for a in analyses.values())]
+    first = next(iter(analyses.values()))
+    arms = [n for n in first["arms"] if all(n in a["arms"] for a in analyses.values())]
     out: dict[str, Any] = {"seeds": list(analyses), "arms": {}}
     for name in arms:
-        row: dict[str, Any] = {"control": next(iter(analyses.values()))["arms"][name].get("control")}
+        row: dict[str, Any] = {"control": first["arms"][name].get("control")}
         for key in SEED_KEYS:
             by_seed = {s: a["arms"][name].get(key) for s, a in analyses.items()}
             reached = [v for v in by_seed.values() if v is not None]

@@ -285,4 +285,4 @@ def load(engine: Any, load_dir: Path, tag: str, rank: int, engine_tag: str | Non
         set_rng_state(torch.load(rng, weights_only=False))
     if "sift" in (client or {}):
         return client["sift"]
-    return json.loads((Path(load_dir) / tag / STATE_FILE).read_text())
+    return read_client_state(load_dir, tag)

@@ -10,14 +10,13 @@ checkpoints. Runs in one process, no process group, no GPU needed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from pipeline.checkpoint import STATE_FILE, CheckpointError, resolve_resume
+from pipeline.checkpoint import CheckpointError, read_client_state, resolve_resume
 from pipeline.model import ModelConfig, build_model
 
 
@@ -42,7 +41,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     if found is None:
         raise CheckpointError(f"{checkpoint}: no checkpoint found")
     load_dir, tag = found
-    state = json.loads((load_dir / tag / STATE_FILE).read_text())
+    state = read_client_state(load_dir, tag)
     meta = state["model"]
     model = build_model(ModelConfig(**state["config"]["model"]), meta["vocab_size"],
                         meta["max_seq_len"], meta["pad_token_id"])

@@ -25,6 +25,7 @@ Must not import torch.distributed or deepspeed.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -47,12 +48,16 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temp name, then rename: a reader never sees half a file."""
+def replace_atomically(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp name, then rename: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    replace_atomically(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def trim_jsonl(path: str | Path, keep: Callable[[dict[str, Any]], bool]) -> None:
@@ -69,9 +74,7 @@ def trim_jsonl(path: str | Path, keep: Callable[[dict[str, Any]], bool]) -> None
             continue
         if keep(record):
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    replace_atomically(path, "".join(kept).encode())
 
 
 def trim_tensorboard(log_dir: str | Path, max_step: int) -> None:
@@ -82,14 +85,12 @@ def trim_tensorboard(log_dir: str | Path, max_step: int) -> None:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
-        kept = [raw for raw in RawEventFileLoader(str(path)).Load()
-                if Event.FromString(raw).step <= max_step]
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            for raw in kept:
+        buf = io.BytesIO()
+        writer = RecordWriter(buf)  # the framing (length, CRCs) TensorBoard reads
+        for raw in RawEventFileLoader(str(path)).Load():
+            if Event.FromString(raw).step <= max_step:
                 writer.write(raw)
-        os.replace(tmp, path)
+        replace_atomically(path, buf.getvalue())
 
 
 class MetricsWriter:
