@@ -59,9 +59,13 @@ class DataConfig:
     """Split trained on."""
     valid_split: str = "valid"
     """Split evaluated on."""
+    prefetch: int = 2
+    """Micro-batches read and masked ahead in a background thread while the current one computes
+    (0: each is built when needed). Changes only when a batch is built, never what it holds."""
 
     def __post_init__(self):
         _check(bool(self.data_dir), "data.data_dir is required (the sift-prep output directory)")
+        _check(self.prefetch >= 0, "data.prefetch must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,10 @@ class LoggingConfig:
     plan_digests: bool = False
     """Every rank appends each selection's plan digest and source counts to
     <output_dir>/plans/rank<r>.jsonl: evidence that all ranks computed the same global plan."""
+    profile: bool = False
+    """Synchronize the device at every phase boundary so time/* (data, score, select,
+    forward_backward, optimizer) say where a GPU step's time goes; costs some speed. Off, the
+    phases are host times: asynchronous GPU work is billed to whichever phase next waits for it."""
 
     def __post_init__(self):
         _check(self.every_steps >= 1, "logging.every_steps must be >= 1")

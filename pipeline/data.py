@@ -10,7 +10,8 @@ Owns three small pieces, each usable alone:
   reading w*b samples would, and a resume at position p continues where the run stopped whatever
   the new world size is.
 * Masking: 15% (configurable) of the non-special tokens of each row, 80% -> [MASK], 10% -> a random
-  token, 10% kept, drawn from a generator seeded by (seed, epoch, global sample index). Any rank, any
+  token, 10% kept, from counter-based random numbers keyed by (seed, epoch, global sample index),
+  vectorized over the batch. Any rank, any
   resume, any world size reproduces the same masks. Validation uses one fixed masking (a constant
   seed, epoch 0) so every run, whatever its training seed, is scored on the same positions.
 
@@ -225,43 +226,89 @@ class MaskingConfig:
                              f" got {self.mask_prob} and {self.random_prob}")
 
 
-def mask_row(tokens: np.ndarray, rng: np.random.Generator, cfg: MaskingConfig,
-             special_ids: np.ndarray, mask_id: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Corrupt one row; return (input_ids, labels) as int64 arrays of the row's length.
+# Counter-based randomness: every random number of a sample's masking is a hash of
+# (seed, epoch, global index, stream, position), so a whole batch is masked with a few vectorized
+# numpy operations (no per-row generator, no Python loop: the per-row version cost ~0.3 ms a row,
+# 40-80 ms of every step on the critical path) and any rank or resume reproduces it exactly.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_STREAM_TARGETS, _STREAM_KIND, _STREAM_TOKEN = 1, 2, 3
 
-    The number of targets is round(rate * candidates), at least one when the row has any
-    non-special token, so every sample carries a loss (a Bernoulli draw would leave some empty).
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele, Lea & Flood 2014): a bijective 64-bit avalanche mix."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + _GAMMA
+        x = (x ^ (x >> np.uint64(30))) * _MIX1
+        x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_keys(seed: int, epochs: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """(B,) uint64 masking keys: a function of (seed, epoch, global index) only."""
+    epochs = np.broadcast_to(np.asarray(epochs, dtype=np.int64), np.shape(indices))
+    k = _mix64(np.uint64(seed))
+    k = _mix64(k ^ epochs.astype(np.uint64))
+    return _mix64(k ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
+
+
+def _bits(keys: np.ndarray, stream: int, length: int) -> np.ndarray:
+    """(B, length) uint64 random bits of `stream` at every position of every sample."""
+    counters = (np.uint64(stream) << np.uint64(32)) + np.arange(length, dtype=np.uint64)  # (L,)
+    return _mix64(keys[:, None] ^ _mix64(counters)[None, :])
+
+
+def _uniform(keys: np.ndarray, stream: int, length: int) -> np.ndarray:
+    """(B, length) float64 uniform on [0, 1), 53 random bits each."""
+    return (_bits(keys, stream, length) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def mask_rows(rows: np.ndarray, keys: np.ndarray, cfg: MaskingConfig, special_ids: np.ndarray,
+              mask_id: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Corrupt a batch of rows (B, L); return (input_ids, labels) as int64 (B, L) arrays.
+
+    Row b is masked by keys[b] alone. Its targets are a uniform random subset of its non-special
+    tokens of size round(rate * candidates), at least one when the row has any (a Bernoulli draw
+    would leave some samples without a loss); of the targets, mask_prob become [MASK],
+    random_prob a uniform non-special token, the rest stay.
     """
-    inputs = tokens.astype(np.int64, copy=True)
-    labels = np.full_like(inputs, IGNORE_INDEX)
-    candidates = np.flatnonzero(~np.isin(tokens, special_ids))  # (C,)
-    if candidates.size == 0:
-        return inputs, labels
-    n_targets = max(1, int(round(cfg.rate * candidates.size)))
-    targets = np.sort(rng.choice(candidates, size=n_targets, replace=False))  # (T,)
-    labels[targets] = inputs[targets]
-    u = rng.random(n_targets)
-    to_mask = targets[u < cfg.mask_prob]
-    to_random = targets[(u >= cfg.mask_prob) & (u < cfg.mask_prob + cfg.random_prob)]
+    rows = np.asarray(rows)
+    b, length = rows.shape
+    inputs = rows.astype(np.int64, copy=True)
+    candidate = ~np.isin(rows, special_ids)  # (B, L)
+    n_candidates = candidate.sum(axis=1)  # (B,)
+    n_targets = np.where(n_candidates > 0,
+                         np.maximum(1, np.round(cfg.rate * n_candidates)), 0).astype(np.int64)
+    # A uniform subset of size n: the n candidates with the smallest random keys.
+    u = np.where(candidate, _uniform(keys, _STREAM_TARGETS, length), 2.0)  # non-candidates last
+    order = np.argsort(u, axis=1, kind="stable")  # (B, L)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(length), (b, length)), axis=1)
+    targets = rank < n_targets[:, None]  # (B, L)
+    labels = np.where(targets, inputs, IGNORE_INDEX)
+    kind = _uniform(keys, _STREAM_KIND, length)  # (B, L)
+    to_mask = targets & (kind < cfg.mask_prob)
+    to_random = targets & (kind >= cfg.mask_prob) & (kind < cfg.mask_prob + cfg.random_prob)
     inputs[to_mask] = mask_id
-    inputs[to_random] = _random_non_special(rng, to_random.size, special_ids, vocab_size)
+    if to_random.any():
+        random_ids = _non_special_ids(_bits(keys, _STREAM_TOKEN, length), special_ids, vocab_size)
+        inputs[to_random] = random_ids[to_random]
     return inputs, labels
 
 
-def _random_non_special(rng: np.random.Generator, n: int, special_ids: np.ndarray,
-                        vocab_size: int) -> np.ndarray:
-    """n token ids uniform over the vocabulary minus the special tokens (rejection sampling)."""
-    out = rng.integers(0, vocab_size, size=n)
-    bad = np.isin(out, special_ids)
-    while bad.any():  # specials are a handful of ids out of thousands: this loop runs ~never
-        out[bad] = rng.integers(0, vocab_size, size=int(bad.sum()))
-        bad = np.isin(out, special_ids)
-    return out
-
-
-def masking_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator of one sample's masking: a function of (seed, epoch, global index) only."""
-    return np.random.default_rng([seed, epoch, index])
+def _non_special_ids(bits: np.ndarray, special_ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token ids uniform over the vocabulary minus the special ids, one per uint64 of `bits`."""
+    specials = np.unique(np.asarray(special_ids, dtype=np.int64))
+    specials = specials[(specials >= 0) & (specials < vocab_size)]
+    allowed = vocab_size - specials.size
+    if allowed < 1:
+        raise ValueError(f"a vocabulary of {vocab_size} ids has no non-special token")
+    ids = (bits % np.uint64(allowed)).astype(np.int64)  # modulo bias ~vocab / 2^64: none to see
+    for s in specials:  # ascending: step over each special id in turn
+        ids += ids >= s
+    return ids
 
 
 def make_batch(dataset: ShardDataset, indices: np.ndarray, epochs: np.ndarray, seed: int,
@@ -270,13 +317,8 @@ def make_batch(dataset: ShardDataset, indices: np.ndarray, epochs: np.ndarray, s
     special = dataset.special_ids
     special_arr = np.array(sorted(set(special.values())), dtype=np.int64)
     rows = dataset.rows(indices)  # (B, L)
-    input_ids = np.empty_like(rows)
-    labels = np.empty_like(rows)
-    epochs = np.broadcast_to(epochs, indices.shape)
-    for i, (index, epoch) in enumerate(zip(indices.tolist(), epochs.tolist())):
-        rng = masking_rng(seed, epoch, index)
-        input_ids[i], labels[i] = mask_row(rows[i], rng, masking, special_arr, special["mask"],
-                                           dataset.vocab_size)
+    input_ids, labels = mask_rows(rows, sample_keys(seed, epochs, indices), masking, special_arr,
+                                  special["mask"], dataset.vocab_size)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),

@@ -95,6 +95,11 @@ class ModelConfig:
     attention_dropout: float = 0.1
     """Dropout on attention probabilities (BertConfig.attention_probs_dropout_prob)."""
 
+    compile: bool = False
+    """torch.compile each encoder layer (per layer: the exit pass runs layers 1..k of the same
+    compiled code, and DeepSpeed's hooks stay outside the graphs). Off by default until measured
+    faster on your hardware: benchmarks/trainer_efficiency.py --compile."""
+
     def __post_init__(self) -> None:
         if self.config_file is None and self.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
@@ -161,6 +166,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_i
     """A freshly initialised SiftBertForMaskedLM (fp32, CPU, train mode)."""
     model = SiftBertForMaskedLM(bert_config(cfg, vocab_size, max_seq_len, pad_token_id))
     model.train()
+    if cfg.compile:
+        for layer in model.bert.encoder.layer:
+            layer.compile()  # in place: parameter names and state dicts are unchanged
     return model
 
 

@@ -9,6 +9,12 @@ by (seed, epoch), random-selection scores by (seed, micro-batch, rank), and drop
 torch's generator from (seed, micro-batch, rank) before every forward; the learning rate is a pure
 function of the step. So a resumed run needs only the engine checkpoint plus `TrainState`.
 
+Speed: the next micro-batches are read and masked in a background thread (`pipeline.prefetch`)
+and copied to the device without blocking; logged scalars (losses, token counts, FLOPs) stay on
+the device until a log window closes. The host waits for the device only where a comment says why.
+Phase timers (`time/*`) synchronize the device only under `logging.profile`: without it, on a GPU,
+asynchronous work is billed to whichever phase next waits for it.
+
 Non-finite losses: every micro-batch's loss goes through one all-reduce (sum of losses, count of
 non-finite ones), the sync that lets every rank agree to skip a micro-batch before backward could
 spread NaN gradients. Skipped micro-batches are counted; `optim.max_nonfinite_in_row` in a row stop
@@ -35,10 +41,12 @@ from pipeline.config import TrainConfig, resolve_path
 from pipeline.data import GlobalSampler, ShardDataset, token_counts, train_batch, validation_batches
 from pipeline.engine import EngineFacts, build_engine, load_ds_config, lr_at, set_lr
 from pipeline.evaluation import evaluate_local, summarize
+from pipeline.flops import forward_flops, peak_flops, train_flops
 from pipeline.metrics import MetricsWriter, trim_jsonl
-from pipeline.model import build_model
+from pipeline.model import IGNORE_INDEX, build_model, unwrap_model
+from pipeline.prefetch import Prefetcher
 from pipeline.scoring import score_candidates, unigram_surprisal
-from pipeline.selection import is_active, pool_sizes
+from pipeline.selection import is_active, pool_sizes, scoring_for
 from pipeline.selector import select_and_exchange
 
 
@@ -94,6 +102,27 @@ class Trainer:
         if cfg.selection.normalize == "unigram":
             self.token_baseline = unigram_surprisal(token_counts(train_set)).to(self.device)
         self._session_start = time.perf_counter()
+        self.loader = Prefetcher(self._load, stride=lambda count: count * world_size,
+                                 pin=self.device.type == "cuda", depth=cfg.data.prefetch)
+        self.bert_config = unwrap_model(engine.module).config
+        self.peak_flops = peak_flops(self.device, facts.precision)
+        self.throughput = _Throughput()
+        self._last_loss = float("nan")  # the progress bar shows the last logged loss: no sync
+
+    def _load(self, position: int, count: int) -> dict[str, torch.Tensor]:
+        """This rank's `count` candidates of the global micro-batch at `position` (CPU tensors)."""
+        return train_batch(self.train_set, self.sampler, self.cfg.masking, position, count,
+                           self.rank, self.world_size)
+
+    def _clock(self) -> float:
+        """perf_counter, after waiting for the device when profiling (honest phase times)."""
+        if self.cfg.logging.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def close(self) -> None:
+        """Stop the background loader (idempotent)."""
+        self.loader.close()
 
     # ------------------------------------------------------------------ the loop
 
@@ -109,14 +138,16 @@ class Trainer:
         window = _Window()
         while reason is None:
             self._maybe_die()
+            t0 = time.perf_counter()
             record = self.train_step()
+            record["_step_s"] = time.perf_counter() - t0
             self.state.step += 1
             window.add(record)
             step = self.state.step
             if step % cfg.logging.every_steps == 0:
-                self.writer.log(step, window.scalars(self))
+                self._log_window(window)
                 window = _Window()
-            self.writer.progress(1, loss=record["train/loss"], lr=record["train/lr"])
+            self.writer.progress(1, loss=self._last_loss, lr=record["train/lr"])
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                 self.evaluate()
                 last_eval = step
@@ -125,12 +156,20 @@ class Trainer:
                 last_saved = step
             reason = self.budget_reached()
         if window.records:  # the steps since the last log line (a budget rarely ends on one)
-            self.writer.log(self.state.step, window.scalars(self))
+            self._log_window(window)
+        self.close()
         if cfg.eval.at_end and last_eval != self.state.step:
             self.evaluate()
         if cfg.checkpoint.at_end and last_saved != self.state.step:
             self.save()
         return self.summary(reason)
+
+    def _log_window(self, window: "_Window") -> None:
+        """Close a log window: its scalars leave the device here, once per window."""
+        scalars = window.scalars(self)
+        self.throughput.add(window)
+        self._last_loss = scalars["train/loss"]
+        self.writer.log(self.state.step, scalars)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: grad_accum micro-batches that went through, then the update."""
@@ -140,30 +179,32 @@ class Trainer:
         done = 0
         while done < self.facts.grad_accum:
             done += self.micro_step(totals)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm()  # a float or a device tensor: not read yet
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = grad_norm.detach().clone()  # DeepSpeed may reuse its tensor next step
         return {
             "train/loss": totals.loss / max(totals.micro, 1),
             "train/lr": lr,
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": float("nan") if grad_norm is None else grad_norm,
             **totals.scalars(),
         }
 
     def micro_step(self, totals: "_Totals") -> int:
         """Load candidates, score, select, forward+backward, step. 1 if trained, 0 if skipped."""
         cfg, st = self.cfg, self.state
-        t0 = time.perf_counter()
+        t0 = self._clock()
         n_cand, quota = pool_sizes(self.facts.micro_batch, cfg.selection, st.step)
-        batch = train_batch(self.train_set, self.sampler, cfg.masking, st.position, n_cand,
-                            self.rank, self.world_size)  # dict of (n_cand, L) CPU tensors
+        batch = self.loader.get(st.position, n_cand)  # dict of (n_cand, L) CPU tensors, built ahead
         st.position += n_cand * self.world_size
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        t1 = time.perf_counter()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        t1 = self._clock()
         scores = None  # before selection.start_step: no pool, no scoring, train on everything
         if is_active(cfg.selection, st.step):
             scores = score_candidates(self.engine.module, batch, cfg.selection, seed=cfg.run.seed,
                                       step=st.micro_index, rank=self.rank,
                                       token_baseline=self.token_baseline)  # (n_cand,) or None
-        t2 = time.perf_counter()
+            totals.flops += self._scoring_flops(batch)
+        t2 = self._clock()
         if scores is not None:
             # every rank loads the same n_cand: as the bound it fuses the two score all-gathers
             batch, stats = select_and_exchange(batch, scores, quota, cfg.selection.scope,
@@ -173,7 +214,7 @@ class Trainer:
                 self._log_plan(stats)
             st.samples_moved += stats.samples_moved
             st.bytes_moved += stats.bytes_moved
-        t3 = time.perf_counter()
+        t3 = self._clock()
 
         torch.manual_seed(_seed_for(cfg.run.seed, st.micro_index, self.rank))  # dropout
         out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -182,7 +223,8 @@ class Trainer:
         if st.micro_index in cfg.debug.nonfinite_at_micro_batches:
             loss = loss * float("nan")  # test hook
         st.micro_index += 1
-        # sync point, worth it: all ranks must agree to skip before a NaN reaches the gradients
+        # The one host sync of a vanilla micro-step, worth it: all ranks must agree to skip before
+        # a NaN reaches the gradients (DeepSpeed's accumulated gradients cannot be taken back).
         flags = comm.all_reduce(torch.stack([loss.detach().float(),
                                              (~torch.isfinite(loss.detach())).float()]), "sum")
         if flags[1].item() > 0:
@@ -196,22 +238,35 @@ class Trainer:
                     f"stopping at step {st.step}: {st.nonfinite_in_row} non-finite losses in a row "
                     f"(optim.max_nonfinite_in_row = {cfg.optim.max_nonfinite_in_row}); no checkpoint "
                     "was written with them; lower the learning rate or check the data")
-            totals.time(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3, 0.0)
+            totals.time(t1 - t0, t2 - t1, t3 - t2, self._clock() - t3, 0.0)
             return 0
         st.nonfinite_in_row = 0
         self.engine.backward(loss)
-        t4 = time.perf_counter()
+        t4 = self._clock()
         self.engine.step()  # DeepSpeed updates only at the accumulation boundary
-        t5 = time.perf_counter()
+        t5 = self._clock()
 
-        n_trained = batch["input_ids"].shape[0] * self.world_size
+        rows, seq_len = batch["input_ids"].shape
+        n_trained = rows * self.world_size
         st.samples_backpropagated += n_trained
-        totals.add_loss(float(flags[0]) / self.world_size,
-                        None if out.exit_loss is None else float(out.exit_loss))
+        # device tensors from here on: read once per log window, not once per micro-step
+        totals.add_loss(flags[0] / self.world_size, out.exit_loss)
         totals.samples += n_trained
-        totals.tokens += int(batch["attention_mask"].sum()) * self.world_size  # approx: local x W
+        totals.tokens = totals.tokens + batch["attention_mask"].sum() * self.world_size  # approx: local x W
+        masked = batch["labels"].ne(IGNORE_INDEX).sum() * self.world_size
+        totals.flops = totals.flops + train_flops(self.bert_config, n_trained, seq_len, masked)
         totals.time(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         return 1
+
+    def _scoring_flops(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """Model FLOPs of scoring `batch` on all ranks (0 for random scores)."""
+        scorer = scoring_for(self.cfg.selection.policy).scorer
+        if scorer not in ("exit", "full"):
+            return 0.0
+        rows, seq_len = batch["input_ids"].shape
+        masked = batch["labels"].ne(IGNORE_INDEX).sum() * self.world_size
+        layers = unwrap_model(self.engine.module).exit_layer if scorer == "exit" else None
+        return forward_flops(self.bert_config, rows * self.world_size, seq_len, masked, layers)
 
     # ------------------------------------------------------------------ budgets, eval, checkpoints
 
@@ -363,6 +418,8 @@ class Trainer:
             "samples_moved": self.state.samples_moved,
             "bytes_moved": self.state.bytes_moved,
             "train_time_s": self.elapsed(),
+            "tokens_per_s": self.throughput.tokens_per_s(),
+            "mfu": self.throughput.mfu(self.peak_flops, self.world_size),
             "accuracy_before": first.get("accuracy"),
             "accuracy_after": last.get("accuracy"),
             "loss_after": last.get("loss"),
@@ -384,14 +441,16 @@ class Trainer:
 
 @dataclass
 class _Totals:
-    """Per-step sums for the train scalars."""
+    """Per-step sums for the train scalars; losses, tokens and FLOPs may be device tensors."""
 
-    loss: float = 0.0
-    exit_loss: float = 0.0
+    loss: Any = 0.0
+    exit_loss: Any = 0.0
     micro: int = 0
     exit_micro: int = 0
     samples: int = 0
-    tokens: int = 0
+    tokens: Any = 0
+    flops: Any = 0.0
+    """Model FLOPs of the step (training and scoring, all ranks; pipeline.flops)."""
     candidates: int = 0
     selected: int = 0
     score_selected: float = 0.0
@@ -401,11 +460,11 @@ class _Totals:
     bytes_moved: int = 0
     times: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0)
 
-    def add_loss(self, loss: float, exit_loss: float | None) -> None:
-        self.loss += loss
+    def add_loss(self, loss: Any, exit_loss: Any | None) -> None:
+        self.loss = self.loss + loss
         self.micro += 1
         if exit_loss is not None:
-            self.exit_loss += exit_loss
+            self.exit_loss = self.exit_loss + exit_loss.detach()
             self.exit_micro += 1
 
     def add_selection(self, stats: Any, n_cand: int, quota: int) -> None:
@@ -420,7 +479,7 @@ class _Totals:
     def time(self, *parts: float) -> None:
         self.times = tuple(a + b for a, b in zip(self.times, parts))
 
-    def scalars(self) -> dict[str, float]:
+    def scalars(self) -> dict[str, Any]:
         nan = float("nan")
         s = self.selections
         return {
@@ -431,39 +490,72 @@ class _Totals:
             "select/score_all": self.score_all / s if s else nan,
             "select/samples_moved": float(self.samples_moved),
             "select/bytes_moved": float(self.bytes_moved),
-            "_samples": float(self.samples), "_tokens": float(self.tokens),
+            "_samples": float(self.samples), "_tokens": self.tokens, "_flops": self.flops,
             **{f"time/{n}_s": t for n, t in zip(("data", "score", "select", "forward_backward",
                                                   "optimizer"), self.times)},
         }
+
+
+def _value(v: Any) -> float:
+    """A logged scalar as a float: this is where a device tensor is read (once per window)."""
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
 
 
 class _Window:
     """Averages the per-step records between two log lines."""
 
     def __init__(self):
-        self.records: list[dict[str, float]] = []
-        self.t0 = time.perf_counter()
+        self.records: list[dict[str, Any]] = []
+        self.tokens = self.flops = self.step_s = 0.0
 
-    def add(self, record: dict[str, float]) -> None:
+    def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
 
     def scalars(self, trainer: Trainer) -> dict[str, float]:
         n = len(self.records)
-        dt = max(time.perf_counter() - self.t0, 1e-9)
         out: dict[str, float] = {}
         for key in self.records[0]:
             if key.startswith("_"):
                 continue
-            vals = [r[key] for r in self.records]
+            total = _value(sum(r[key] for r in self.records))  # one device read per key
             # counts moved add up over the window; everything else is a per-step mean
-            out[key] = sum(vals) if key in ("select/samples_moved", "select/bytes_moved") else sum(vals) / n
+            out[key] = total if key in ("select/samples_moved", "select/bytes_moved") else total / n
         out["train/lr"] = self.records[-1]["train/lr"]
         st = trainer.state
         out["train/samples_backpropagated"] = float(st.samples_backpropagated)
         out["train/nonfinite_skipped"] = float(st.nonfinite_skipped)
-        out["perf/samples_per_s"] = sum(r["_samples"] for r in self.records) / dt
-        out["perf/tokens_per_s"] = sum(r["_tokens"] for r in self.records) / dt
+        # throughput over the steps' own time: evaluation and checkpoints between steps excluded
+        self.step_s = max(sum(r["_step_s"] for r in self.records), 1e-9)
+        self.tokens = _value(sum(r["_tokens"] for r in self.records))
+        self.flops = _value(sum(r["_flops"] for r in self.records))
+        out["perf/samples_per_s"] = sum(r["_samples"] for r in self.records) / self.step_s
+        out["perf/tokens_per_s"] = self.tokens / self.step_s
+        out["perf/model_flops_per_s"] = self.flops / self.step_s
+        if trainer.peak_flops:
+            out["perf/mfu"] = self.flops / self.step_s / (trainer.peak_flops * trainer.world_size)
         return out
+
+
+@dataclass
+class _Throughput:
+    """Tokens, model FLOPs and step time of this session's closed log windows (for the summary)."""
+
+    tokens: float = 0.0
+    flops: float = 0.0
+    step_s: float = 0.0
+
+    def add(self, window: _Window) -> None:
+        self.tokens += window.tokens
+        self.flops += window.flops
+        self.step_s += window.step_s
+
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.step_s if self.step_s else None
+
+    def mfu(self, peak_flops: float | None, world_size: int = 1) -> float | None:
+        if not peak_flops or not self.step_s:
+            return None
+        return self.flops / self.step_s / (peak_flops * world_size)
 
 
 def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
@@ -502,6 +594,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
                        f"{_fmt(summary['accuracy_before'])} -> {_fmt(summary['accuracy_after'])}")
         return summary
     finally:
+        trainer.close()
         writer.close()
 
 

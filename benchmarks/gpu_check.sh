@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU check: one command, about 8 minutes on one CUDA GPU, everything under one results folder.
+#
+#   bash benchmarks/gpu_check.sh [DATA_DIR] [OUT_DIR]
+#
+# DATA_DIR: a sift-prep output (default .gpu_carry/data; see below). OUT_DIR: default
+# benchmarks/results/gpu. Stages, each with its own time limit so one that hangs cannot eat the
+# rest, each leaving its log and JSON in OUT_DIR even when a later one fails:
+#   1. trainer efficiency (benchmarks/trainer_efficiency.py --gpu): bert-medium and bert-base at
+#      micro batch 128 and 256, ZeRO-2 bf16, trainer against a plain torch loop, MFU
+#   2. a short sift-bench: vanilla / sift-loss / random (expand, f 0.5), bert-medium, B 128
+#   3. sift-train runs: ZeRO-2 bf16 and ZeRO-3 bf16 (a checkpoint at step 10, then a resume
+#      to step 20), and an fp16 run
+# A summary of every stage's exit code goes to OUT_DIR/stages.txt.
+#
+# Machines without DeepSpeed (the lent H200 has torch but not DeepSpeed, and no network): put
+# wheels in .gpu_carry/wheels (deepspeed built here with DS_BUILD_OPS=0 `pip wheel --no-deps
+# --no-build-isolation`, plus hjson, pydantic, pydantic-core, annotated-types, typing-inspection,
+# typing-extensions, msgpack, ninja, py-cpuinfo, psutil, nvidia-ml-py, einops, packaging, tqdm for
+# the machine's Python) and a prepared corpus in .gpu_carry/data, then send .gpu_carry along
+# (`carry` of the device tool). This script installs the wheels with --target into a scratch
+# folder when `import deepspeed` fails, and runs the checkout from PYTHONPATH (no pip install -e).
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+data=$(realpath -m "${1:-.gpu_carry/data}")
+out=$(realpath -m "${2:-benchmarks/results/gpu}")
+mkdir -p "$out"
+py=${PYTHON:-python3}
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$out/stages.txt"; }
+
+if ! "$py" -c "import deepspeed" 2>/dev/null; then
+    deps=${SIFT_PYDEPS:-/tmp/sift_pydeps}
+    if ls .gpu_carry/wheels/*.whl >/dev/null 2>&1; then
+        log "installing the carried wheels into $deps"
+        "$py" -m pip install -q --no-deps --no-index --target "$deps" .gpu_carry/wheels/*.whl \
+            > "$out/pip.log" 2>&1 || { log "pip install failed: see $out/pip.log"; exit 1; }
+    fi
+    export PYTHONPATH="$deps:${PYTHONPATH:-}" PATH="$deps/bin:$PATH"
+fi
+export PYTHONPATH="$root:${PYTHONPATH:-}"
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/sift_torch_ext}
+[ -f "$data/manifest.json" ] || { log "no prepared corpus at $data (manifest.json missing)"; exit 1; }
+"$py" - > "$out/environment.txt" 2>&1 <<'EOF'
+import torch, deepspeed, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+print("deepspeed", deepspeed.__version__, "transformers", transformers.__version__)
+EOF
+log "environment: $(tr '\n' ' ' < "$out/environment.txt")"
+
+stage() {  # stage NAME TIMEOUT_S CMD...: run, log its exit code, never abort the script
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    log "$name: exit $rc in $((SECONDS - t0)) s"
+    return 0
+}
+
+preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # stages 2-3 (bert-tiny: a CPU smoke test of this script)
+
+# 1. trainer efficiency: the trainer against a plain loop, 4 cases
+stage efficiency 200 "$py" benchmarks/trainer_efficiency.py --gpu --data "$data" \
+    --out "$out/trainer_efficiency.json" ${SIFT_GPU_EFFICIENCY_ARGS:-}
+
+# the GPU ds_configs of the runs below, at micro batch 128
+for f in zero2_bf16 zero3_bf16 zero2_fp16; do
+    "$py" - "$root/ds_configs/$f.json" "$out/ds_$f.json" <<'EOF'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg.update(train_micro_batch_size_per_gpu=128, gradient_accumulation_steps=1)
+cfg.pop("train_batch_size", None)
+json.dump(cfg, open(sys.argv[2], "w"), indent=1)
+EOF
+done
+
+# 2. a short sift-bench: vanilla / sift-loss / random on bert-medium (lr 3e-4, the GPU note's
+#    recipe that leaves the plateau soonest); the step-time split of each arm is in its report
+stage sift_bench 140 "$py" -m pipeline.bench --data "$data" --world-size 1 \
+    --policies sift-loss,random --fractions 0.5 --pools expand --exit-layers 1 --exit-heads shared \
+    --no-hf-baseline --budget-s 25 --eval-interval-s 8 --out "$out" --name sift_bench \
+    --work-dir "$out/sift_bench_runs" \
+    --set model.preset=$preset run.ds_config="$out/ds_zero2_bf16.json" optim.lr=3e-4 \
+          optim.warmup_steps=200 optim.decay=constant eval.max_samples=512
+
+# 3. sift-train: ZeRO-2 and ZeRO-3 bf16 with a checkpoint and a resume, and fp16
+common=(--set data.data_dir="$data" model.preset=$preset optim.decay=constant
+        optim.warmup_steps=5 eval.every_steps=0 eval.max_samples=256 logging.every_steps=5
+        logging.progress_bar=false selection.policy=sift-loss)
+for z in zero2_bf16 zero3_bf16; do
+    stage "train_${z}_a" 90 "$py" -m pipeline.train "${common[@]}" \
+        run.ds_config="$out/ds_$z.json" run.output_dir="$out/train_$z" budget.steps=10 \
+        checkpoint.every_steps=10
+    stage "train_${z}_resume" 90 "$py" -m pipeline.train "${common[@]}" \
+        run.ds_config="$out/ds_$z.json" run.output_dir="$out/train_$z" budget.steps=20 \
+        checkpoint.every_steps=10 --resume auto
+done
+stage train_zero2_fp16 90 "$py" -m pipeline.train "${common[@]}" \
+    run.ds_config="$out/ds_zero2_fp16.json" run.output_dir="$out/train_zero2_fp16" budget.steps=20
+# checkpoints are large and rebuilt in seconds: keep the logs, summaries and metrics
+rm -rf "$out"/train_*/checkpoints "$out"/sift_bench_runs/*/arms/*/checkpoints 2>/dev/null
+log "done: $out"
