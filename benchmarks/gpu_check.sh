@@ -2,6 +2,7 @@
 # The GPU check: one command, about 8 minutes on one CUDA GPU, everything under one results folder.
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR] [OUT_DIR]
+#   SIFT_GPU_ARCHIVE=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh .gpu_carry/data /tmp/gpu   # device tool
 #
 # DATA_DIR: a sift-prep output (default .gpu_carry/data; see below). OUT_DIR: default
 # benchmarks/results/gpu. Stages, each with its own time limit so one that hangs cannot eat the
@@ -11,7 +12,11 @@
 #   2. a short sift-bench: vanilla / sift-loss / random (expand, f 0.5), bert-medium, B 128
 #   3. sift-train runs: ZeRO-2 bf16 and ZeRO-3 bf16 (a checkpoint at step 10, then a resume
 #      to step 20), and an fp16 run
-# A summary of every stage's exit code goes to OUT_DIR/stages.txt.
+#   1b. the same trainer under the DeepSpeed variants of benchmarks/ds_variants (bert-medium, B 128),
+#      and a torch.profiler table of its step (benchmarks/profile_step.py)
+# A summary of every stage's exit code goes to OUT_DIR/stages.txt. With SIFT_GPU_ARCHIVE=FILE.tgz
+# the results folder (checkpoints left out) is packed into that one file after every stage: the
+# device tool brings back only a handful of files, and a run cut short keeps what it finished.
 #
 # Machines without DeepSpeed (the lent H200 has torch but not DeepSpeed, and no network): put
 # wheels in .gpu_carry/wheels (deepspeed built here with DS_BUILD_OPS=0 `pip wheel --no-deps
@@ -54,7 +59,13 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run, log its exit code, never abort th
     timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
     local rc=$?
     log "$name: exit $rc in $((SECONDS - t0)) s"
+    archive
     return 0
+}
+archive() {
+    [ -n "${SIFT_GPU_ARCHIVE:-}" ] || return 0
+    tar czf "$SIFT_GPU_ARCHIVE.tmp" --exclude=checkpoints -C "$(dirname "$out")" "$(basename "$out")" \
+        && mv "$SIFT_GPU_ARCHIVE.tmp" "$SIFT_GPU_ARCHIVE"
 }
 
 preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # stages 2-3 (bert-tiny: a CPU smoke test of this script)
@@ -62,6 +73,15 @@ preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # stages 2-3 (bert-tiny: a CPU smo
 # 1. trainer efficiency: the trainer against a plain loop, 4 cases
 stage efficiency 200 "$py" benchmarks/trainer_efficiency.py --gpu --data "$data" \
     --out "$out/trainer_efficiency.json" ${SIFT_GPU_EFFICIENCY_ARGS:-}
+
+# 1b. where the rest of the step goes: DeepSpeed variants side by side, and the profiler's table
+stage efficiency_variants 120 "$py" benchmarks/trainer_efficiency.py --case bert-medium:128 \
+    --data "$data" --rounds 3 --out "$out/trainer_efficiency_variants.json" \
+    --ds-config ds_configs/zero2_bf16.json --ds-config benchmarks/ds_variants/zero2_bf16_nocheck.json \
+    --ds-config benchmarks/ds_variants/zero2_autocast_bf16.json \
+    --ds-config benchmarks/ds_variants/zero0_autocast_bf16.json
+stage profile 90 "$py" benchmarks/profile_step.py --case bert-medium:128 --data "$data" \
+    --ds-config ds_configs/zero2_bf16.json --out "$out/profile_step.txt"
 
 # the GPU ds_configs of the runs below, at micro batch 128
 for f in zero2_bf16 zero3_bf16 zero2_fp16; do
@@ -100,3 +120,4 @@ stage train_zero2_fp16 90 "$py" -m pipeline.train "${common[@]}" \
 # checkpoints are large and rebuilt in seconds: keep the logs, summaries and metrics
 rm -rf "$out"/train_*/checkpoints "$out"/sift_bench_runs/*/arms/*/checkpoints 2>/dev/null
 log "done: $out"
+archive

@@ -138,7 +138,7 @@ def plain_arms(cfg, facts, train_set, device, batches_b, batches_2b) -> dict[str
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                             fused=device.type == "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(facts.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(facts.precision.split("-")[0])
     clip = facts.gradient_clipping
 
     def autocast():
@@ -182,41 +182,54 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def build_trainers(data: Path, preset: str, ds_file: Path, out_dir: Path, compile_: bool,
+                   variants: dict[str, list[str]]) -> dict[str, Any]:
+    """Project Trainers sharing one DeepSpeed engine (1 rank), one per variant (a list of config
+    overrides). The step's speed does not depend on the weights, so the arms share them."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.data import ShardDataset
+    from pipeline.engine import build_engine, load_ds_config
+    from pipeline.metrics import MetricsWriter
+    from pipeline.model import build_model
+    from pipeline.trainer import Trainer
+
+    base = [f"data.data_dir={data}", f"model.preset={preset}", f"run.ds_config={ds_file}",
+            f"run.output_dir={out_dir}", "logging.tensorboard=false", "logging.progress_bar=false",
+            "optim.decay=constant", "optim.warmup_steps=0", "optim.lr=1e-4",
+            f"model.compile={'true' if compile_ else 'false'}"]
+    cfgs = {name: load_config(None, [*base, *extra]) for name, extra in variants.items()}
+    first = next(iter(cfgs.values()))
+    train_set = ShardDataset(data, "train")
+    valid_set = ShardDataset(data, "valid")
+    torch.manual_seed(first.run.seed)
+    model = build_model(first.model, train_set.vocab_size, train_set.seq_len, train_set.special_ids["pad"])
+    engine, facts = build_engine(model, first.optim, load_ds_config(ds_file, 1))
+    writer = MetricsWriter(out_dir, 0, tensorboard=False, progress_bar=False)
+    return {name: Trainer(c, engine, facts, train_set, valid_set, writer, 0, 1) for name, c in cfgs.items()}
+
+
 def run_case(args: argparse.Namespace, data: Path, preset: str, micro_batch: int, ds_path: str,
              work: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.data import GlobalSampler, ShardDataset, train_batch
-    from pipeline.engine import build_engine, load_ds_config
+    from pipeline.data import GlobalSampler, train_batch
     from pipeline.flops import forward_flops, peak_flops, train_flops
-    from pipeline.metrics import MetricsWriter
-    from pipeline.model import IGNORE_INDEX, build_model
-    from pipeline.trainer import Trainer
+    from pipeline.model import IGNORE_INDEX
 
     ds_file = case_ds_config(ds_path, micro_batch, work)
     out_dir = work / f"run_{preset}_b{micro_batch}_{Path(ds_path).stem}"
-    base = [f"data.data_dir={data}", f"model.preset={preset}", f"run.ds_config={ds_file}",
-            f"run.output_dir={out_dir}", "logging.tensorboard=false", "logging.progress_bar=false",
-            "optim.decay=constant", "optim.warmup_steps=0", "optim.lr=1e-4",
-            f"model.compile={'true' if args.compile else 'false'}"]
     sift = ["selection.policy=sift-loss", "selection.pool=expand", "selection.fraction=0.5"]
-    cfg_v = load_config(None, [*base, "selection.policy=none"])
-    cfg_s = load_config(None, [*base, *sift])
-    cfg_vp = load_config(None, [*base, "selection.policy=none", "logging.profile=true"])
-    cfg_sp = load_config(None, [*base, *sift, "logging.profile=true"])
-
-    train_set = ShardDataset(data, "train")
-    valid_set = ShardDataset(data, "valid")
-    torch.manual_seed(cfg_v.run.seed)
-    model = build_model(cfg_v.model, train_set.vocab_size, train_set.seq_len, train_set.special_ids["pad"])
-    engine, facts = build_engine(model, cfg_v.optim, load_ds_config(ds_file, 1))
+    variants = {"trainer_vanilla": ["selection.policy=none"], "trainer_sift": sift,
+                "profile_vanilla": ["selection.policy=none", "logging.profile=true"],
+                "profile_sift": [*sift, "logging.profile=true"]}
+    trainers = build_trainers(data, preset, ds_file, out_dir, args.compile, variants)
+    any_trainer = trainers["trainer_vanilla"]
+    cfg_v, cfg_s = any_trainer.cfg, trainers["trainer_sift"].cfg
+    engine, facts, train_set = any_trainer.engine, any_trainer.facts, any_trainer.train_set
     device = engine.device
-    writer = MetricsWriter(out_dir, 0, tensorboard=False, progress_bar=False)
-    trainers = {name: Trainer(c, engine, facts, train_set, valid_set, writer, 0, 1)
-                for name, c in (("trainer_vanilla", cfg_v), ("trainer_sift", cfg_s),
-                                ("profile_vanilla", cfg_vp), ("profile_sift", cfg_sp))}
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in trainers}
 
     def trainer_fn(name: str) -> Callable[[int], None]:
@@ -301,7 +314,7 @@ def run_case(args: argparse.Namespace, data: Path, preset: str, micro_batch: int
         for arm, flops in (("trainer_vanilla", flops_vanilla), ("plain_vanilla", flops_vanilla),
                            ("trainer_sift", flops_sift), ("plain_sift", flops_sift)):
             result[f"mfu_{arm}"] = summarize([flops / t / peak for t in times[arm]])
-    del trainers, engine, model, arms
+    del trainers, any_trainer, engine, arms
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

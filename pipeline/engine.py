@@ -39,7 +39,8 @@ class EngineFacts:
     """Samples per optimizer step over all ranks (micro_batch * grad_accum * world)."""
     zero_stage: int
     precision: str
-    """'fp32', 'bf16' or 'fp16'."""
+    """'fp32', 'bf16' or 'fp16' (16-bit weights), or 'bf16-autocast' / 'fp16-autocast' (DeepSpeed's
+    torch_autocast: fp32 weights, 16-bit matmuls)."""
     gradient_clipping: float
     world_size: int
 
@@ -122,6 +123,10 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str
                                   betas=optim.betas, eps=optim.eps, fused=fused)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    if precision == "fp32" and engine.torch_autocast_enabled():
+        # DeepSpeed's "torch_autocast": fp32 weights, the forward under torch.autocast
+        precision = {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast"}.get(
+            engine.torch_autocast_dtype(), "fp32")
     facts = EngineFacts(
         micro_batch=int(engine.train_micro_batch_size_per_gpu()),
         grad_accum=int(engine.gradient_accumulation_steps()),

@@ -54,8 +54,9 @@ def train_flops(config, rows: float, seq_len: int, masked: float) -> float:
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """The device's dense peak FLOP/s for `precision` ('bf16'/'fp16'), or None when unknown."""
-    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+    """The device's dense peak FLOP/s for `precision` ('bf16'/'fp16', '-autocast' or not), or
+    None when unknown (other precisions, CPUs, GPUs not in the table)."""
+    if device.type != "cuda" or precision.split("-")[0] not in ("bf16", "fp16"):
         return None
     name = torch.cuda.get_device_name(device)
     for key, peak in PEAK_FLOPS_BF16.items():

@@ -120,6 +120,13 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def _autocast(self):
+        """The engine's torch.autocast for passes that bypass engine.forward (scoring, eval):
+        under DeepSpeed's torch_autocast the weights are fp32 and only the engine casts."""
+        kind = self.facts.precision
+        dtype = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(kind)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def close(self) -> None:
         """Stop the background loader (idempotent)."""
         self.loader.close()
@@ -200,9 +207,10 @@ class Trainer:
         t1 = self._clock()
         scores = None  # before selection.start_step: no pool, no scoring, train on everything
         if is_active(cfg.selection, st.step):
-            scores = score_candidates(self.engine.module, batch, cfg.selection, seed=cfg.run.seed,
-                                      step=st.micro_index, rank=self.rank,
-                                      token_baseline=self.token_baseline)  # (n_cand,) or None
+            with self._autocast():
+                scores = score_candidates(self.engine.module, batch, cfg.selection,
+                                          seed=cfg.run.seed, step=st.micro_index, rank=self.rank,
+                                          token_baseline=self.token_baseline)  # (n_cand,) or None
             totals.flops += self._scoring_flops(batch)
         t2 = self._clock()
         if scores is not None:
@@ -315,7 +323,8 @@ class Trainer:
                              f"{self.world_size} ranks")
         batches = validation_batches(self.valid_set, cfg.batch_size, self.cfg.masking, self.rank,
                                      self.world_size, max_samples=n)
-        sums = evaluate_local(self.engine.module, batches, self.device)
+        with self._autocast():
+            sums = evaluate_local(self.engine.module, batches, self.device)
         totals = comm.all_reduce(torch.tensor([sums.loss_sum, sums.correct, sums.tokens],
                                               dtype=torch.float64), "sum")
         scores = comm.all_gather_object((sums.exit_losses, sums.full_losses))
