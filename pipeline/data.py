@@ -11,9 +11,9 @@ Owns three small pieces, each usable alone:
   the new world size is.
 * Masking: 15% (configurable) of the non-special tokens of each row, 80% -> [MASK], 10% -> a random
   token, 10% kept, from counter-based random numbers keyed by (seed, epoch, global sample index),
-  vectorized over the batch. Any rank, any
-  resume, any world size reproduces the same masks. Validation uses one fixed masking (a constant
-  seed, epoch 0) so every run, whatever its training seed, is scored on the same positions.
+  vectorized over the batch. Any rank, any resume, any world size reproduces the same masks.
+  Validation uses one fixed masking (a constant seed, epoch 0) so every run, whatever its training
+  seed, is scored on the same positions.
 
 A batch is a dict of CPU tensors with dim 0 = sample: `input_ids`, `labels` (-100 where not masked),
 `attention_mask` (0 at [PAD]) and `sample_index` (the global dataset index), all int64.
