@@ -117,6 +117,11 @@ for z in zero2_bf16 zero3_bf16; do
 done
 stage train_zero2_fp16 90 "$py" -m pipeline.train "${common[@]}" \
     run.ds_config="$out/ds_zero2_fp16.json" run.output_dir="$out/train_zero2_fp16" budget.steps=20
+# opt-in (about 2 more minutes): model.compile against the same case uncompiled
+if [ -n "${SIFT_GPU_CHECK_COMPILE:-}" ]; then
+    stage efficiency_compile 150 "$py" benchmarks/trainer_efficiency.py --case bert-medium:128 \
+        --data "$data" --rounds 3 --compile --out "$out/trainer_efficiency_compiled.json"
+fi
 # checkpoints are large and rebuilt in seconds: keep the logs, summaries and metrics
 rm -rf "$out"/train_*/checkpoints "$out"/sift_bench_runs/*/arms/*/checkpoints 2>/dev/null
 log "done: $out"

@@ -78,12 +78,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "by the case's (default: cpu_zero2_fp32 on CPU, zero2_bf16 on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per arm per round")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (after one warm-up round)")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
+                   metavar="SECTION.KEY=VALUE", help="a training-config override for every arm, e.g. "
+                   "model.config_file=my_bert.json (repeatable)")
     p.add_argument("--compile", action="store_true",
                    help="model.compile = true in every arm (torch.compile of each encoder layer)")
     p.add_argument("--quick", action="store_true",
                    help="bert-tiny, micro batch 8, 2 steps x 2 rounds (the test suite's run)")
     p.add_argument("--out", default=None, help=f"result JSON (default {RESULTS.relative_to(REPO)})")
     args = p.parse_args(argv)
+    args.overrides = [o for group in args.overrides for o in group]
     if args.steps is not None and args.steps < 1 or args.rounds is not None and args.rounds < 1:
         p.error("--steps and --rounds must be >= 1")
     return args
@@ -183,7 +187,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def build_trainers(data: Path, preset: str, ds_file: Path, out_dir: Path, compile_: bool,
-                   variants: dict[str, list[str]]) -> dict[str, Any]:
+                   variants: dict[str, list[str]], overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Project Trainers sharing one DeepSpeed engine (1 rank), one per variant (a list of config
     overrides). The step's speed does not depend on the weights, so the arms share them."""
     import torch
@@ -198,7 +202,7 @@ def build_trainers(data: Path, preset: str, ds_file: Path, out_dir: Path, compil
     base = [f"data.data_dir={data}", f"model.preset={preset}", f"run.ds_config={ds_file}",
             f"run.output_dir={out_dir}", "logging.tensorboard=false", "logging.progress_bar=false",
             "optim.decay=constant", "optim.warmup_steps=0", "optim.lr=1e-4",
-            f"model.compile={'true' if compile_ else 'false'}"]
+            f"model.compile={'true' if compile_ else 'false'}", *overrides]
     cfgs = {name: load_config(None, [*base, *extra]) for name, extra in variants.items()}
     first = next(iter(cfgs.values()))
     train_set = ShardDataset(data, "train")
@@ -225,7 +229,7 @@ def run_case(args: argparse.Namespace, data: Path, preset: str, micro_batch: int
     variants = {"trainer_vanilla": ["selection.policy=none"], "trainer_sift": sift,
                 "profile_vanilla": ["selection.policy=none", "logging.profile=true"],
                 "profile_sift": [*sift, "logging.profile=true"]}
-    trainers = build_trainers(data, preset, ds_file, out_dir, args.compile, variants)
+    trainers = build_trainers(data, preset, ds_file, out_dir, args.compile, variants, args.overrides)
     any_trainer = trainers["trainer_vanilla"]
     cfg_v, cfg_s = any_trainer.cfg, trainers["trainer_sift"].cfg
     engine, facts, train_set = any_trainer.engine, any_trainer.facts, any_trainer.train_set
@@ -299,6 +303,7 @@ def run_case(args: argparse.Namespace, data: Path, preset: str, micro_batch: int
         "preset": preset, "micro_batch": micro_batch, "seq_len": seq_len,
         "vocab_size": train_set.vocab_size, "ds_config": str(ds_path), "zero_stage": facts.zero_stage,
         "precision": facts.precision, "device": str(device), "compile": args.compile,
+        "overrides": args.overrides,
         "steps_per_round": steps, "rounds": rounds,
         "step_ms": {a: summarize([t * 1e3 for t in times[a]]) for a in ARMS},
         "tokens_per_s": {a: summarize([tokens / t for t in times[a]]) for a in ARMS if a != "plain_exit"},
