@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 8 minutes on one CUDA GPU, everything under one results folder.
+# The GPU check: one command, about 8 minutes on one H200 (each stage's limit is a ceiling, not a
+# forecast: they add up to ~17 min), everything under one results folder.
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR] [OUT_DIR]
 #   SIFT_GPU_ARCHIVE=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh .gpu_carry/data /tmp/gpu   # device tool
@@ -9,11 +10,12 @@
 # rest, each leaving its log and JSON in OUT_DIR even when a later one fails:
 #   1. trainer efficiency (benchmarks/trainer_efficiency.py --gpu): bert-medium and bert-base at
 #      micro batch 128 and 256, ZeRO-2 bf16, trainer against a plain torch loop, MFU
+#   1b. the same trainer under the DeepSpeed variants of benchmarks/ds_variants (bert-medium, B 128),
+#      and a torch.profiler table of its step (benchmarks/profile_step.py)
 #   2. a short sift-bench: vanilla / sift-loss / random (expand, f 0.5), bert-medium, B 128
 #   3. sift-train runs: ZeRO-2 bf16 and ZeRO-3 bf16 (a checkpoint at step 10, then a resume
 #      to step 20), and an fp16 run
-#   1b. the same trainer under the DeepSpeed variants of benchmarks/ds_variants (bert-medium, B 128),
-#      and a torch.profiler table of its step (benchmarks/profile_step.py)
+#   4. opt-in (SIFT_GPU_CHECK_COMPILE=1): model.compile on bert-medium, B 128
 # A summary of every stage's exit code goes to OUT_DIR/stages.txt. With SIFT_GPU_ARCHIVE=FILE.tgz
 # the results folder (checkpoints left out) is packed into that one file after every stage: the
 # device tool brings back only a handful of files, and a run cut short keeps what it finished.

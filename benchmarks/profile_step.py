@@ -2,9 +2,9 @@
 
 For one case (model preset, micro batch, DeepSpeed config; 1 rank), after warm-up steps it
 profiles `--steps` steps of vanilla and of sift-loss (expand, f 0.5) and writes, per arm, the
-operators ranked by self CPU time and by self device time, and the count of host-device
-synchronizations (cudaStreamSynchronize / cudaDeviceSynchronize / aten::item / aten::_local_scalar_dense),
-to a text report (`--out`, default benchmarks/results/profile_step.txt).
+operators ranked by self CPU time and by self device time, and per step the host-device
+synchronizations (cudaStreamSynchronize, cudaDeviceSynchronize, aten::item,
+aten::_local_scalar_dense) and copies (cudaMemcpyAsync), to a text report (`--out`, default benchmarks/results/profile_step.txt).
 
     python benchmarks/profile_step.py --case bert-medium:128 --data DIR --ds-config ds_configs/zero2_bf16.json
 """

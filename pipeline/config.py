@@ -207,7 +207,7 @@ class RunConfig:
 
     def __post_init__(self):
         _check(bool(self.output_dir), "run.output_dir must not be empty")
-        _check(self.seed >= 0, "run.seed must be >= 0")
+        _check(0 <= self.seed < 2**63, "run.seed must be in [0, 2**63)")
         _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
 
 
@@ -271,6 +271,9 @@ class TrainConfig:
         so a resume with a longer budget matches and one with another model or seed does not."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("data", "masking", "model", "selection", "optim")}
+        # speed-only settings: the same batches and the same model function either way
+        keep["data"] = {k: v for k, v in keep["data"].items() if k != "prefetch"}
+        keep["model"] = {k: v for k, v in keep["model"].items() if k != "compile"}
         keep["seed"] = self.run.seed
         keep["ds_config"] = self.run.ds_config
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()

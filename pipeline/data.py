@@ -37,6 +37,10 @@ IGNORE_INDEX = -100
 VALID_MASK_SEED = 0x5EED_BA5E
 """The fixed masking seed of validation: independent of the training seed, so runs compare."""
 
+MASKING_VERSION = 2
+"""The masking algorithm (1: a numpy Generator per row; 2: counter-based and vectorized). Runs of
+different versions see different masks, training and validation alike; checkpoints record it."""
+
 SHARD_FORMAT = "sift-shards"
 SHARD_FORMAT_VERSION = 1
 SPECIAL_TOKEN_NAMES = ("pad", "unk", "cls", "sep", "mask")
@@ -179,15 +183,20 @@ class GlobalSampler:
         self._cached: tuple[int, np.ndarray] | None = None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of epoch `epoch` (cached: consecutive batches hit the same epoch)."""
-        if self._cached is None or self._cached[0] != epoch:
-            # uint32 halves the memory of the permutation of a large corpus.
-            dtype = np.uint32 if self.num_samples < 2**32 else np.int64
-            order = np.arange(self.num_samples, dtype=dtype)
-            if self.shuffle:
-                np.random.default_rng([self.seed, epoch, 0x0DE5]).shuffle(order)
-            self._cached = (epoch, order)
-        return self._cached[1]
+        """The permutation of epoch `epoch` (cached: consecutive batches hit the same epoch).
+
+        Safe from two threads (the prefetcher's and the trainer's): the cache is one tuple read
+        and written whole, and a miss returns its own permutation, never the cache's."""
+        cached = self._cached
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        # uint32 halves the memory of the permutation of a large corpus.
+        dtype = np.uint32 if self.num_samples < 2**32 else np.int64
+        order = np.arange(self.num_samples, dtype=dtype)
+        if self.shuffle:
+            np.random.default_rng([self.seed, epoch, 0x0DE5]).shuffle(order)
+        self._cached = (epoch, order)
+        return order
 
     def global_indices(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample indices and their epochs at global positions position .. position+count-1."""

@@ -12,8 +12,9 @@ Counted as the model's arithmetic (multiply-add = 2 FLOPs), not what the hardwar
   scoring (the SIFT exit pass, no grad) = 1 x forward of layers 1..k and the head.
 
 Embedding lookups, LayerNorms, softmaxes and biases are left out (well under 1% at these sizes).
-MFU = model FLOPs per second / the device's dense peak: 989e12 for H100/H200 bf16 (tensor cores, no
-sparsity), 312e12 for A100. Unknown devices and CPUs have no MFU.
+MFU = model FLOPs per second / the device's dense peak: 989e12 for H100 SXM/H200 bf16 (tensor
+cores, no sparsity), 756e12 H100 PCIe, 835e12 H100 NVL, 312e12 A100. Unknown devices and CPUs have
+no MFU. A separate exit head's auxiliary training pass is not counted (~4% at bert-base, V 30522).
 
 A leaf module: pure functions of shapes, nothing imported from the rest of the pipeline.
 """
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 import torch
 
-PEAK_FLOPS_BF16: dict[str, float] = {"H100": 989e12, "H200": 989e12, "H800": 989e12,
-                                     "GH200": 989e12, "A100": 312e12, "A800": 312e12}
-"""Dense bf16/fp16 tensor-core peak by the name the CUDA device reports (matched as a substring)."""
+PEAK_FLOPS_BF16: dict[str, float] = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                                     "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
+"""Dense bf16/fp16 tensor-core peak by the name the CUDA device reports, matched as a substring in
+this order (the PCIe and NVL H100s before the SXM one)."""
 
 
 def layer_flops_per_token(hidden: int, intermediate: int, seq_len: int) -> float:

@@ -7,12 +7,15 @@ our own SummaryWriter. Scalar names (TensorBoard tags; the JSONL keys are the sa
   train/loss, train/exit_score (mean exit-pass score of the candidates), train/exit_loss
   (separate exit head's auxiliary loss), train/lr, train/grad_norm, train/samples_backpropagated,
   train/nonfinite_skipped, select/fraction, select/score_selected, select/score_all,
-  select/bytes_moved, select/samples_moved, perf/samples_per_s, perf/tokens_per_s,
+  select/bytes_moved, select/samples_moved, perf/samples_per_s, perf/tokens_per_s (non-pad
+  tokens trained), perf/model_flops_per_s, perf/mfu (CUDA GPUs of known peak; pipeline/flops.py),
   time/data_s, time/score_s, time/select_s, time/forward_backward_s, time/optimizer_s,
   eval/accuracy, eval/loss, eval/spearman_exit_vs_full, eval/samples_backpropagated, eval/elapsed_s.
 
-Train scalars are per-step means over the logging window (time/* in seconds per optimizer step),
-except select/samples_moved and select/bytes_moved, which are totals over the window.
+Train scalars are per-step means over the logging window (time/* in seconds per optimizer step;
+host times unless logging.profile synchronizes the device), except select/samples_moved and
+select/bytes_moved, which are totals over the window. perf/* are rates over the steps' own time
+(evaluation and checkpoints between steps excluded).
 
 Nothing is written before `begin(resumed_at)`, which the trainer calls once the run's start is
 settled (after a successful resume): a resumed run first drops what the interrupted run logged
@@ -36,7 +39,7 @@ TRAIN_SCALARS = (
     "train/loss", "train/exit_score", "train/exit_loss", "train/lr", "train/grad_norm", "train/samples_backpropagated",
     "train/nonfinite_skipped", "select/fraction", "select/score_selected", "select/score_all",
     "select/bytes_moved", "select/samples_moved", "perf/samples_per_s", "perf/tokens_per_s",
-    "time/data_s", "time/score_s", "time/select_s", "time/forward_backward_s", "time/optimizer_s",
+    "perf/model_flops_per_s", "perf/mfu", "time/data_s", "time/score_s", "time/select_s", "time/forward_backward_s", "time/optimizer_s",
 )
 EVAL_SCALARS = ("eval/accuracy", "eval/loss", "eval/spearman_exit_vs_full",
                 "eval/samples_backpropagated", "eval/elapsed_s")

@@ -97,8 +97,9 @@ class ModelConfig:
 
     compile: bool = False
     """torch.compile each encoder layer (per layer: the exit pass runs layers 1..k of the same
-    compiled code, and DeepSpeed's hooks stay outside the graphs). Off by default until measured
-    faster on your hardware: benchmarks/trainer_efficiency.py --compile."""
+    compiled code, and under ZeRO-0/1/2 DeepSpeed's hooks stay outside the graphs; ZeRO-3 hooks
+    every submodule, which breaks the graphs). Off by default until measured faster on your
+    hardware: benchmarks/trainer_efficiency.py --compile."""
 
     def __post_init__(self) -> None:
         if self.config_file is None and self.preset not in PRESETS:

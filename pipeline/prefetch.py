@@ -42,7 +42,12 @@ class Prefetcher:
         self._pin = pin
         self._depth = depth
         self._pending: deque[tuple[tuple[int, int], Future]] = deque()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sift-prefetch") if depth else None
+        init = None
+        if pin and torch.cuda.is_available():  # pin on this rank's device, not on GPU 0
+            device = torch.cuda.current_device()
+            init = lambda: torch.cuda.set_device(device)  # noqa: E731
+        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="sift-prefetch",
+                                         initializer=init) if depth else None)
         self.hits = 0
         """Batches that were ready (or in progress) when asked for."""
         self.misses = 0
@@ -76,6 +81,11 @@ class Prefetcher:
         while len(self._pending) < self._depth:
             nxt += self._stride(count)
             self._pending.append(((nxt, count), self._pool.submit(self._build, nxt, count)))
+
+    def drain(self) -> None:
+        """Wait until the queued batches are built (benchmarks bill them to the trainer's time)."""
+        for _, future in self._pending:
+            future.exception()  # waits; an error is raised later, by the `get` that asks for it
 
     def _drop_pending(self) -> None:
         while self._pending:

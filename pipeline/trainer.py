@@ -38,7 +38,8 @@ import torch
 
 from pipeline import checkpoint, comm
 from pipeline.config import TrainConfig, resolve_path
-from pipeline.data import GlobalSampler, ShardDataset, token_counts, train_batch, validation_batches
+from pipeline.data import (MASKING_VERSION, GlobalSampler, ShardDataset, token_counts, train_batch,
+                           validation_batches)
 from pipeline.engine import EngineFacts, build_engine, load_ds_config, lr_at, set_lr
 from pipeline.evaluation import evaluate_local, summarize
 from pipeline.flops import forward_flops, peak_flops, train_flops
@@ -351,6 +352,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "config_fingerprint": self.cfg.fingerprint(),
             "tokenizer_fingerprint": self.train_set.fingerprint,
+            "masking_version": MASKING_VERSION,
             "model": {"vocab_size": self.train_set.vocab_size, "max_seq_len": self.train_set.seq_len,
                       "pad_token_id": self.train_set.special_ids["pad"]},
             "evals": self.evals,
@@ -387,6 +389,11 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"{load_dir / tag} was trained with another tokenizer (fingerprint "
                 f"{client['tokenizer_fingerprint'][:12]}..., the data has {self.train_set.fingerprint[:12]}...)")
+        if client.get("masking_version", 1) != MASKING_VERSION:
+            self.writer.message(f"warning: {load_dir / tag} was trained with masking version "
+                                f"{client.get('masking_version', 1)}, this version masks with "
+                                f"{MASKING_VERSION}: training continues on other masks, and its "
+                                "validation accuracy is not comparable to the earlier evaluations")
         if client["config_fingerprint"] != self.cfg.fingerprint():
             self.writer.message(f"warning: resuming {load_dir / tag} with changed settings "
                                 "(data, masking, model, selection, optim, seed or ds_config)")

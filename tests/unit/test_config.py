@@ -177,3 +177,14 @@ def test_per_sample_mean_and_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     m = summarize(loss_sum=6.0, correct=1, tokens=4, exit_losses=[1, 2, 3], full_losses=[2, 3, 4])
     assert m["accuracy"] == 0.25 and m["loss"] == 1.5 and m["spearman_exit_vs_full"] == pytest.approx(1.0)
+
+
+def test_speed_settings_leave_the_fingerprint_alone():
+    from pipeline.config import load_config
+
+    base = load_config(None, ["data.data_dir=x"])
+    fast = load_config(None, ["data.data_dir=x", "data.prefetch=0", "model.compile=true"])
+    assert base.fingerprint() == fast.fingerprint()
+    assert base.fingerprint() != load_config(None, ["data.data_dir=x", "run.seed=1"]).fingerprint()
+    with pytest.raises(ConfigError, match="data.prefetch"):
+        load_config(None, ["data.data_dir=x", "data.prefetch=-1"])

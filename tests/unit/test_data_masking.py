@@ -147,3 +147,25 @@ def test_validation_shares_cover_every_row_once():
         assert np.concatenate(shares).tolist() == list(range(103))
         assert max(s.size for s in shares) - min(s.size for s in shares) <= 1
     assert validation_indices(103, 0, 1, max_samples=10).tolist() == list(range(10))
+
+
+def test_epoch_order_from_two_threads_is_always_the_right_epoch():
+    """The prefetch thread and the trainer share a sampler: each caller gets its own epoch's order."""
+    import threading
+
+    sampler, ref = GlobalSampler(5000, seed=3), GlobalSampler(5000, seed=3)
+    want = {e: ref.epoch_order(e).copy() for e in range(4)}
+    bad = []
+
+    def ask(epochs):
+        for e in epochs:
+            if not np.array_equal(sampler.epoch_order(e), want[e]):
+                bad.append(e)
+
+    threads = [threading.Thread(target=ask, args=([0, 1] * 150,)),
+               threading.Thread(target=ask, args=([2, 3] * 150,))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
