@@ -20,8 +20,8 @@
 # the results folder (checkpoints left out) is packed into that one file after every stage: the
 # device tool brings back only a handful of files, and a run cut short keeps what it finished.
 #
-# Machines without DeepSpeed (the lent H200 has torch but not DeepSpeed, and no network): put
-# wheels in .gpu_carry/wheels (deepspeed built here with DS_BUILD_OPS=0 `pip wheel --no-deps
+# Machines without DeepSpeed (the lent H200 has torch but not DeepSpeed, and no network):
+# `bash benchmarks/gpu_carry.sh` builds what follows. It puts wheels in .gpu_carry/wheels (deepspeed built here with DS_BUILD_OPS=0 `pip wheel --no-deps
 # --no-build-isolation`, plus hjson, pydantic, pydantic-core, annotated-types, typing-inspection,
 # typing-extensions, msgpack, ninja, py-cpuinfo, psutil, nvidia-ml-py, einops, packaging, tqdm for
 # the machine's Python) and a prepared corpus in .gpu_carry/data, then send .gpu_carry along

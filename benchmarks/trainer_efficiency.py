@@ -389,12 +389,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     comm.discover_env()
     comm.init_distributed()
+    from pipeline.data import DataError
+
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="trainer_eff_") as tmp:
             for ds in ds_configs:
                 for preset, mb in cases:
                     results.append(run_case(args, data, preset, mb, ds, Path(tmp)))
+    except (ValueError, DataError, FileNotFoundError) as exc:  # ConfigError is a ValueError
+        print(f"trainer_efficiency: {exc}", file=sys.stderr)
+        return 2
     finally:
         comm.destroy_process_group()
     out = Path(args.out) if args.out else RESULTS
