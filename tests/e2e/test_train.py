@@ -366,3 +366,18 @@ def test_no_shared_memory_segment_outlives_the_run(recipe, data_dir, tmp_path):
     assert summary(out)["steps"] == 3
     left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert left == []
+
+
+def test_resume_across_a_masking_change_warns(runs, recipe, data_dir, tmp_path):
+    """A checkpoint written before masking version 2 (no masking_version recorded) resumes, and
+    the user is told that the masks, and so the validation accuracy, are not the earlier ones."""
+    ckpt = checkpoint_at_step_3(zero_run(runs, 2), tmp_path)
+    for path in (ckpt / "step_00000003").glob("*model_states.pt"):  # the client state rides here
+        state = torch.load(path, weights_only=False)
+        del state["sift"]["masking_version"]
+        torch.save(state, path)
+    proc = run_train(2, recipe, data_dir, tmp_path / "resumed", "run.ds_config=ds_configs/cpu_zero2_fp32.json",
+                     f"checkpoint.dir={ckpt}", resume="auto")
+    out = proc.stdout + proc.stderr
+    assert "resumed from" in out
+    assert "trained with masking version 1, this version masks with 2" in out
