@@ -39,7 +39,8 @@ TRAIN_SCALARS = (
     "train/loss", "train/exit_score", "train/exit_loss", "train/lr", "train/grad_norm", "train/samples_backpropagated",
     "train/nonfinite_skipped", "select/fraction", "select/score_selected", "select/score_all",
     "select/bytes_moved", "select/samples_moved", "perf/samples_per_s", "perf/tokens_per_s",
-    "perf/model_flops_per_s", "perf/mfu", "time/data_s", "time/score_s", "time/select_s", "time/forward_backward_s", "time/optimizer_s",
+    "perf/model_flops_per_s", "perf/mfu",
+    "time/data_s", "time/score_s", "time/select_s", "time/forward_backward_s", "time/optimizer_s",
 )
 EVAL_SCALARS = ("eval/accuracy", "eval/loss", "eval/spearman_exit_vs_full",
                 "eval/samples_backpropagated", "eval/elapsed_s")

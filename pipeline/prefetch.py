@@ -62,7 +62,6 @@ class Prefetcher:
     def get(self, position: int, count: int) -> Batch:
         """The batch of `count` samples per rank at `position`; queues the ones after it."""
         key = (position, count)
-        batch = None
         if self._pending and self._pending[0][0] == key:
             batch = self._pending.popleft()[1].result()  # re-raises the loader's error here
             self.hits += 1

@@ -105,7 +105,11 @@ class Trainer:
         self._session_start = time.perf_counter()
         self.loader = Prefetcher(self._load, stride=lambda count: count * world_size,
                                  pin=self.device.type == "cuda", depth=cfg.data.prefetch)
-        self.bert_config = unwrap_model(engine.module).config
+        net = unwrap_model(engine.module)
+        self.bert_config = net.config
+        # encoder layers the scoring pass runs, for its FLOPs: k (exit), all (full), 0 (random/none)
+        scorer = scoring_for(cfg.selection.policy).scorer
+        self._scoring_layers = {"exit": net.exit_layer, "full": net.num_layers}.get(scorer, 0)
         self.peak_flops = peak_flops(self.device, facts.precision)
         self.throughput = _Throughput()
         self._last_loss = float("nan")  # the progress bar shows the last logged loss: no sync
@@ -269,13 +273,12 @@ class Trainer:
 
     def _scoring_flops(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """Model FLOPs of scoring `batch` on all ranks (0 for random scores)."""
-        scorer = scoring_for(self.cfg.selection.policy).scorer
-        if scorer not in ("exit", "full"):
+        if not self._scoring_layers:
             return 0.0
         rows, seq_len = batch["input_ids"].shape
         masked = batch["labels"].ne(IGNORE_INDEX).sum() * self.world_size
-        layers = unwrap_model(self.engine.module).exit_layer if scorer == "exit" else None
-        return forward_flops(self.bert_config, rows * self.world_size, seq_len, masked, layers)
+        return forward_flops(self.bert_config, rows * self.world_size, seq_len, masked,
+                             self._scoring_layers)
 
     # ------------------------------------------------------------------ budgets, eval, checkpoints
 
