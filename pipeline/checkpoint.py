@@ -130,11 +130,13 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return tag
 
 
-def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
+def resolve_resume(resume: str, ckpt_dir: Path, what: str = "--resume"
+                   ) -> tuple[Path, str] | None:
     """(load_dir, tag) to resume from, or None for a fresh start.
 
     'none': None. 'auto': what `latest` in ckpt_dir names, None when there is none. A path: a
-    checkpoint directory with `latest`, or one tag directory inside it.
+    checkpoint directory with `latest`, or one tag directory inside it. `what` names the setting
+    in the error.
     """
     if resume == "none":
         return None
@@ -146,7 +148,7 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         return path, read_latest(path)
     if (path / STATE_FILE).is_file():
         return path.parent, path.name
-    raise CheckpointError(f"--resume {resume}: neither a checkpoint directory with '{LATEST}' nor "
+    raise CheckpointError(f"{what} {resume}: neither a checkpoint directory with '{LATEST}' nor "
                           f"a checkpoint tag directory with {STATE_FILE}")
 
 

@@ -79,7 +79,12 @@ class OptimConfig:
     decay: str = "linear"
     """After warmup: 'linear' or 'cosine' down to min_lr_ratio * lr at decay_steps, or 'constant'."""
     decay_steps: int | None = None
-    """Step at which the decay ends; None: budget.steps (required then unless decay='constant')."""
+    """Step at which the decay ends; None: budget.steps, else the time horizon (decay_time_s)."""
+    decay_time_s: float | None = None
+    """Training time (seconds, the trainer's clock: evaluation excluded) at which the decay ends,
+    for runs bounded by time, whose step count nobody knows in advance; None: budget.wall_time_s
+    when neither decay_steps nor budget.steps is set. Warmup still counts steps. The LR then
+    depends on how fast steps run, so a resumed run is no longer bit-exact."""
     min_lr_ratio: float = 0.0
     """Floor of the decay as a fraction of lr."""
     weight_decay: float = 0.01
@@ -97,6 +102,9 @@ class OptimConfig:
         _check(self.decay in ("linear", "cosine", "constant"),
                f"optim.decay must be linear, cosine or constant, got {self.decay!r}")
         _check(self.decay_steps is None or self.decay_steps > 0, "optim.decay_steps must be > 0")
+        _check(self.decay_time_s is None or self.decay_time_s > 0, "optim.decay_time_s must be > 0")
+        _check(self.decay_steps is None or self.decay_time_s is None,
+               "optim.decay_steps and optim.decay_time_s both set: the decay ends at one of them")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
         _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -114,7 +122,8 @@ class BudgetConfig:
     samples: int | None = None
     """Samples backpropagated, summed over all ranks."""
     wall_time_s: float | None = None
-    """Seconds of training (the trainer's clock, from the first step; evaluation included)."""
+    """Seconds of training: the trainer's clock, which starts at the first step and stops while
+    evaluating (checkpoint saves count)."""
     target_accuracy: float | None = None
     """Validation masked-LM accuracy that ends the run when an evaluation reaches it."""
 
@@ -133,7 +142,11 @@ class EvalConfig:
     """Periodic validation: masked-LM accuracy and loss, Spearman(exit loss, full loss)."""
 
     every_steps: int = 100
-    """Evaluate every this many optimizer steps (0: only at start and end)."""
+    """Evaluate every this many optimizer steps (0: only at start and end, or by every_s)."""
+    every_s: float | None = None
+    """Also evaluate every this many seconds of training time (the trainer's clock, evaluation
+    excluded; checked after each step on the slowest rank's clock): curves on a time axis that
+    runs of different speeds share. None: by steps only."""
     batch_size: int = 32
     """Validation sequences per rank per forward."""
     max_samples: int | None = 512
@@ -145,6 +158,7 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.every_steps >= 0, "eval.every_steps must be >= 0")
+        _check(self.every_s is None or self.every_s > 0, "eval.every_s must be > 0")
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.max_samples is None or self.max_samples >= 1, "eval.max_samples must be >= 1")
 
@@ -163,6 +177,12 @@ class CheckpointConfig:
     """Complete checkpoints kept (older ones are deleted after `latest` moves); 0 keeps all."""
     resume: str = "none"
     """'none', 'auto' (the checkpoint `latest` names, if any) or a checkpoint (tag) directory."""
+    init_from: str | None = None
+    """Start a new run from another run's checkpoint (its checkpoints directory, whose `latest`
+    is taken, or one tag directory): weights, optimizer moments and data position come from it;
+    step, clock, counters, evaluations and every setting are this run's. For continued
+    pretraining and forks (sift-bench --warm-start). A resume of this run's own checkpoints
+    (checkpoint.resume) wins over it."""
 
     def __post_init__(self):
         _check(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
@@ -251,14 +271,28 @@ class TrainConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self):
-        _check(self.optim.decay == "constant" or self.optim.decay_steps is not None
-               or self.budget.steps is not None,
-               "optim.decay needs a horizon: set optim.decay_steps or budget.steps "
-               "(or use optim.decay = 'constant')")
+        _check(self.optim.decay == "constant" or self.decay_time_s() is not None
+               or self.optim.decay_steps is not None or self.budget.steps is not None,
+               "optim.decay needs a horizon: set optim.decay_steps, optim.decay_time_s, "
+               "budget.steps or budget.wall_time_s (or use optim.decay = 'constant')")
 
     def decay_horizon(self) -> int:
         """The step where the LR decay ends (optim.decay_steps, else budget.steps)."""
         return self.optim.decay_steps or self.budget.steps or 1
+
+    def decay_time_s(self) -> float | None:
+        """The training time where the LR decay ends, when the schedule runs on time: optim.
+        decay_time_s, else budget.wall_time_s when no step horizon is set. None: on steps."""
+        if self.optim.decay_time_s is not None:
+            return self.optim.decay_time_s
+        if self.optim.decay_steps is None and self.budget.steps is None:
+            return self.budget.wall_time_s
+        return None
+
+    def uses_clock(self) -> bool:
+        """Whether a step's outcome depends on the (synchronized) training clock."""
+        return (self.budget.wall_time_s is not None or self.eval.every_s is not None
+                or (self.optim.decay != "constant" and self.decay_time_s() is not None))
 
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or Path(self.run.output_dir) / "checkpoints")

@@ -8,6 +8,9 @@ Determinism (what makes resume exact): masking is seeded by (seed, epoch, sample
 by (seed, epoch), random-selection scores by (seed, micro-batch, rank), and dropout by reseeding
 torch's generator from (seed, micro-batch, rank) before every forward; the learning rate is a pure
 function of the step. So a resumed run needs only the engine checkpoint plus `TrainState`.
+(Settings on the training clock trade that away: a time-based LR decay, eval.every_s,
+budget.wall_time_s. The clock starts at the first step, stops while evaluating, and every rank
+reads the slowest rank's, so decisions taken on it agree.)
 
 Speed: the next micro-batches are read and masked in a background thread (`pipeline.prefetch`)
 and copied to the device without blocking; logged scalars (losses, token counts, FLOPs) stay on
@@ -40,7 +43,8 @@ from pipeline import checkpoint, comm
 from pipeline.config import TrainConfig, resolve_path
 from pipeline.data import (MASKING_VERSION, GlobalSampler, ShardDataset, token_counts, train_batch,
                            validation_batches)
-from pipeline.engine import EngineFacts, build_engine, load_ds_config, lr_at, set_lr
+from pipeline.engine import (EngineFacts, build_engine, load_ds_config, lr_at, set_lr,
+                             time_progress)
 from pipeline.evaluation import evaluate_local, summarize
 from pipeline.flops import forward_flops, peak_flops, train_flops
 from pipeline.metrics import MetricsWriter, trim_jsonl
@@ -73,7 +77,12 @@ class TrainState:
     """Selector totals (all ranks): samples and bytes exchanged between ranks."""
     bytes_moved: int = 0
     train_time_s: float = 0.0
-    """Training wall time accumulated over every session of this run (eval included)."""
+    """Training time accumulated over every session of this run: the trainer's clock, which
+    stops while evaluating (budget.wall_time_s, eval.every_s and a time-based decay read it)."""
+    eval_time_s: float = 0.0
+    """Evaluation time accumulated over every session (not in train_time_s)."""
+    warmup_end_s: float | None = None
+    """Training time at which warmup ended: where a time-based LR decay starts."""
 
 
 def _seed_for(seed: int, micro_index: int, rank: int) -> int:
@@ -103,6 +112,10 @@ class Trainer:
         if cfg.selection.normalize == "unigram":
             self.token_baseline = unigram_surprisal(token_counts(train_set)).to(self.device)
         self._session_start = time.perf_counter()
+        self._session_eval_s = 0.0
+        self._frozen_at: float | None = None  # the clock's reading while evaluation stops it
+        self.clock_s = 0.0  # training time, synchronized over ranks once per step (`_tick`)
+        self._next_eval_s = math.inf
         self.loader = Prefetcher(self._load, stride=lambda count: count * world_size,
                                  pin=self.device.type == "cuda", depth=cfg.data.prefetch)
         net = unwrap_model(engine.module)
@@ -143,6 +156,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.logging.plan_digests:
             self._trim_plan_log()
+        # the clock starts with training: set-up and loading a checkpoint are not training time
+        self._session_start, self._session_eval_s = time.perf_counter(), 0.0
+        self._tick()
+        if cfg.eval.every_s is not None:
+            self._next_eval_s = (math.floor(self.clock_s / cfg.eval.every_s) + 1) * cfg.eval.every_s
         if cfg.eval.at_start and self.state.step == 0:
             self.evaluate()
         last_saved = last_eval = self.state.step
@@ -154,13 +172,14 @@ class Trainer:
             record = self.train_step()
             record["_step_s"] = time.perf_counter() - t0
             self.state.step += 1
+            self._tick()
             window.add(record)
             step = self.state.step
             if step % cfg.logging.every_steps == 0:
                 self._log_window(window)
                 window = _Window()
             self.writer.progress(1, loss=self._last_loss, lr=record["train/lr"])
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+            if self._eval_due():
                 self.evaluate()
                 last_eval = step
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
@@ -176,6 +195,34 @@ class Trainer:
             self.save()
         return self.summary(reason)
 
+    def _tick(self) -> None:
+        """Read the training clock once per step. When a decision depends on it (a wall-time
+        budget, evaluation by time, a time-based decay), every rank takes the slowest rank's
+        reading, so all stop, evaluate and set the same LR at the same step."""
+        t = self.elapsed()
+        if self.cfg.uses_clock():
+            t = comm.all_reduce(torch.tensor([t], dtype=torch.float64), "max").item()
+        self.clock_s = t
+        if self.state.warmup_end_s is None and self.state.step >= self.cfg.optim.warmup_steps:
+            self.state.warmup_end_s = t
+
+    def _eval_due(self) -> bool:
+        """Whether an evaluation is due after this step (by steps or by training time)."""
+        every_steps, every_s = self.cfg.eval.every_steps, self.cfg.eval.every_s
+        due = bool(every_steps) and self.state.step % every_steps == 0
+        if every_s is not None and self.clock_s >= self._next_eval_s:
+            self._next_eval_s = (math.floor(self.clock_s / every_s) + 1) * every_s
+            due = True
+        return due
+
+    def _lr(self) -> float:
+        """This step's learning rate: by step, or by training time (`TrainConfig.decay_time_s`)."""
+        horizon_s = self.cfg.decay_time_s()
+        progress = None
+        if horizon_s is not None:
+            progress = time_progress(self.clock_s, self.state.warmup_end_s, horizon_s)
+        return lr_at(self.state.step, self.cfg.optim, self.cfg.decay_horizon(), progress)
+
     def _log_window(self, window: "_Window") -> None:
         """Close a log window: its scalars leave the device here, once per window."""
         scalars = window.scalars(self)
@@ -185,7 +232,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: grad_accum micro-batches that went through, then the update."""
-        lr = lr_at(self.state.step, self.cfg.optim, self.cfg.decay_horizon())
+        lr = self._lr()
         set_lr(self.engine, lr)
         totals = _Totals()
         done = 0
@@ -299,7 +346,11 @@ class Trainer:
         trim_jsonl(self._plan_log(), lambda r: r["micro_batch"] < self.state.micro_index)
 
     def elapsed(self) -> float:
-        return self.state.train_time_s + time.perf_counter() - self._session_start
+        """Training time so far (this rank's clock; stopped while evaluating)."""
+        if self._frozen_at is not None:
+            return self._frozen_at
+        return (self.state.train_time_s + time.perf_counter() - self._session_start
+                - self._session_eval_s)
 
     def budget_reached(self) -> str | None:
         """The name of the first budget reached, else None (identical on every rank)."""
@@ -310,14 +361,23 @@ class Trainer:
             return "samples"
         if b.target_accuracy is not None and self.evals and self.evals[-1]["accuracy"] >= b.target_accuracy:
             return "target_accuracy"
-        if b.wall_time_s is not None:
-            # ranks' clocks differ: take the slowest, so all stop at the same step
-            t = comm.all_reduce(torch.tensor([self.elapsed()], dtype=torch.float64), "max").item()
-            if t >= b.wall_time_s:
-                return "wall_time"
+        if b.wall_time_s is not None and self.clock_s >= b.wall_time_s:  # synchronized: `_tick`
+            return "wall_time"
         return None
 
     def evaluate(self) -> dict[str, float]:
+        """Validation on all ranks, the training clock stopped meanwhile."""
+        self._frozen_at = self.elapsed()
+        t0 = time.perf_counter()
+        try:
+            return self._evaluate()
+        finally:
+            spent = time.perf_counter() - t0
+            self._session_eval_s += spent
+            self.state.eval_time_s += spent
+            self._frozen_at = None
+
+    def _evaluate(self) -> dict[str, float]:
         """Validation on all ranks (equal shares, so ZeRO-3's collective forwards line up)."""
         cfg = self.cfg.eval
         n = len(self.valid_set) if cfg.max_samples is None else min(cfg.max_samples, len(self.valid_set))
@@ -336,7 +396,7 @@ class Trainer:
                             [x for e, _ in scores for x in e], [x for _, f in scores for x in f])
         metrics["step"] = self.state.step
         metrics["samples_backpropagated"] = self.state.samples_backpropagated
-        metrics["elapsed_s"] = self.elapsed()
+        metrics["elapsed_s"] = self.clock_s  # training time, the same on every rank (`_tick`)
         self.evals.append(metrics)
         self.writer.log(self.state.step, {"eval/accuracy": metrics["accuracy"],
                                           "eval/loss": metrics["loss"],
@@ -350,7 +410,7 @@ class Trainer:
 
     def client_state(self) -> dict[str, Any]:
         return {
-            "train_state": {**dataclasses.asdict(self.state), "train_time_s": self.elapsed()},
+            "train_state": {**dataclasses.asdict(self.state), "train_time_s": self.clock_s},
             "world_size": self.world_size,
             "config": self.cfg.to_dict(),
             "config_fingerprint": self.cfg.fingerprint(),
@@ -373,9 +433,34 @@ class Trainer:
         return tag
 
     def resume(self, load_dir: Path, tag: str, universal: bool = False) -> None:
-        """Restore engine and `TrainState` from (load_dir, tag). `universal`: the checkpoint holds
-        ZeRO partitions of another world size; the engine was built with load_universal and
-        loads rank 0's universal conversion of it (made here unless already there)."""
+        """Restore engine and `TrainState` from (load_dir, tag): this run continues."""
+        client = self._load_checkpoint(load_dir, tag, universal)
+        if client["config_fingerprint"] != self.cfg.fingerprint():
+            self.writer.message(f"warning: resuming {load_dir / tag} with changed settings "
+                                "(data, masking, model, selection, optim, seed or ds_config)")
+        fields = {f.name for f in dataclasses.fields(TrainState)}
+        self.state = TrainState(**{k: v for k, v in client["train_state"].items() if k in fields})
+        self.state.nonfinite_in_row = 0
+        self.evals = list(client.get("evals", []))
+        self.writer.message(f"resumed from {load_dir / tag}: step {self.state.step}, global sample "
+                            f"position {self.state.position} (saved by {client['world_size']} ranks, "
+                            f"now {self.world_size})")
+
+    def fork(self, load_dir: Path, tag: str, universal: bool = False) -> None:
+        """Start this run from (load_dir, tag) of another run (`checkpoint.init_from`): its
+        weights, optimizer moments and data position; a fresh step count, clock and history."""
+        client = self._load_checkpoint(load_dir, tag, universal)
+        saved = client["train_state"]
+        # the data position goes on (the next batches, not the ones the source trained on), and
+        # so do the dropout / random-score seeds
+        self.state = TrainState(position=saved["position"], micro_index=saved["micro_index"])
+        self.writer.message(f"started from {load_dir / tag} (step {saved['step']} of that run, "
+                            f"global sample position {self.state.position}): a new run from step 0")
+
+    def _load_checkpoint(self, load_dir: Path, tag: str, universal: bool) -> dict[str, Any]:
+        """Load (load_dir, tag) into the engine; returns its client state. `universal`: the
+        checkpoint holds ZeRO partitions of another world size; the engine was built with
+        load_universal and loads rank 0's universal conversion of it (made here unless there)."""
         saved = checkpoint.read_client_state(load_dir, tag)
         engine_tag = tag
         if universal:
@@ -397,17 +482,7 @@ class Trainer:
                                 f"{client.get('masking_version', 1)}, this version masks with "
                                 f"{MASKING_VERSION}: training continues on other masks, and its "
                                 "validation accuracy is not comparable to the earlier evaluations")
-        if client["config_fingerprint"] != self.cfg.fingerprint():
-            self.writer.message(f"warning: resuming {load_dir / tag} with changed settings "
-                                "(data, masking, model, selection, optim, seed or ds_config)")
-        fields = {f.name for f in dataclasses.fields(TrainState)}
-        self.state = TrainState(**{k: v for k, v in client["train_state"].items() if k in fields})
-        self.state.nonfinite_in_row = 0
-        self.evals = list(client.get("evals", []))
-        self._session_start = time.perf_counter()
-        self.writer.message(f"resumed from {load_dir / tag}: step {self.state.step}, global sample "
-                            f"position {self.state.position} (saved by {client['world_size']} ranks, "
-                            f"now {self.world_size})")
+        return client
 
     def _universal_tag(self, load_dir: Path, tag: str, saved_world: int) -> str:
         """Collective: rank 0 converts (or finds) the universal checkpoint; every rank gets its
@@ -436,7 +511,9 @@ class Trainer:
             "nonfinite_skipped": self.state.nonfinite_skipped,
             "samples_moved": self.state.samples_moved,
             "bytes_moved": self.state.bytes_moved,
-            "train_time_s": self.elapsed(),
+            "train_time_s": self.clock_s,  # the synchronized reading of the last step
+            "eval_time_s": self.state.eval_time_s,
+            "seq_len": self.train_set.seq_len,
             "tokens_per_s": self.throughput.tokens_per_s(),
             "mfu": self.throughput.mfu(self.peak_flops, self.world_size),
             "accuracy_before": first.get("accuracy"),
@@ -583,7 +660,12 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir())
-    universal = resume_from is not None and checkpoint.needs_universal(*resume_from, world_size)
+    fork_from = None  # this run's own checkpoint wins: a fork that crashed resumes itself
+    if resume_from is None and cfg.checkpoint.init_from is not None:
+        fork_from = checkpoint.resolve_resume(cfg.checkpoint.init_from, cfg.checkpoint_dir(),
+                                              what="checkpoint.init_from")
+    source = resume_from or fork_from
+    universal = source is not None and checkpoint.needs_universal(*source, world_size)
     if universal:  # ZeRO partitions of another world size: the engine loads them re-partitioned
         ds_config = checkpoint.with_universal_load(ds_config)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -605,6 +687,8 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
                        f"policy {cfg.selection.policy} ({cfg.selection.scope}, f={cfg.selection.fraction})")
         if resume_from is not None:
             trainer.resume(*resume_from, universal=universal)
+        elif fork_from is not None:
+            trainer.fork(*fork_from, universal=universal)
         # only now: a resume that fails must leave the interrupted run's logs as they were
         writer.begin(None if resume_from is None else trainer.state.step)
         summary = trainer.train()

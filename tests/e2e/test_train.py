@@ -8,6 +8,7 @@ comparison and the references of the exact-resume checks.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -381,3 +382,54 @@ def test_resume_across_a_masking_change_warns(runs, recipe, data_dir, tmp_path):
     out = proc.stdout + proc.stderr
     assert "resumed from" in out
     assert "trained with masking version 1, this version masks with 2" in out
+
+
+def test_fork_starts_a_new_run_from_another_runs_weights_and_position(runs, recipe, data_dir, tmp_path):
+    """checkpoint.init_from: the source's weights and data position, a new step count and history.
+    With an LR of ~0 the forked run's final weights are the source's; the data position goes on
+    from the source's, each vanilla step consuming exactly what it trains."""
+    source = zero_run(runs, 2)
+    saved = json.loads((source / "checkpoints" / "step_00000006" / "sift_state.json").read_text())
+    out = tmp_path / "fork"
+    proc = run_train(2, recipe, data_dir, out, "run.ds_config=ds_configs/cpu_zero2_fp32.json",
+                     f"checkpoint.init_from={source / 'checkpoints'}", 'selection.policy="none"',
+                     "optim.lr=1e-12", "budget.steps=2", "checkpoint.every_steps=0")
+    assert "started from" in proc.stdout + proc.stderr
+    s = summary(out)
+    assert s["steps"] == 2 and sorted(train_losses(out)) == [1, 2]
+    start = saved["train_state"]["position"]
+    assert start > 0 and s["global_sample_position"] - start == s["samples_backpropagated"] > 0
+    a = fp32_weights(source / "checkpoints", "step_00000006")
+    b = fp32_weights(out / "checkpoints", "step_00000002")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    fresh = fp32_weights(zero_run(runs, 2) / "checkpoints", "step_00000003")
+    assert not all(torch.allclose(a[k], fresh[k], atol=1e-7) for k in a)  # the check can fail
+    # a fork that was interrupted resumes itself, not the source: checkpoint.resume wins
+    proc = run_train(2, recipe, data_dir, out, "run.ds_config=ds_configs/cpu_zero2_fp32.json",
+                     f"checkpoint.init_from={source / 'checkpoints'}", 'selection.policy="none"',
+                     "optim.lr=1e-12", "budget.steps=3", "checkpoint.every_steps=0", resume="auto")
+    assert "resumed from" in proc.stdout + proc.stderr and summary(out)["steps"] == 3
+
+
+def test_training_clock_evaluates_by_time_and_decays_to_the_floor_at_the_budget(recipe, data_dir, tmp_path):
+    """eval.every_s and a wall-time budget with a time-based decay: evaluations on a training-time
+    grid that excludes their own time, the LR at its floor when the budget ends."""
+    out = tmp_path / "timed"
+    run_train(2, recipe, data_dir, out, 'selection.policy="none"', "budget.steps=none",
+              "budget.wall_time_s=8", "eval.every_s=2", "eval.at_start=true", "eval.at_end=true",
+              "optim.warmup_steps=3", 'optim.decay="linear"', "optim.min_lr_ratio=0.1",
+              "checkpoint.every_steps=0", "checkpoint.at_end=false")
+    s = summary(out)
+    assert s["stop_reason"] == "wall_time" and 8.0 <= s["train_time_s"] < 12.0
+    evals = s["evals"]
+    times = [e["elapsed_s"] for e in evals]
+    assert times[0] < 0.5 and times[-1] >= 8.0
+    assert all(b > a for a, b in zip(times, times[1:]))
+    # one evaluation per 2 s of training time, however long the evaluations themselves took
+    assert [math.floor(t / 2.0) for t in times[1:-1]] == list(range(1, len(times) - 1))
+    assert s["eval_time_s"] > 0
+    lrs = [r["train/lr"] for r in read_metrics(out)]
+    assert lrs[:3] == pytest.approx([2e-3 / 3, 2 * 2e-3 / 3, 2e-3])
+    assert all(b <= a for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] < 0.2e-3 * 1.5  # within the last log window of the floor (0.1 x 2e-3)

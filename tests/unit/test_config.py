@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, TrainConfig, load_config, parse_override
-from pipeline.engine import check_batch_triplet, load_ds_config, lr_at
+from pipeline.engine import check_batch_triplet, load_ds_config, lr_at, time_progress
 from pipeline.config import OptimConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +63,9 @@ def test_none_clears_optional_fields_but_is_a_policy_name():
     (["selection.fraction=1.5"], "selection.fraction must be in (0, 1]"),
     (["model.exit_head=middle"], "model.exit_head must be one of"),
     (["masking.rate=0"], "masking.rate must be in (0, 1)"),
-    (["budget.steps=none", "budget.wall_time_s=60"], "optim.decay needs a horizon"),
+    (["budget.steps=none", "budget.samples=100"], "optim.decay needs a horizon"),
+    (["optim.decay_steps=10", "optim.decay_time_s=60"], "both set"),
+    (["eval.every_s=0"], "eval.every_s must be > 0"),
     (["budget.steps=none"], "set at least one of steps"),
     (["optim.lr"], "--set expects section.key=value"),
 ])
@@ -129,6 +131,23 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
     cos = OptimConfig(lr=1.0, warmup_steps=0, decay="cosine")
     assert lr_at(5, cos, horizon=10) == pytest.approx(0.5)
+
+
+def test_time_based_decay_ends_at_the_time_horizon():
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, decay="linear", min_lr_ratio=0.1)
+    assert lr_at(0, cfg, horizon=1, progress=time_progress(0.5, None, 60.0)) == 0.5  # warmup: steps
+    # warmup ended at 10 s of training: the decay runs from there to 60 s, whatever the step
+    assert lr_at(9, cfg, horizon=1, progress=time_progress(10.0, 10.0, 60.0)) == 1.0
+    assert lr_at(99, cfg, horizon=1, progress=time_progress(35.0, 10.0, 60.0)) == pytest.approx(0.55)
+    assert lr_at(999, cfg, horizon=1, progress=time_progress(70.0, 10.0, 60.0)) == pytest.approx(0.1)
+    # a wall-time budget without a step horizon is the decay's time horizon
+    c = load_config(None, ["data.data_dir=x", "budget.steps=none", "budget.wall_time_s=60"])
+    assert c.decay_time_s() == 60.0 and c.uses_clock()
+    c = load_config(None, ["data.data_dir=x", "budget.wall_time_s=60"])  # steps set: steps rule
+    assert c.decay_time_s() is None and c.decay_horizon() == 1000
+    c = load_config(None, ["data.data_dir=x", "optim.decay_time_s=30"])
+    assert c.decay_time_s() == 30.0 and c.uses_clock()
+    assert not load_config(None, ["data.data_dir=x"]).uses_clock()
 
 
 def test_cli_surface_does_not_grow_unnoticed():
