@@ -98,7 +98,7 @@ done
 
 # 2. a short sift-bench: vanilla / sift-loss / random on bert-medium (lr 3e-4, the GPU note's
 #    recipe that leaves the plateau soonest); the step-time split of each arm is in its report
-stage sift_bench 140 "$py" -m pipeline.bench --data "$data" --world-size 1 \
+stage sift_bench 140 "$py" -m benchmarks.sift_bench.cli --data "$data" --world-size 1 \
     --policies sift-loss,random --fractions 0.5 --pools expand --exit-layers 1 --exit-heads shared \
     --no-hf-baseline --budget-s 25 --eval-interval-s 8 --out "$out" --name sift_bench \
     --work-dir "$out/sift_bench_runs" \

@@ -11,7 +11,7 @@ The full run (about 2 hours on 2 CPU cores: 17 arms + the HF baseline, 300 s of 
         --world-size 2 --budget-s 300 --eval-interval-s 30
 
 It writes benchmarks/results/time_to_accuracy.{json,md} and three PNGs.
-All logic is in `pipeline.bench` (arms, launch, report); this file only makes it runnable from a
+All logic is in `benchmarks.sift_bench` (arms, launch, report); this file only makes it runnable from a
 checkout without the console script installed.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench import main  # noqa: E402
+from benchmarks.sift_bench.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

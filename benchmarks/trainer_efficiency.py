@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
     from pipeline import comm
-    from pipeline.bench import machine_info
+    from benchmarks.sift_bench.cli import machine_info
 
     comm.discover_env()
     comm.init_distributed()

@@ -190,13 +190,18 @@ class SiftMaskedLMOutput(ModelOutput):
     exit_loss: torch.Tensor | None = None
 
 
-def masked_mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over rows; 0.0 (still in the graph) when there are no rows.
+def masked_mean_ce(logits: torch.Tensor, targets: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over rows (each times its weight, if given); 0.0 (still in the graph)
+    when there are no rows.
 
     A plain `cross_entropy(reduction='mean')` returns NaN for zero rows, which would poison a step
     whose micro-batch happens to have no masked token; sum / max(n, 1) avoids a host sync.
     """
-    total = F.cross_entropy(logits.float(), targets, reduction="sum")  # ()
+    if weights is None:
+        total = F.cross_entropy(logits.float(), targets, reduction="sum")  # ()
+    else:
+        total = (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
     return total / max(targets.numel(), 1)
 
 
@@ -327,7 +332,10 @@ class SiftBertForMaskedLM(BertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> SiftMaskedLMOutput:
+        """`sample_weight` (B,): each sample's masked tokens count this much in the MLM loss
+        (selection.draw = sample); the exit head's auxiliary loss stays unweighted."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
@@ -342,7 +350,8 @@ class SiftBertForMaskedLM(BertPreTrainedModel):
         masked = labels.ne(IGNORE_INDEX)  # (B, L)
         targets = labels[masked]  # (N,)
         logits = self.cls(h[masked])  # (N, V): the head runs only where there is a target
-        mlm_loss = masked_mean_ce(logits, targets)
+        token_weight = None if sample_weight is None else sample_weight[:, None].expand_as(labels)[masked]
+        mlm_loss = masked_mean_ce(logits, targets, token_weight)
         exit_loss = None
         loss = mlm_loss
         if need_exit:

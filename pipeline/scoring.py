@@ -9,6 +9,10 @@ reserved for a genuinely non-finite model output.
 With a `token_baseline` (V,) (selection.normalize = "unigram": `unigram_surprisal`), a loss
 score is the mean of loss minus baseline[true token]: difficulty beyond what word frequency alone
 predicts (the calibration run found raw loss mostly ranks samples by how rare their words are).
+With normalize = "token-ema" the baseline is a running mean of the model's own loss per token id
+(Token Dropping, Hou et al. 2022), started at the unigram surprisal and moved by every scoring
+pass (`token_loss_sums` -> all ranks' sums -> `update_token_ema`): a sample scores high when its
+tokens are harder than they usually are for this model now, i.e. learnable rather than rare.
 
 `score_exit` runs embeddings + layers 1..k + the exit head only (`SiftBertForMaskedLM.exit_pass`),
 `score_full` the whole model; both run under no_grad with dropout off and restore the model's
@@ -68,6 +72,23 @@ def unigram_surprisal(counts: "np.ndarray | torch.Tensor") -> torch.Tensor:
     return (c.sum().log() - c.log()).float()
 
 
+def token_loss_sums(targets: torch.Tensor, values: torch.Tensor, vocab_size: int
+                    ) -> torch.Tensor:
+    """(2, V) float32: per token id, the sum of `values` (N,) over its positions and their count."""
+    out = torch.zeros(2, vocab_size, dtype=torch.float32, device=values.device)
+    out[0].index_add_(0, targets, values.float())
+    out[1].index_add_(0, targets, torch.ones_like(values, dtype=torch.float32))
+    return out
+
+
+def update_token_ema(ema: torch.Tensor, sums: torch.Tensor, rate: float) -> torch.Tensor:
+    """The running per-token loss after one pass: each token id seen (count > 0) moves `rate` of
+    the way from its running value to this pass's mean loss; unseen ids keep theirs."""
+    seen = sums[1] > 0
+    mean = sums[0] / sums[1].clamp(min=1)
+    return torch.where(seen, (1.0 - rate) * ema + rate * mean, ema)
+
+
 def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
     missing = [k for k in ("input_ids", "labels") if k not in batch]
     if missing:
@@ -82,7 +103,8 @@ def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[to
 
 
 def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exit_only: bool,
-           token_baseline: torch.Tensor | None = None) -> torch.Tensor:
+           token_baseline: torch.Tensor | None = None,
+           token_sums: list[torch.Tensor] | None = None) -> torch.Tensor:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     net = unwrap_model(model)
@@ -99,6 +121,8 @@ def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exi
             masked = labels.ne(IGNORE_INDEX)  # (B, L)
             targets = labels[masked]  # (N,)
             values = token_scores(logits, targets, metric)  # (N,)
+            if token_sums is not None:  # the raw per-token losses, for a running baseline
+                token_sums.append(token_loss_sums(targets, values, logits.shape[-1]))
             if token_baseline is not None:
                 values = values - token_baseline.to(values.device)[targets]
             scores = per_sample_mean(values, masked)  # (B,)
@@ -108,15 +132,18 @@ def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exi
 
 
 def score_exit(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss",
-               token_baseline: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) float32 early-exit scores: embeddings + layers 1..exit_layer + exit head only."""
-    return _score(model, batch, metric, True, token_baseline)
+               token_baseline: torch.Tensor | None = None,
+               token_sums: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(B,) float32 early-exit scores: embeddings + layers 1..exit_layer + exit head only.
+    `token_sums`, if given, gets the pass's `token_loss_sums` appended."""
+    return _score(model, batch, metric, True, token_baseline, token_sums)
 
 
 def score_full(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss",
-               token_baseline: torch.Tensor | None = None) -> torch.Tensor:
+               token_baseline: torch.Tensor | None = None,
+               token_sums: list[torch.Tensor] | None = None) -> torch.Tensor:
     """(B,) float32 scores from the whole model (full-loss policy; Spearman against score_exit)."""
-    return _score(model, batch, metric, False, token_baseline)
+    return _score(model, batch, metric, False, token_baseline, token_sums)
 
 
 def score_candidates(
@@ -128,10 +155,12 @@ def score_candidates(
     step: int,
     rank: int,
     token_baseline: torch.Tensor | None = None,
+    token_sums: list[torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """Scores for `cfg.policy` (the policy table applied): None for 'none', else (B,) float32.
 
-    `token_baseline` (V,) is required when cfg.normalize is 'unigram' and ignored otherwise."""
+    `token_baseline` (V,) is required when cfg.normalize is 'unigram' or 'token-ema' and ignored
+    otherwise; `token_sums` (a list) receives the pass's per-token loss sums (model scorers)."""
     plan = scoring_for(cfg.policy)
     if cfg.normalize == "none":
         token_baseline = None
@@ -143,5 +172,5 @@ def score_candidates(
         n = batch["input_ids"].shape[0]
         return random_scores(n, seed, step, rank).to(batch["input_ids"].device)
     if plan.scorer == "exit":
-        return score_exit(model, batch, plan.metric, token_baseline)
-    return score_full(model, batch, plan.metric, token_baseline)
+        return score_exit(model, batch, plan.metric, token_baseline, token_sums)
+    return score_full(model, batch, plan.metric, token_baseline, token_sums)

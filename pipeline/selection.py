@@ -20,7 +20,8 @@ import torch
 POLICIES = ("none", "random", "sift-loss", "sift-entropy", "full-loss")
 POOLS = ("expand", "shrink")
 SCOPES = ("global", "local")
-NORMALIZATIONS = ("none", "unigram")
+NORMALIZATIONS = ("none", "unigram", "token-ema")
+DRAWS = ("top-k", "sample")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class SelectionConfig:
     start_step: int = 0
     """Optimizer steps before selection starts; before it the trainer behaves like policy 'none'."""
 
+    start_accuracy: float | None = None
+    """Selection also waits for a validation evaluation at or above this masked-LM accuracy (a
+    gated start: past the plateau, where high loss stops meaning only rare words). Every rank sees
+    the same evaluations, so all open the gate at the same step; it stays open (checkpointed).
+    None: no gate."""
+
     pool: str = "expand"
     """expand: load ceil(B/f) candidates, train on B (optimizer batch unchanged);
     shrink: load B, train on max(1, round(f*B)) (as in the SIFT paper)."""
@@ -48,8 +55,26 @@ class SelectionConfig:
     normalize: str = "none"
     """none: raw scores; unigram: a loss score minus the unigram surprisal -log p(token) of the
     same masked tokens (p from the training split's token counts), so a sample ranks by how much
-    worse the model does than word frequency alone rather than by how rare its words are
-    (loss policies only: sift-loss, full-loss)."""
+    worse the model does than word frequency alone rather than by how rare its words are;
+    token-ema: a loss score minus a running mean of the model's own loss per token id (started at
+    the unigram surprisal, moved by every scoring pass, the same on every rank): how much harder
+    a sample's tokens are than they usually are now (loss policies only: sift-loss, full-loss)."""
+
+    draw: str = "top-k"
+    """top-k: keep the highest scores (SIFT); sample: draw the kept candidates without
+    replacement with probability p = (1 - epsilon) softmax(score / temperature) + epsilon / N over
+    all N candidates of all ranks (Gumbel top-k), each kept sample's loss weighted by 1 / (N p) so
+    the gradient estimates the whole pool's (exactly so for draws with replacement)."""
+
+    temperature: float = 1.0
+    """sample: the softmax temperature of the scores (higher: closer to uniform)."""
+
+    epsilon: float = 0.1
+    """sample: the uniform share of p, which also caps a sample's loss weight at 1 / epsilon."""
+
+    token_ema_rate: float = 0.01
+    """token-ema: how far each scoring pass moves a seen token id's running loss toward the
+    pass's mean loss of that id."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -59,6 +84,8 @@ class SelectionConfig:
             raise ValueError(f"selection.fraction must be in (0, 1], got {self.fraction!r}")
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"selection.start_step must be an int >= 0, got {self.start_step!r}")
+        if self.start_accuracy is not None and not 0.0 < self.start_accuracy <= 1.0:
+            raise ValueError(f"selection.start_accuracy must be in (0, 1], got {self.start_accuracy!r}")
         if self.pool not in POOLS:
             raise ValueError(f"selection.pool must be one of {POOLS}, got {self.pool!r}")
         if self.scope not in SCOPES:
@@ -66,6 +93,14 @@ class SelectionConfig:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"selection.normalize must be one of {NORMALIZATIONS}, "
                              f"got {self.normalize!r}")
+        if self.draw not in DRAWS:
+            raise ValueError(f"selection.draw must be one of {DRAWS}, got {self.draw!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"selection.temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 < self.epsilon <= 1.0:
+            raise ValueError(f"selection.epsilon must be in (0, 1], got {self.epsilon!r}")
+        if not 0.0 < self.token_ema_rate <= 1.0:
+            raise ValueError(f"selection.token_ema_rate must be in (0, 1], got {self.token_ema_rate!r}")
         if self.normalize != "none" and self.policy in ("random", "sift-entropy"):
             raise ValueError(f"selection.normalize = {self.normalize!r} applies to loss scores; "
                              f"policy {self.policy!r} has none (use sift-loss or full-loss)")
@@ -124,20 +159,44 @@ def num_selected(train_micro_batch: int, cfg: SelectionConfig) -> int:
     return max(1, round(cfg.fraction * train_micro_batch))
 
 
-def is_active(cfg: SelectionConfig, step: int) -> bool:
-    """Whether this optimizer step selects (policy is not 'none' and step >= start_step)."""
-    return cfg.policy != "none" and step >= cfg.start_step
+def is_active(cfg: SelectionConfig, step: int, gate_open: bool = True) -> bool:
+    """Whether this optimizer step selects: policy is not 'none', step >= start_step, and the
+    start_accuracy gate (if any) is open."""
+    return cfg.policy != "none" and step >= cfg.start_step and gate_open
 
 
-def pool_sizes(train_micro_batch: int, cfg: SelectionConfig, step: int) -> tuple[int, int]:
+def gate_opens(cfg: SelectionConfig, accuracy: float) -> bool:
+    """Whether an evaluation at `accuracy` opens the start_accuracy gate (always, without one)."""
+    return cfg.start_accuracy is None or accuracy >= cfg.start_accuracy
+
+
+def pool_sizes(train_micro_batch: int, cfg: SelectionConfig, step: int,
+               gate_open: bool = True) -> tuple[int, int]:
     """(candidates to load, samples to train on) per rank at `step`.
 
-    Before start_step (or for 'none') both are B: no pool, train on everything.
+    Before start_step or the accuracy gate (or for 'none') both are B: no pool, train on all.
     """
-    if not is_active(cfg, step):
+    if not is_active(cfg, step, gate_open):
         _check_batch(train_micro_batch)
         return train_micro_batch, train_micro_batch
     return num_candidates(train_micro_batch, cfg), num_selected(train_micro_batch, cfg)
+
+
+def sampling_keys(scores: torch.Tensor, max_score: float, sum_exp: float, n_total: int,
+                  cfg: SelectionConfig, seed: int, step: int, rank: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, loss weights), both (n,) float32, for draw = sample: the global top-k of the keys is
+    a draw without replacement from p (Gumbel top-k: key = log p + Gumbel noise), and a kept
+    sample's loss weight is 1 / (N p). `max_score` and `sum_exp` (the sum over all ranks of
+    exp((score - max_score) / T)) make p the same on every rank; the noise comes from
+    `random_scores`' generator, so it is a pure function of (seed, step, rank)."""
+    t, eps = cfg.temperature, cfg.epsilon
+    s = scores.float()
+    soft = torch.exp((s - max_score) / t) / sum_exp  # (n,) this rank's share of the softmax
+    p = (1.0 - eps) * soft + eps / n_total
+    u = random_scores(s.shape[0], seed, step, rank).to(s.device).clamp(1e-12, 1.0 - 1e-7)
+    keys = torch.log(p) - torch.log(-torch.log(u))  # log p + Gumbel(0, 1)
+    return keys, 1.0 / (n_total * p)
 
 
 def random_scores(n: int, seed: int, step: int, rank: int) -> torch.Tensor:

@@ -50,8 +50,8 @@ from pipeline.flops import forward_flops, peak_flops, train_flops
 from pipeline.metrics import MetricsWriter, trim_jsonl
 from pipeline.model import IGNORE_INDEX, build_model, unwrap_model
 from pipeline.prefetch import Prefetcher
-from pipeline.scoring import score_candidates, unigram_surprisal
-from pipeline.selection import is_active, pool_sizes, scoring_for
+from pipeline.scoring import score_candidates, unigram_surprisal, update_token_ema
+from pipeline.selection import gate_opens, is_active, pool_sizes, sampling_keys, scoring_for
 from pipeline.selector import select_and_exchange
 
 
@@ -83,6 +83,8 @@ class TrainState:
     """Evaluation time accumulated over every session (not in train_time_s)."""
     warmup_end_s: float | None = None
     """Training time at which warmup ended: where a time-based LR decay starts."""
+    selection_gate_open: bool = False
+    """Whether an evaluation reached selection.start_accuracy (latched)."""
 
 
 def _seed_for(seed: int, micro_index: int, rank: int) -> int:
@@ -108,8 +110,10 @@ class Trainer:
         self.device = engine.device
         self.ckpt_dir = cfg.checkpoint_dir()
         self.evals: list[dict[str, float]] = []
-        self.token_baseline = None  # (V,) -log p_unigram(token), for selection.normalize = unigram
-        if cfg.selection.normalize == "unigram":
+        # (V,) per-token loss baseline: -log p_unigram(token) for selection.normalize = unigram,
+        # and the start of the running per-token loss for token-ema
+        self.token_baseline = None
+        if cfg.selection.normalize in ("unigram", "token-ema"):
             self.token_baseline = unigram_surprisal(token_counts(train_set)).to(self.device)
         self._session_start = time.perf_counter()
         self._session_eval_s = 0.0
@@ -195,6 +199,18 @@ class Trainer:
             self.save()
         return self.summary(reason)
 
+    def _gate_open(self) -> bool:
+        """The selection.start_accuracy gate: open once any evaluation reached it (all ranks
+        hold the same evaluations, so they agree)."""
+        st = self.state
+        if not st.selection_gate_open and any(gate_opens(self.cfg.selection, e["accuracy"])
+                                              for e in self.evals):
+            st.selection_gate_open = True
+            if self.cfg.selection.start_accuracy is not None:
+                self.writer.message(f"step {st.step}: validation accuracy reached "
+                                    f"{self.cfg.selection.start_accuracy}: selection starts")
+        return st.selection_gate_open or self.cfg.selection.start_accuracy is None
+
     def _tick(self) -> None:
         """Read the training clock once per step. When a decision depends on it (a wall-time
         budget, evaluation by time, a time-based decay), every rank takes the slowest rank's
@@ -252,17 +268,25 @@ class Trainer:
         """Load candidates, score, select, forward+backward, step. 1 if trained, 0 if skipped."""
         cfg, st = self.cfg, self.state
         t0 = self._clock()
-        n_cand, quota = pool_sizes(self.facts.micro_batch, cfg.selection, st.step)
+        gate = self._gate_open()
+        n_cand, quota = pool_sizes(self.facts.micro_batch, cfg.selection, st.step, gate)
         batch = self.loader.get(st.position, n_cand)  # dict of (n_cand, L) CPU tensors, built ahead
         st.position += n_cand * self.world_size
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         t1 = self._clock()
         scores = None  # before selection.start_step: no pool, no scoring, train on everything
-        if is_active(cfg.selection, st.step):
+        if is_active(cfg.selection, st.step, gate):
+            sums: list[torch.Tensor] | None = [] if cfg.selection.normalize == "token-ema" else None
             with self._autocast():
                 scores = score_candidates(self.engine.module, batch, cfg.selection,
                                           seed=cfg.run.seed, step=st.micro_index, rank=self.rank,
-                                          token_baseline=self.token_baseline)  # (n_cand,) or None
+                                          token_baseline=self.token_baseline,
+                                          token_sums=sums)  # (n_cand,) or None
+            if sums:
+                self._update_token_ema(sums[0])
+            if scores is not None and cfg.selection.draw == "sample":
+                # the kept rows carry their loss weights through the exchange
+                scores, batch["sample_weight"] = self._sampling_keys(scores)
             totals.flops += self._scoring_flops(batch)
         t2 = self._clock()
         if scores is not None:
@@ -278,7 +302,7 @@ class Trainer:
 
         torch.manual_seed(_seed_for(cfg.run.seed, st.micro_index, self.rank))  # dropout
         out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"])
+                          labels=batch["labels"], sample_weight=batch.get("sample_weight"))
         loss = out.loss
         if st.micro_index in cfg.debug.nonfinite_at_micro_batches:
             loss = loss * float("nan")  # test hook
@@ -317,6 +341,24 @@ class Trainer:
         totals.flops = totals.flops + train_flops(self.bert_config, n_trained, seq_len, masked)
         totals.time(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         return 1
+
+    def _sampling_keys(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """selection.draw = sample: Gumbel keys and loss weights (`sampling_keys`), the softmax
+        normalized over every rank's candidates (two scalar all-reduces)."""
+        s = scores.float()
+        top = comm.all_reduce(s.max().reshape(1), "max").item()
+        local = torch.exp((s - top) / self.cfg.selection.temperature).sum().reshape(1)
+        total = comm.all_reduce(local.double(), "sum").item()
+        return sampling_keys(scores, top, total, scores.shape[0] * self.world_size,
+                             self.cfg.selection, self.cfg.run.seed, self.state.micro_index,
+                             self.rank)
+
+    def _update_token_ema(self, local_sums: torch.Tensor) -> None:
+        """Move the running per-token loss by this pass over all ranks' candidates (one
+        all-reduce of (2, V)), so every rank scores the next micro-batch against the same one."""
+        sums = comm.all_reduce(local_sums, "sum").to(self.device)
+        self.token_baseline = update_token_ema(self.token_baseline, sums,
+                                               self.cfg.selection.token_ema_rate)
 
     def _scoring_flops(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """Model FLOPs of scoring `batch` on all ranks (0 for random scores)."""
@@ -419,6 +461,9 @@ class Trainer:
             "model": {"vocab_size": self.train_set.vocab_size, "max_seq_len": self.train_set.seq_len,
                       "pad_token_id": self.train_set.special_ids["pad"]},
             "evals": self.evals,
+            # selection state beyond TrainState: the running per-token loss of token-ema
+            "token_ema": (self.token_baseline.tolist()
+                          if self.cfg.selection.normalize == "token-ema" else None),
         }
 
     def save(self) -> str:
@@ -442,6 +487,9 @@ class Trainer:
         self.state = TrainState(**{k: v for k, v in client["train_state"].items() if k in fields})
         self.state.nonfinite_in_row = 0
         self.evals = list(client.get("evals", []))
+        if client.get("token_ema") is not None and self.cfg.selection.normalize == "token-ema":
+            self.token_baseline = torch.tensor(client["token_ema"], dtype=torch.float32,
+                                               device=self.device)
         self.writer.message(f"resumed from {load_dir / tag}: step {self.state.step}, global sample "
                             f"position {self.state.position} (saved by {client['world_size']} ranks, "
                             f"now {self.world_size})")

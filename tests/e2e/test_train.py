@@ -433,3 +433,55 @@ def test_training_clock_evaluates_by_time_and_decays_to_the_floor_at_the_budget(
     assert lrs[:3] == pytest.approx([2e-3 / 3, 2 * 2e-3 / 3, 2e-3])
     assert all(b <= a for a, b in zip(lrs[2:], lrs[3:]))
     assert lrs[-1] < 0.2e-3 * 1.5  # within the last log window of the floor (0.1 x 2e-3)
+
+
+def test_selection_waits_for_the_accuracy_gate_then_stays_on(recipe, data_dir, tmp_path):
+    """selection.start_accuracy: vanilla steps (no pool, nothing scored) until an evaluation
+    reaches the gate, selection from the next step on, on every rank alike."""
+    out = tmp_path / "gated"
+    proc = run_train(2, recipe, data_dir, out, "selection.start_accuracy=0.01", "eval.every_steps=2",
+                     "eval.at_start=true", "optim.warmup_steps=0", "optim.lr=5e-3",
+                     "budget.steps=10", "checkpoint.every_steps=0", "checkpoint.at_end=false")
+    evals = read_metrics(out, "eval")
+    opened = next(e["step"] for e in evals if e["eval/accuracy"] >= 0.01)  # the check needs both states
+    assert 0 < opened < 10, [(e["step"], e["eval/accuracy"]) for e in evals]
+    fractions = {r["step"]: r["select/fraction"] for r in read_metrics(out)}
+    assert all(fractions[s] == 1.0 for s in range(1, opened + 1)), fractions
+    assert all(fractions[s] == 0.5 for s in range(opened + 1, 11)), fractions
+    assert f"step {opened}: validation accuracy reached 0.01: selection starts" in proc.stdout + proc.stderr
+
+
+def test_token_ema_resumes_exactly_and_every_rank_plans_alike(runs, recipe, data_dir, tmp_path):
+    """selection.normalize = token-ema: the running per-token loss moves every scoring pass, is
+    the same on both ranks (identical plans), and rides in checkpoints (exact resume)."""
+    sets = ('selection.normalize="token-ema"', "selection.token_ema_rate=0.2",
+            "logging.plan_digests=true")
+    full = runs("token_ema", 2, *sets)
+    plans = [[json.loads(x)["digest"] for x in (full / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert len(plans[0]) == 6 and plans[0] == plans[1]
+    ema = {s: json.loads((full / "checkpoints" / f"step_0000000{s}" / "sift_state.json").read_text())["token_ema"]
+           for s in (3, 6)}
+    vocab = json.loads((data_dir / "manifest.json").read_text())["vocab_size"]
+    assert len(ema[3]) == vocab and ema[3] != ema[6]
+    ckpt = checkpoint_at_step_3(full, tmp_path)
+    out = tmp_path / "resumed"
+    run_train(2, recipe, data_dir, out, *sets, f"checkpoint.dir={ckpt}", resume="auto")
+    ref, got = train_losses(full), train_losses(out)
+    assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
+    resumed_ema = json.loads((ckpt / "step_00000006" / "sift_state.json").read_text())["token_ema"]
+    assert resumed_ema == ema[6]
+
+
+def test_sampled_selection_is_one_plan_on_every_rank_and_trains(recipe, data_dir, tmp_path):
+    """selection.draw = sample on 2 ranks: the softmax normalizer is global, so both ranks
+    compute the same draws (identical plan digests), and the weighted loss trains."""
+    out = tmp_path / "sampled"
+    run_train(2, recipe, data_dir, out, 'selection.draw="sample"', "selection.temperature=0.5",
+              "logging.plan_digests=true", "checkpoint.every_steps=0", "checkpoint.at_end=false")
+    plans = [[json.loads(x)["digest"] for x in (out / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert len(plans[0]) == 6 and plans[0] == plans[1]
+    losses = train_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values())
+    assert len(set(plans[0])) == 6  # draws differ from micro-batch to micro-batch

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import Arm, arms_for
-from pipeline.bench_report import (across_seeds, analyze, first_crossing, markdown_table,
+from benchmarks.sift_bench.cli import Arm, arms_for
+from benchmarks.sift_bench.report import (across_seeds, analyze, first_crossing, markdown_table,
                                    median_or_none, points, seeds_table, speedup, target_from,
                                    value_at)
 from pipeline.config import load_config
@@ -155,8 +155,8 @@ def test_arm_overrides_give_the_arm_config():
 
 def test_full_run_recipe_loads_for_every_arm(tmp_path):
     """benchmarks/time_to_accuracy.toml, with the harness's settings, is a valid config per arm."""
-    from pipeline.bench import REPO
-    from pipeline.bench_run import arm_config
+    from benchmarks.sift_bench.cli import REPO
+    from benchmarks.sift_bench.job import arm_config
 
     arms = arms_for(["sift-loss", "sift-entropy", "random", "full-loss"], [0.25, 0.5, 0.75],
                     ["expand", "shrink"], [1, 2], ["shared", "separate"])
@@ -167,12 +167,12 @@ def test_full_run_recipe_loads_for_every_arm(tmp_path):
         cfg = arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
         assert cfg.selection.policy == arm.policy and cfg.model.preset == "bert-mini"
         assert cfg.budget.wall_time_s == 300.0 and cfg.budget.steps is None
-        assert cfg.eval.every_steps == 0 and not cfg.checkpoint.at_end
+        assert cfg.eval.every_steps == 0 and cfg.eval.every_s == 30.0 and not cfg.checkpoint.at_end
         assert cfg.run.output_dir == str(tmp_path / "arms" / arm.name)
 
 
 def test_variants_are_the_base_sift_arm_plus_their_overrides(tmp_path):
-    from pipeline.bench_run import arm_config
+    from benchmarks.sift_bench.job import arm_config
 
     arms = arms_for(["sift-loss", "random"], [0.25, 0.5], ["expand"], [1], ["shared"],
                     variants=[["start50", "selection.start_step=50"],
@@ -207,7 +207,7 @@ def test_variants_are_the_base_sift_arm_plus_their_overrides(tmp_path):
 
 def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
     """--resume keeps an arm only when config.json equals this arm's config and a summary exists."""
-    from pipeline.bench_run import arm_config, arm_finished
+    from benchmarks.sift_bench.job import arm_config, arm_finished
     from pipeline.metrics import write_json_atomic
 
     plan = {"recipe": None, "overrides": [f"data.data_dir={tmp_path}", "optim.decay=constant"],
@@ -220,30 +220,33 @@ def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
     from pipeline.engine import load_ds_config
     from pipeline.config import resolve_path
 
-    assert not arm_finished(cfg, 1.0, 2)  # nothing there
+    assert not arm_finished(cfg, 2)  # nothing there
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), 2)
     write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
-    assert not arm_finished(cfg, 1.0, 2)  # started, never finished
+    assert not arm_finished(cfg, 2)  # started, never finished
     write_json_atomic(out / "summary.json", {"eval_interval_s": 1.0, "world_size": 2, "steps": 3})
-    assert arm_finished(cfg, 1.0, 2)
-    assert not arm_finished(cfg, 2.0, 2) and not arm_finished(cfg, 1.0, 4)
+    assert arm_finished(cfg, 2)
+    assert not arm_finished(cfg, 4)
+    other_interval = arm_config({**plan, "eval_interval_s": 2.0},
+                                {"name": arm.name, "overrides": arm.overrides()})
+    assert not arm_finished(other_interval, 2)  # another evaluation grid is another arm
     # the same path, other DeepSpeed settings (the file was edited since)
     write_json_atomic(out / "config.json", {"train": cfg.to_dict(),
                                             "deepspeed": {**ds_config, "gradient_clipping": 123.0}})
-    assert not arm_finished(cfg, 1.0, 2)
+    assert not arm_finished(cfg, 2)
     write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
-    assert arm_finished(cfg, 1.0, 2)
+    assert arm_finished(cfg, 2)
     (out / "config.json").write_text("[1, 2]")  # JSON, but not a config
-    assert not arm_finished(cfg, 1.0, 2)
+    assert not arm_finished(cfg, 2)
     write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
     longer = arm_config({**plan, "budget_s": 20.0}, {"name": arm.name, "overrides": arm.overrides()})
-    assert not arm_finished(longer, 1.0, 2)  # another budget is another arm
+    assert not arm_finished(longer, 2)  # another budget is another arm
     (out / "summary.json").write_text("{not json")
-    assert not arm_finished(cfg, 1.0, 2)
+    assert not arm_finished(cfg, 2)
 
 
 def test_step_diagnostics_split_the_step_and_measure_what_selection_kept():
-    from pipeline.bench_report import diagnostics_table, step_diagnostics
+    from benchmarks.sift_bench.report import diagnostics_table, step_diagnostics
 
     def rec(score, fb, sel=None, all_=None):
         r = {"kind": "train", "time/data_s": 0.01, "time/score_s": score, "time/select_s": 0.01,
@@ -265,3 +268,91 @@ def test_step_diagnostics_split_the_step_and_measure_what_selection_kept():
     assert "| sift | 1.100 | 0.300 |" in table and "27.3%" in table and "+0.750" in table
     assert "| hf |" not in table
     assert table.count("+0.750") == 1  # uniform random scores have no meaningful gap
+
+
+def test_isotonic_fit_is_the_monotone_least_squares_curve():
+    from benchmarks.sift_bench.report import isotonic
+
+    assert isotonic([1, 3, 2, 4]) == [1, 2.5, 2.5, 4]
+    assert isotonic([3, 2, 1]) == [2, 2, 2]
+    assert isotonic([5, 4, 6, 1], increasing=False) == [5, 5, 5, 1]
+    assert isotonic([0.1, 0.2, 0.3]) == [0.1, 0.2, 0.3]
+
+
+def _noisy_curve(speed: float, seed: int, noise: float, budget: float = 100.0):
+    """Accuracy 0.1 -> 0.3 along a saturating curve, `speed` x faster in time, with noise."""
+    import random
+
+    rng = random.Random(seed)
+    return [(t, 0.1 + 0.2 * (1 - math.exp(-3 * speed * t / budget)) + rng.gauss(0, noise))
+            for t in range(0, int(budget) + 1, 5)]
+
+
+def test_ratio_intervals_tell_a_real_speedup_from_noise():
+    from benchmarks.sift_bench.report import ratio_intervals
+
+    per_seed = {s: {"vanilla": _noisy_curve(1.0, 10 * s, 0.004), "fast": _noisy_curve(2.0, 10 * s + 1, 0.004),
+                    "same": _noisy_curve(1.0, 10 * s + 2, 0.004)} for s in range(3)}
+    fast = ratio_intervals(per_seed, "fast", "vanilla", budget_s=100.0, levels=(0.25, 0.5, 0.75),
+                           n_boot=300)
+    for row in fast:
+        assert 1.5 < row["ratio"] < 2.6 and row["excludes_1"] and row["ci95"][0] > 1.2, row
+        assert row["arm_reached"] == 3
+    same = ratio_intervals(per_seed, "same", "vanilla", budget_s=100.0, levels=(0.25, 0.5, 0.75),
+                           n_boot=300)
+    for row in same:
+        assert row["ci95"][0] < 1.0 < row["ci95"][1] and not row["excludes_1"], row
+        assert 0.7 < row["ratio"] < 1.4
+
+
+def test_compare_seeds_reports_vanilla_and_control_ratios_with_intervals():
+    from benchmarks.sift_bench.report import compare_seeds, intervals_table
+
+    def evals(pts):
+        return {"evals": [{"elapsed_s": t, "accuracy": a, "loss": 8.0 - 10 * a} for t, a in pts]}
+
+    per_seed = {s: {"vanilla": evals(_noisy_curve(1.0, s, 0.003)),
+                    "sift": evals(_noisy_curve(1.5, s + 100, 0.003)),
+                    "random": evals(_noisy_curve(1.0, s + 200, 0.003))} for s in (42, 43)}
+    cmp = compare_seeds(per_seed, 100.0, {"sift": "random"}, n_boot=200)
+    assert cmp["seeds"] == ["42", "43"] and len(cmp["targets_accuracy"]["42"]) == 4
+    row = cmp["arms"]["sift"]
+    assert row["control"] == "random"
+    for key in ("vs_vanilla_accuracy", "vs_control_accuracy", "vs_vanilla_loss", "vs_control_loss"):
+        assert [r["level"] for r in row[key]] == [0.25, 0.5, 0.75, 1.0]
+        assert row[key][1]["ratio"] > 1.2
+    table = intervals_table(cmp)
+    assert "| sift | vanilla |" in table and "| sift | control (random) |" in table
+    assert "[" in table and "vanilla | vanilla" not in table
+
+
+def test_noise_sd_sees_the_noise_not_the_trend():
+    import random
+
+    from benchmarks.sift_bench.report import noise_sd
+
+    rng = random.Random(0)
+    trend = [(t, 0.001 * t) for t in range(200)]
+    assert noise_sd(trend) == pytest.approx(0.0, abs=1e-12)
+    noisy = [(t, y + rng.gauss(0, 0.01)) for t, y in trend]
+    assert 0.008 < noise_sd(noisy) < 0.012
+
+
+def test_warm_start_forks_every_arm_from_one_vanilla_run(tmp_path):
+    from benchmarks.sift_bench.job import arm_config, warm_start_config
+
+    plan = {"recipe": None, "overrides": [f"data.data_dir={tmp_path}", 'optim.decay="linear"',
+                                          "optim.warmup_steps=50"],
+            "out_dir": str(tmp_path), "budget_s": 60.0, "eval_interval_s": 6.0, "warm_start": 300}
+    warm = warm_start_config(plan)
+    assert (warm.selection.policy, warm.budget.steps, warm.optim.decay) == ("none", 300, "constant")
+    assert warm.optim.warmup_steps == 50 and warm.checkpoint.at_end and not warm.eval.at_start
+    assert warm.run.output_dir == str(tmp_path / "warm_start")
+    arm = arm_config(plan, {"name": "sift", "overrides": Arm("sift-loss", 0.5).overrides()})
+    assert arm.checkpoint.init_from == str(tmp_path / "warm_start" / "checkpoints")
+    assert arm.optim.warmup_steps == 0 and arm.optim.decay == "linear"
+    assert arm.decay_time_s() == 60.0  # the arm's own budget is its decay horizon
+    own = arm_config({**plan, "warm_start": "/ckpts/mine"}, {"name": "v", "overrides": []})
+    assert own.checkpoint.init_from == "/ckpts/mine"
+    cold = arm_config({**plan, "warm_start": None}, {"name": "v", "overrides": []})
+    assert cold.checkpoint.init_from is None and cold.optim.warmup_steps == 50

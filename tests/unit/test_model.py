@@ -221,3 +221,16 @@ def test_detach_does_not_change_the_loss_values(batch):
         oa = a(batch["input_ids"], batch["attention_mask"], batch["labels"])
         ob = b(batch["input_ids"], batch["attention_mask"], batch["labels"])
     torch.testing.assert_close(oa.loss, ob.loss, rtol=0, atol=0)
+
+
+def test_sample_weights_scale_each_samples_share_of_the_mlm_loss():
+    from pipeline.model import masked_mean_ce
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 11), torch.randint(0, 11, (6,))
+    plain = masked_mean_ce(logits, targets)
+    torch.testing.assert_close(masked_mean_ce(logits, targets, torch.ones(6)), plain)
+    torch.testing.assert_close(masked_mean_ce(logits, targets, torch.full((6,), 2.0)), 2 * plain)
+    w = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    torch.testing.assert_close(masked_mean_ce(logits, targets, w), ce[3:].sum() / 6)

@@ -197,3 +197,36 @@ def test_unigram_normalization_needs_a_loss_policy(policy):
         SelectionConfig(policy=policy, normalize="unigram")
     with pytest.raises(ValueError, match="normalize"):
         SelectionConfig(normalize="zscore")
+
+
+def test_token_ema_moves_seen_ids_toward_this_pass_and_keeps_the_rest():
+    from pipeline.scoring import token_loss_sums, update_token_ema
+
+    targets = torch.tensor([2, 0, 2, 2])
+    values = torch.tensor([1.0, 4.0, 3.0, 5.0])
+    sums = token_loss_sums(targets, values, vocab_size=4)
+    torch.testing.assert_close(sums, torch.tensor([[4.0, 0.0, 9.0, 0.0], [1.0, 0.0, 3.0, 0.0]]))
+    ema = torch.tensor([2.0, 7.0, 6.0, 1.0])
+    got = update_token_ema(ema, sums, rate=0.25)
+    # id 0: 2 -> 2 + 0.25 (4 - 2); id 2: 6 -> 6 + 0.25 (3 - 6); ids 1 and 3 unseen
+    torch.testing.assert_close(got, torch.tensor([2.5, 7.0, 5.25, 1.0]))
+    # two ranks' sums added first: the same as one pass over both ranks' tokens
+    both = update_token_ema(ema, sums + token_loss_sums(torch.tensor([1]), torch.tensor([3.0]), 4), 0.25)
+    torch.testing.assert_close(both, torch.tensor([2.5, 6.0, 5.25, 1.0]))
+
+
+def test_token_ema_scores_collect_the_raw_per_token_losses(batch):
+    m = model()
+    baseline = torch.linspace(0.0, 9.0, VOCAB)
+    cfg = SelectionConfig(policy="sift-loss", normalize="token-ema")
+    sums: list[torch.Tensor] = []
+    kw = {"seed": 7, "step": 3, "rank": 1}
+    scores = score_candidates(m, batch, cfg, token_baseline=baseline, token_sums=sums, **kw)
+    assert torch.equal(scores, score_exit(m, batch, "loss", baseline))
+    (s,) = sums
+    masked = batch["labels"].ne(-100)
+    assert s.shape == (2, VOCAB) and int(s[1].sum()) == int(masked.sum())
+    raw_mean = float((score_exit(m, batch) * masked.sum(1)).sum() / masked.sum())
+    assert float(s[0].sum() / s[1].sum()) == pytest.approx(raw_mean, rel=1e-5)  # raw, not normalized
+    with pytest.raises(ValueError, match="token_ema_rate"):
+        SelectionConfig(policy="sift-loss", normalize="token-ema", token_ema_rate=0.0)

@@ -117,3 +117,41 @@ def test_random_global_top_k_is_uniform_over_the_union():
     biased = _selection_counts(world, per_rank, k, steps,
                                lambda step, r: random_scores(per_rank, 123, step, r) / (1 + r / 4))
     assert chisquare(biased).pvalue < 1e-6
+
+
+def test_accuracy_gate_holds_selection_until_opened():
+    from pipeline.selection import gate_opens
+
+    cfg = SelectionConfig(policy="sift-loss", fraction=0.5, start_accuracy=0.2)
+    assert not gate_opens(cfg, 0.19) and gate_opens(cfg, 0.2)
+    assert gate_opens(SelectionConfig(), 0.0)  # no gate: always open
+    assert pool_sizes(8, cfg, step=5, gate_open=False) == (8, 8)
+    assert pool_sizes(8, cfg, step=5, gate_open=True) == (16, 8)
+    assert not is_active(cfg, 5, gate_open=False) and is_active(cfg, 5)
+    with pytest.raises(ValueError, match="start_accuracy"):
+        SelectionConfig(start_accuracy=0.0)
+
+
+def test_sampling_keys_draw_from_p_and_weight_by_its_inverse():
+    from pipeline.selection import sampling_keys
+
+    cfg = SelectionConfig(policy="sift-loss", draw="sample", temperature=0.5, epsilon=0.2)
+    scores = torch.tensor([0.0, 1.0, 2.0, 0.5])
+    top = float(scores.max())
+    sum_exp = float(torch.exp((scores - top) / 0.5).sum())
+    p = 0.8 * torch.softmax(scores / 0.5, 0) + 0.2 / 4
+    counts = np.zeros(4)
+    for step in range(4000):  # Gumbel-max: the top key is a draw from p
+        keys, weights = sampling_keys(scores, top, sum_exp, 4, cfg, seed=3, step=step, rank=0)
+        counts[int(keys.argmax())] += 1
+    torch.testing.assert_close(weights, 1.0 / (4 * p))
+    expected = 4000 * p.double().numpy() / p.double().numpy().sum()
+    assert chisquare(counts, expected).pvalue > 1e-3
+    # split over two "ranks": the same p from the shared normalizer
+    k0, w0 = sampling_keys(scores[:2], top, sum_exp, 4, cfg, seed=3, step=0, rank=0)
+    torch.testing.assert_close(w0, weights.new_tensor(1.0 / (4 * p[:2].numpy())))
+    uniform = SelectionConfig(policy="sift-loss", draw="sample", epsilon=1.0)
+    _, w = sampling_keys(scores, top, sum_exp, 4, uniform, seed=3, step=0, rank=0)
+    torch.testing.assert_close(w, torch.ones(4))
+    with pytest.raises(ValueError, match="draw"):
+        SelectionConfig(draw="bernoulli")

@@ -1,9 +1,9 @@
 """`sift-bench`: time to accuracy of every selection policy, back to back, on one machine.
 
 Owns the arm list (which runs a benchmark makes), the launch of one benchmark job for all of them
-(`pipeline.bench_run`, under the `deepspeed` launcher for several ranks) and of the Hugging Face
-`Trainer` baseline (`pipeline.bench_hf`), and the outputs: `<name>.json`, `<name>.md` and three
-PNGs (`pipeline.bench_report` does the arithmetic and the drawing).
+(`benchmarks.sift_bench.job`, under the `deepspeed` launcher for several ranks) and of the Hugging
+Face `Trainer` baseline (`benchmarks.sift_bench.hf_trainer`), and the outputs: `<name>.json`,
+`<name>.md` and three PNGs (`benchmarks.sift_bench.report` does the arithmetic and the drawing).
 
 Every arm shares the corpus, model, seed, recipe and training-time budget, and differs from vanilla
 in the selection settings only. Arms (`arms_for`):
@@ -13,7 +13,7 @@ in the selection settings only. Arms (`arms_for`):
 - the sweep policy at every other exit layer and exit-head kind (base fraction and pool);
 - a random control for every (pool, fraction) a SIFT arm uses: the calibration notes found that a
   shrink-mode lead came from the smaller batch alone, so SIFT must beat random at the same batch.
-Evaluation runs at fixed intervals of training time, eval time excluded (`bench_run`).
+Evaluation runs at fixed intervals of training time, eval time excluded (`eval.every_s`).
 
 `--seeds 42,43,44` runs the whole benchmark once per seed (`run.seed`: initial weights, data
 order, masking), each with its own vanilla and target, and writes each seed's report as
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline import bench_report
+from benchmarks.sift_bench import report as bench_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIFT_POLICIES = ("sift-loss", "sift-entropy", "full-loss")
 POLICIES = (*SIFT_POLICIES, "random")
 HF_ARM = "hf-trainer"
@@ -213,6 +213,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="target = vanilla's accuracy at this fraction of its budget")
     p.add_argument("--hf-baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the Hugging Face Trainer baseline (needs accelerate)")
+    p.add_argument("--warm-start", metavar="STEPS|CHECKPOINT_DIR",
+                   help="compare past the start: every arm forks (checkpoint.init_from) from a "
+                        "vanilla run of STEPS optimizer steps (trained once per seed: the recipe's "
+                        "warmup, then its peak LR) or from a checkpoint of yours; the arms skip "
+                        "warmup and decay over their own budget")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: bert-tiny, 6 s per arm, f=0.5 expand only (< 3 min)")
     p.add_argument("--timeout-s", type=float, default=None,
@@ -238,6 +243,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--world-size must be >= 1")
     if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)):
         p.error("--seeds needs distinct integers, e.g. --seeds 42,43,44")
+    if args.warm_start is not None:
+        if args.warm_start.isdigit():
+            args.warm_start = int(args.warm_start)
+            if args.warm_start < 1:
+                p.error("--warm-start STEPS must be >= 1")
+        elif Path(args.warm_start).is_dir():
+            args.warm_start = str(Path(args.warm_start).resolve())
+        else:
+            p.error(f"--warm-start {args.warm_start}: neither a step count nor a checkpoint "
+                    "directory")
     if not Path(args.data, "manifest.json").is_file():
         p.error(f"--data {args.data}: no manifest.json (run sift-prep first)")
     return args
@@ -358,15 +373,18 @@ def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], wo
     """The benchmark job (all arms), then the HF baseline; arm name -> its summary + settings."""
     plan = {"recipe": args.recipe, "overrides": overrides, "out_dir": str(work),
             "budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
-            "resume": args.resume,
+            "resume": args.resume, "warm_start": args.warm_start,
             "arms": [{"name": a.name, "overrides": a.overrides()} for a in arms]}
     work.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     env = job_env(args.world_size)
-    run_job(launch_cmd("pipeline.bench_run", args.world_size, ["--plan", str(work / "plan.json")]),
+    run_job(launch_cmd("benchmarks.sift_bench.job", args.world_size, ["--plan", str(work / "plan.json")]),
             env, work / "bench_run.log", args.timeout_s)
     results = {a.name: {**a.describe(), **load_arm(work, a.name)} for a in arms}
-    if args.hf_baseline:
+    if args.hf_baseline and args.warm_start is not None:
+        print(f"sift-bench: no {HF_ARM} baseline under --warm-start (it cannot start from our "
+              "checkpoint)", flush=True)
+    elif args.hf_baseline:
         hf_dir = work / "arms" / HF_ARM
         hf_args = [*(["--recipe", args.recipe] if args.recipe else []), "--set", *overrides,
                    "--out-dir", str(hf_dir), "--budget-s", str(args.budget_s),
@@ -378,7 +396,7 @@ def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], wo
             hf_dir.mkdir(parents=True, exist_ok=True)
             (hf_dir / "summary.json").unlink(missing_ok=True)  # never pair a stale summary with new settings
             (hf_dir / "request.json").write_text(json.dumps(request, indent=2) + "\n")
-            run_job(launch_cmd("pipeline.bench_hf", args.world_size, hf_args), env,
+            run_job(launch_cmd("benchmarks.sift_bench.hf_trainer", args.world_size, hf_args), env,
                     work / "hf_trainer.log", args.timeout_s)
         results[HF_ARM] = {"policy": "hf-trainer", "fraction": 1.0, "pool": "", "exit": "",
                            **load_arm(work, HF_ARM)}
@@ -406,9 +424,34 @@ def hf_finished(hf_dir: Path, request: dict[str, Any]) -> bool:
         return False
 
 
+HEADLINE_LEVEL = 0.75
+"""The headline target: 75% of vanilla's smoothed accuracy gain over its start (the 100% level is
+censored: vanilla reaches it only at its budget's end)."""
+HEADLINE_RULE = ("time to 75% of vanilla's accuracy gain over its start (the same seed's vanilla, "
+                 "monotone-fitted curves), vanilla's (or the control's) time / the arm's; "
+                 "geometric mean over seeds; 95% bootstrap interval over seeds and evaluations")
+
+
+def headline(cmp: dict[str, Any]) -> dict[str, Any]:
+    """The report's headline keys from `report.compare_seeds`: ratio and interval per arm, vs
+    vanilla and vs control, at HEADLINE_LEVEL of accuracy; the targets (median over seeds)."""
+    i = cmp["levels"].index(HEADLINE_LEVEL)
+
+    def pick(key: str, field: str) -> dict[str, Any]:
+        return {n: row[key][i][field] for n, row in cmp["arms"].items() if key in row}
+
+    targets = sorted(t[i] for t in cmp["targets_accuracy"].values())
+    return {"headline_rule": HEADLINE_RULE,
+            "target_accuracy": targets[len(targets) // 2],
+            "speedup_vs_vanilla": pick("vs_vanilla_accuracy", "ratio"),
+            "speedup_vs_vanilla_ci95": pick("vs_vanilla_accuracy", "ci95"),
+            "speedup_vs_control": pick("vs_control_accuracy", "ratio"),
+            "speedup_vs_control_ci95": pick("vs_control_accuracy", "ci95")}
+
+
 def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[str], work: Path,
                  results: dict[str, dict[str, Any]], analysis: dict[str, Any],
-                 started: datetime.datetime) -> dict[str, Any]:
+                 intervals: dict[str, Any], started: datetime.datetime) -> dict[str, Any]:
     """The JSON document: headline numbers first, then settings, machine, analysis, every arm."""
     per_arm = analysis["arms"]
     has_hf = HF_ARM in per_arm
@@ -422,15 +465,12 @@ def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[
                      "world_size": args.world_size, "recipe": args.recipe, "overrides": overrides,
                      "work_dir": str(work),
                      "data": _data_facts(Path(args.data)), "target_fraction": args.target_fraction,
-                     "target_rule": "vanilla's metric at target_fraction x budget, linearly "
+                     "analysis_target_rule": "vanilla's metric at target_fraction x budget, linearly "
                                     "interpolated between the bracketing evaluations; time to "
                                     "target = first crossing, linearly interpolated"},
-        "target_accuracy": analysis["target_accuracy"],
+        **headline(intervals),
         "target_loss": analysis["target_loss"],
-        "speedup_vs_vanilla": {n: r["speedup_vs_vanilla"] for n, r in per_arm.items()},
         "speedup_vs_vanilla_loss": {n: r["speedup_vs_vanilla_loss"] for n, r in per_arm.items()},
-        "speedup_vs_control": {n: r.get("speedup_vs_control") for n, r in per_arm.items()
-                               if r.get("control")},
         "hf_trainer_time_ratio": _hf_ratio(per_arm, "time_to_target_s") if has_hf else None,
         "hf_trainer_time_ratio_loss": _hf_ratio(per_arm, "time_to_target_loss_s") if has_hf else None,
         # a baseline that never reaches the target within the budget is at least this much slower
@@ -485,14 +525,20 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
     controls = {a.name: a.control().name for a in arms
                 if a.control() is not None and a.control().name in results}
     analysis = bench_report.analyze(results, args.budget_s, "vanilla", args.target_fraction, controls)
-    report = build_report(args, argv, overrides, work, results, analysis, started)
+    own = {a: r for a, r in results.items() if a != HF_ARM}  # the HF arm has no control
+    intervals = bench_report.compare_seeds({name: own}, args.budget_s, controls)
+    report = build_report(args, argv, overrides, work, results, analysis, intervals, started)
+    report["intervals"] = intervals
 
     from pipeline.metrics import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{name}.json"
     write_json_atomic(json_path, _jsonable(report))
-    table = bench_report.markdown_table(analysis, results)
+    table = (_headline_text(report) + bench_report.intervals_table(intervals)
+             + "\nFirst crossings of the raw curves (target: vanilla's accuracy at "
+             f"{args.target_fraction:g} of its budget):\n\n"
+             + bench_report.markdown_table(analysis, results))
     if HF_ARM in results:
         table += (f"\nHugging Face Trainer time to target / vanilla's: "
                   f"{_ratio_text(report['hf_trainer_time_ratio'])} (accuracy; at least "
@@ -509,6 +555,10 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
     return report
 
 
+def _headline_text(report: dict[str, Any]) -> str:
+    return (f"Headline target: {report['target_accuracy']:.4f} accuracy ({HEADLINE_RULE}).\n\n")
+
+
 HF_TIME_KEYS = ("hf_trainer_time_ratio", "hf_trainer_time_ratio_loss")
 HF_KEYS = (*HF_TIME_KEYS, "hf_trainer_time_ratio_at_least", "hf_trainer_tokens_per_s_ratio")
 
@@ -520,10 +570,15 @@ def _medians(agg: dict[str, Any], key: str) -> dict[str, float | None]:
 def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
                        reports: dict[int, dict[str, Any]], out: Path,
                        started: datetime.datetime) -> dict[str, Any]:
-    """`<name>.json` and `.md` over the seeds: the headline ratios are medians over the seeds
-    (`bench_report.median_or_none`); every seed's own report sits beside it as `<name>_seed<S>`."""
+    """`<name>.json` and `.md` over the seeds: the headline ratios are geometric means over the
+    seeds with 95% intervals (`headline`; the raw first crossings' medians are in
+    `across_seeds`); every seed's own report sits beside it as `<name>_seed<S>`."""
     agg = bench_report.across_seeds({s: r["analysis"] for s, r in reports.items()})
     first = next(iter(reports.values()))
+    controls = {n: row["control"] for n, row in first["analysis"]["arms"].items() if row.get("control")}
+    intervals = bench_report.compare_seeds(
+        {s: {n: a for n, a in r["arms"].items() if n != HF_ARM} for s, r in reports.items()},
+        args.budget_s, controls)
     doc = {
         "benchmark": "time_to_accuracy", "quick": args.quick, "seeds": list(reports),
         "created": started.isoformat(timespec="seconds"),
@@ -532,9 +587,8 @@ def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
         "settings": {**first["settings"], "work_dir": args.work_dir,
                      "overrides": [o for o in first["settings"]["overrides"]
                                    if not o.startswith("run.seed=")]},
-        "target_accuracy": bench_report.median_or_none(list(agg["target_accuracy"].values())),
+        **headline(intervals),
         "target_loss": bench_report.median_or_none(list(agg["target_loss"].values())),
-        "speedup_vs_vanilla": _medians(agg, "speedup_vs_vanilla"),
         "speedup_vs_vanilla_loss": _medians(agg, "speedup_vs_vanilla_loss"),
         "speedup_vs_control_at_least": {n: m for n, m in
                                         _medians(agg, "speedup_vs_control_at_least").items()
@@ -542,13 +596,15 @@ def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
         # time ratios (HF / ours): a miss is the slowest, so it ranks high
         **{key: bench_report.median_or_none([r[key] for r in reports.values()],
                                             none_is_high=key in HF_TIME_KEYS) for key in HF_KEYS},
+        "intervals": intervals,
         "across_seeds": agg,
         "per_seed_reports": {s: f"{args.name}_seed{s}.json" for s in reports},
     }
     from pipeline.metrics import write_json_atomic
 
     write_json_atomic(out / f"{args.name}.json", _jsonable(doc))
-    table = bench_report.seeds_table(agg)
+    table = (_headline_text(doc) + bench_report.intervals_table(intervals)
+             + "\nFirst crossings of the raw curves, per seed:\n\n" + bench_report.seeds_table(agg))
     (out / f"{args.name}.md").write_text(
         table + "\nEach seed's full table: " + ", ".join(f"`{args.name}_seed{s}.md`" for s in reports)
         + ".\n")

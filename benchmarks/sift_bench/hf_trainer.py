@@ -1,6 +1,6 @@
 """The baseline users run today: Hugging Face `Trainer` + `DataCollatorForLanguageModeling`.
 
-`python -m pipeline.bench_hf --out-dir DIR --budget-s S --eval-interval-s I [--recipe F] [--set ...]`
+`python -m benchmarks.sift_bench.hf_trainer --out-dir DIR --budget-s S --eval-interval-s I [--recipe F] [--set ...]`
 (also under the `deepspeed` launcher; `benchmarks/hf_trainer_baseline.py` is the same entry).
 Same recipe as a `sift-bench` arm, so the comparison differs in the training stack only:
 - model: `transformers.BertForMaskedLM` (dense MLM head over every position, as users get it) with
@@ -13,7 +13,7 @@ Same recipe as a `sift-bench` arm, so the comparison differs in the training sta
   recipe's DeepSpeed JSON>)`: ZeRO stage, precision, clipping and micro batch come from that file.
 Evaluation runs every `eval_interval_s` of training time from a callback, with its own time
 excluded from the clock; the run stops at the budget. Writes `summary.json` in the same format as
-`pipeline.bench_run` (evals with elapsed_s, accuracy, loss, samples_backpropagated).
+`pipeline.trainer` (evals with elapsed_s, accuracy, loss, samples_backpropagated).
 
 Collectives only through pipeline.comm; must not import torch.distributed or deepspeed.comm.
 """

@@ -126,6 +126,177 @@ def analyze(arms: dict[str, dict[str, Any]], budget_s: float, reference: str = "
             "target_fraction": target_fraction, "reference": reference, "arms": per_arm}
 
 
+# ----------------------------------------------------------------------------- statistics over seeds
+
+LEVELS = (0.25, 0.5, 0.75, 1.0)
+"""Targets: these fractions of vanilla's gain over its start (smoothed curve, same seed)."""
+
+
+def isotonic(ys: Sequence[float], increasing: bool = True) -> list[float]:
+    """The monotone least-squares fit of `ys` (pool adjacent violators): a learning curve with
+    its evaluation noise removed under the one assumption that training does not unlearn."""
+    sign = 1.0 if increasing else -1.0
+    blocks: list[list[float]] = []  # [mean, weight]
+    for y in ys:
+        blocks.append([sign * float(y), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1), (m2, w2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2]
+    out: list[float] = []
+    for mean, weight in blocks:
+        out += [sign * mean] * int(weight)
+    return out
+
+
+def smoothed(pts: Sequence[tuple[float, float]], increasing: bool = True) -> list[tuple[float, float]]:
+    """`pts` (sorted by x) with the y values replaced by their monotone fit."""
+    return list(zip([x for x, _ in pts], isotonic([y for _, y in pts], increasing)))
+
+
+def level_targets(ref: Sequence[tuple[float, float]], levels: Sequence[float] = LEVELS,
+                  increasing: bool = True) -> list[float]:
+    """Targets at `levels` of the reference's smoothed gain from its first to its last point."""
+    fit = smoothed(ref, increasing)
+    start, end = fit[0][1], fit[-1][1]
+    return [start + q * (end - start) for q in levels]
+
+
+def _time_to(pts: Sequence[tuple[float, float]], target: float, increasing: bool,
+             budget_s: float) -> tuple[float, bool]:
+    """(time to `target` on the smoothed curve, reached?); a miss counts as the budget."""
+    t = first_crossing(smoothed(pts, increasing), target, increasing)
+    return (budget_s, False) if t is None else (max(t, 1e-9), True)
+
+
+def noise_sd(pts: Sequence[tuple[float, float]]) -> float:
+    """The evaluation noise of a curve: Gasser et al.'s (1986) difference estimator, whose
+    second differences cancel a smooth trend, so the noise is not mistaken for learning (the
+    residuals around the monotone fit would understate it: the fit bends toward the noise)."""
+    ys = [y for _, y in pts]
+    if len(ys) < 3:
+        return 0.0
+    d = [(ys[i - 1] - 2 * ys[i] + ys[i + 1]) ** 2 / 6 for i in range(1, len(ys) - 1)]
+    return math.sqrt(sum(d) / len(d))
+
+
+def _geomean(xs: Sequence[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def seed_ratios(curves: dict[str, Sequence[tuple[float, float]]], arm: str, versus: str,
+                reference: str, budget_s: float, levels: Sequence[float] = LEVELS,
+                increasing: bool = True) -> list[tuple[float, bool, bool]]:
+    """Per level: (time of `versus` / time of `arm` to the target, arm reached?, versus reached?),
+    targets from `reference`'s smoothed curve of the same seed."""
+    out = []
+    for target in level_targets(curves[reference], levels, increasing):
+        t_arm, ok_arm = _time_to(curves[arm], target, increasing, budget_s)
+        t_vs, ok_vs = _time_to(curves[versus], target, increasing, budget_s)
+        out.append((t_vs / t_arm, ok_arm, ok_vs))
+    return out
+
+
+def ratio_intervals(per_seed: dict[Any, dict[str, Sequence[tuple[float, float]]]], arm: str,
+                    versus: str, budget_s: float, reference: str = "vanilla",
+                    levels: Sequence[float] = LEVELS, increasing: bool = True,
+                    n_boot: int = 2000, rng_seed: int = 0) -> list[dict[str, Any]]:
+    """`versus`'s time / `arm`'s time to each level's target: the geometric mean over seeds, and
+    a 95% percentile interval from a bootstrap over seeds (drawn with replacement) and over
+    evaluations (each curve's monotone fit plus fresh Gaussian noise of the curve's own noise
+    level, `noise_sd`). A difference counts only when the interval excludes 1.
+
+    per_seed: seed -> arm name -> curve points (x = training seconds, y = metric). A target not
+    reached within the budget counts at the budget (so a missing arm's ratio is an upper bound,
+    a missing `versus`'s a lower bound); `reached` says how often that happened.
+    """
+    import random
+
+    rng = random.Random(rng_seed)
+    seeds = list(per_seed)
+    point = {s: seed_ratios(per_seed[s], arm, versus, reference, budget_s, levels, increasing)
+             for s in seeds}
+    fits = {s: {n: (smoothed(c, increasing), noise_sd(c))
+                for n, c in per_seed[s].items() if n in (arm, versus, reference)} for s in seeds}
+
+    def jitter(s: Any, name: str) -> list[tuple[float, float]]:
+        fit, sd = fits[s][name]
+        return [(x, f + rng.gauss(0.0, sd)) for (x, f) in fit]
+
+    boot: list[list[float]] = [[] for _ in levels]
+    for _ in range(n_boot):
+        draw = [rng.choice(seeds) for _ in seeds]
+        logs = [0.0] * len(levels)
+        for s in draw:
+            curves = {n: jitter(s, n) for n in fits[s]}
+            for i, (r, _, _) in enumerate(seed_ratios(curves, arm, versus, reference, budget_s,
+                                                      levels, increasing)):
+                logs[i] += math.log(r)
+        for i in range(len(levels)):
+            boot[i].append(math.exp(logs[i] / len(draw)))
+    rows = []
+    for i, q in enumerate(levels):
+        ratios = [point[s][i][0] for s in seeds]
+        b = sorted(boot[i])
+        lo, hi = b[int(0.025 * (len(b) - 1))], b[int(math.ceil(0.975 * (len(b) - 1)))]
+        rows.append({"level": q, "ratio": _geomean(ratios), "ci95": [lo, hi],
+                     "by_seed": {str(s): point[s][i][0] for s in seeds},
+                     "arm_reached": sum(point[s][i][1] for s in seeds),
+                     "versus_reached": sum(point[s][i][2] for s in seeds),
+                     "seeds": len(seeds), "excludes_1": lo > 1.0 or hi < 1.0})
+    return rows
+
+
+def compare_seeds(per_seed: dict[Any, dict[str, Curve]], budget_s: float,
+                  controls: dict[str, str], reference: str = "vanilla",
+                  levels: Sequence[float] = LEVELS, n_boot: int = 2000) -> dict[str, Any]:
+    """Every arm against vanilla and against its random control, at every level, on accuracy
+    (the headline) and on loss: `ratio_intervals` for each. per_seed: seed -> arm name ->
+    {"evals": curve, ...} (as `analyze` takes them)."""
+    out: dict[str, Any] = {"levels": list(levels), "seeds": [str(s) for s in per_seed],
+                           "reference": reference, "n_boot": n_boot, "arms": {}}
+    names = [n for n in next(iter(per_seed.values())) if all(n in a for a in per_seed.values())]
+    for metric, increasing in (("accuracy", True), ("loss", False)):
+        curves = {s: {n: points(arms[n]["evals"], "elapsed_s", metric) for n in names}
+                  for s, arms in per_seed.items()}
+        out[f"targets_{metric}"] = {str(s): level_targets(c[reference], levels, increasing)
+                                    for s, c in curves.items()}
+        for name in names:
+            row = out["arms"].setdefault(name, {"control": controls.get(name)})
+            row[f"vs_vanilla_{metric}"] = ratio_intervals(curves, name, reference, budget_s,
+                                                          reference, levels, increasing, n_boot)
+            if controls.get(name) in names:
+                row[f"vs_control_{metric}"] = ratio_intervals(
+                    curves, name, controls[name], budget_s, reference, levels, increasing, n_boot)
+    return out
+
+
+def _ci_text(row: dict[str, Any]) -> str:
+    lo, hi = row["ci95"]
+    star = "" if row["excludes_1"] else " (noise)"
+    return f"{row['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]{star}"
+
+
+def intervals_table(cmp: dict[str, Any], metric: str = "accuracy") -> str:
+    """One row per arm: speedup vs vanilla and vs its control at each level, with 95% intervals."""
+    levels = cmp["levels"]
+    head = " | ".join(f"{int(q * 100)}%" for q in levels)
+    lines = [f"Speedup to {', '.join(f'{int(q * 100)}%' for q in levels)} of vanilla's {metric} "
+             f"gain (monotone-fitted curves; geometric mean over {len(cmp['seeds'])} seed(s), 95% "
+             "bootstrap interval over seeds and evaluations; '(noise)': the interval includes 1):",
+             "", f"| arm | vs | {head} |", "|---|---|" + "---|" * len(levels)]
+    for name, row in cmp["arms"].items():
+        for vs in ("vanilla", "control"):
+            rows = row.get(f"vs_{vs}_{metric}")
+            if rows is None or (vs == "vanilla" and name == cmp["reference"]):
+                continue
+            label = vs if vs == "vanilla" else f"control ({row['control']})"
+            cells = " | ".join(_ci_text(r) + ("" if r["arm_reached"] == r["seeds"] else
+                                              f" {r['arm_reached']}/{r['seeds']} reached")
+                               for r in rows)
+            lines.append(f"| {name} | {label} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def median_or_none(values: Sequence[float | None], none_is_high: bool = False) -> float | None:
     """The median of ratios where None ("target not reached") ranks below every number (above, with
     `none_is_high`: for a time ratio, where a miss is the largest): None when the middle (either
