@@ -243,6 +243,13 @@ def train(cfg: PrepConfig, sources: list[src.Source], chars: set[str], progress:
 
 
 def _verify(out: Path, manifest: dict) -> None:
+    """A complete output is up to date only with its tokenizer and every shard intact."""
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file() or \
+            tk.fingerprint(tok_dir) != manifest.get("tokenizer_fingerprint"):
+        raise PrepError(str(out), "tokenizer/ is missing or is not the tokenizer the shards were "
+                                  "encoded with (manifest.json's tokenizer_fingerprint); remove the "
+                                  "directory to rebuild it")
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             path = out / shard["path"]

@@ -152,6 +152,73 @@ def resolve_resume(resume: str, ckpt_dir: Path, what: str = "--resume"
                           f"a checkpoint tag directory with {STATE_FILE}")
 
 
+ARCHITECTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                     "vocab_size", "max_position_embeddings")
+
+
+def run_facts(vocab_size: int, max_seq_len: int, tokenizer_fingerprint: str, architecture: dict,
+              zero_stage: int) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that loads it (saved in the client state)."""
+    return {"vocab_size": vocab_size, "max_seq_len": max_seq_len,
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+            "architecture": {k: architecture[k] for k in ARCHITECTURE_KEYS},
+            "zero_stage": zero_stage}
+
+
+def incompatibilities(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """One line per way the checkpoint's client state `saved` cannot load into a run with
+    `run_facts` `now` (each naming both values); [] when it can. Checkpoints written before a
+    fact was recorded are not judged on it. The ZeRO stage must match: each stage saves its own
+    layout of the optimizer state (DeepSpeed fails on another with an empty AssertionError)."""
+    facts = saved.get("facts") or {}
+    model = saved.get("model") or {}
+    old = {"vocab_size": facts.get("vocab_size", model.get("vocab_size")),
+           "max_seq_len": facts.get("max_seq_len", model.get("max_seq_len")),
+           "tokenizer_fingerprint": facts.get("tokenizer_fingerprint",
+                                              saved.get("tokenizer_fingerprint")),
+           "architecture": facts.get("architecture"), "zero_stage": facts.get("zero_stage")}
+    out = []
+    for key, label in (("vocab_size", "vocabulary size"), ("max_seq_len", "sequence length")):
+        if old[key] is not None and old[key] != now[key]:
+            out.append(f"{label}: checkpoint {old[key]}, this run {now[key]}")
+    if old["tokenizer_fingerprint"] is not None and old["tokenizer_fingerprint"] != now["tokenizer_fingerprint"]:
+        out.append(f"tokenizer: checkpoint {str(old['tokenizer_fingerprint'])[:12]}..., this run's data "
+                   f"{now['tokenizer_fingerprint'][:12]}...")
+    if old["architecture"] is not None:
+        for key in ARCHITECTURE_KEYS:
+            a, b = old["architecture"].get(key), now["architecture"][key]
+            if a is not None and a != b and key != "vocab_size":
+                out.append(f"model {key}: checkpoint {a}, this run {b}")
+    a, b = old["zero_stage"], now["zero_stage"]
+    if a is not None and a != b:
+        out.append(f"ZeRO stage: checkpoint {a}, this run {b} (resume under a ds_config of ZeRO-{a}; "
+                   "sift-export takes the weights to any stage)")
+    return out
+
+
+def damaged_files(tag_dir: Path) -> list[str]:
+    """The .pt files of a checkpoint that are not whole: torch saves zip archives, and a
+    truncated or overwritten one has no readable central directory (found without reading the
+    tensors)."""
+    import zipfile
+
+    bad = []
+    for path in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            bad.append(path.name)
+    return bad
+
+
+def previous_complete(ckpt_dir: Path, tag: str) -> str | None:
+    """The newest complete checkpoint tag (with our client state) older than `tag`."""
+    older = [p.name for p in Path(ckpt_dir).iterdir()
+             if TAG_RE.match(p.name) and p.name < tag and (p / STATE_FILE).is_file()]
+    return max(older) if older else None
+
+
 def prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
     """Delete all but the newest `keep_last` step directories (never `protect`), each with its
     universal conversion if any; 0 keeps all."""

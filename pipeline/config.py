@@ -59,6 +59,9 @@ class DataConfig:
     """Split trained on."""
     valid_split: str = "valid"
     """Split evaluated on."""
+    verify: str = "size"
+    """Before training: 'size' checks the tokenizer against the manifest and every shard's
+    presence, shape and size (cheap); 'sha256' also hashes every shard (reads all the data)."""
     prefetch: int = 2
     """Micro-batches read and masked ahead in a background thread while the current one computes
     (0: each is built when needed). Changes only when a batch is built, never what it holds."""
@@ -66,6 +69,7 @@ class DataConfig:
     def __post_init__(self):
         _check(bool(self.data_dir), "data.data_dir is required (the sift-prep output directory)")
         _check(self.prefetch >= 0, "data.prefetch must be >= 0")
+        _check(self.verify in ("size", "sha256"), f"data.verify must be size or sha256, got {self.verify!r}")
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,11 @@ class RunConfig:
     """The run as a whole."""
 
     output_dir: str = "runs/default"
-    """Everything the run writes goes under here."""
+    """Everything the run writes goes under here. One run at a time (a lock file, `.lock`); a
+    fresh start refuses a directory that holds an earlier run's checkpoints or logs."""
+    overwrite: bool = False
+    """Start fresh even where an earlier run left checkpoints or logs: they are replaced
+    (`--overwrite`). Never needed to resume."""
     seed: int = 42
     """Seeds model init, data order, masking, dropout and random selection."""
     ds_config: str = "ds_configs/cpu_zero2_fp32.json"
@@ -306,7 +314,7 @@ class TrainConfig:
         d = self.to_dict()
         keep = {k: d[k] for k in ("data", "masking", "model", "selection", "optim")}
         # speed-only settings: the same batches and the same model function either way
-        keep["data"] = {k: v for k, v in keep["data"].items() if k != "prefetch"}
+        keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("prefetch", "verify")}
         keep["model"] = {k: v for k, v in keep["model"].items() if k != "compile"}
         keep["seed"] = self.run.seed
         keep["ds_config"] = self.run.ds_config
@@ -426,6 +434,59 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (read from its source: Python keeps
+    attribute docstrings nowhere else), whitespace collapsed."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def to_toml(cfg: TrainConfig, explain: bool = False) -> str:
+    """The resolved configuration as a TOML recipe that `load_config` reads back to `cfg`
+    (an unset optional key is written as "none", which the loader reads as unset: TOML has no
+    null). `explain`: each section and key preceded by its type and meaning as comments (the
+    reference of every setting: `sift-train --print-config --all`)."""
+    import textwrap
+
+    lines: list[str] = []
+    for name, values in cfg.to_dict().items():
+        cls = SECTIONS[name]
+        if explain:
+            lines += ["# " + line for line in textwrap.wrap(" ".join((cls.__doc__ or "").split()), 96)]
+        lines.append(f"[{name}]")
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for key, value in values.items():
+            if explain:
+                text = f"{key} ({_type_name(hints[key])}): {docs.get(key, '')}"
+                lines += ["# " + line for line in textwrap.wrap(text, 96)]
+            lines.append(f'{key} = "none"  # unset' if value is None else f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

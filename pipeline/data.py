@@ -67,6 +67,44 @@ def load_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def verify_prepared(data_dir: str | Path, full: bool = False) -> None:
+    """Check a sift-prep directory before training on it (DataError naming what is wrong):
+    the tokenizer is there and is the one the shards were encoded with (its sha256 against the
+    manifest's fingerprint), and every shard of every split exists with the shape and the size
+    the manifest implies (a truncated copy fails here, not at the first checkpoint or epoch).
+    `full`: also each shard's sha256 against the manifest (reads every byte: data.verify)."""
+    import hashlib
+
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    tok = data_dir / "tokenizer" / "tokenizer.json"
+    if not tok.is_file():
+        raise DataError(f"{data_dir}: tokenizer/tokenizer.json is missing (checkpoints copy it and "
+                        "export needs it); prepare the data again with sift-prep")
+    with open(tok, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != manifest["tokenizer_fingerprint"]:
+            raise DataError(f"{tok} is not the tokenizer the shards were encoded with (its sha256 "
+                            "differs from manifest.json's tokenizer_fingerprint)")
+    seq_len = int(manifest["seq_len"])
+    for name, split in manifest["splits"].items():
+        for meta in split["shards"]:
+            path = data_dir / meta["path"]
+            if not path.is_file():
+                raise DataError(f"{path}: shard of split {name!r} listed in manifest.json is missing")
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (ValueError, OSError) as exc:  # numpy: "mmap length is greater than file size"
+                raise DataError(f"{path}: truncated or not a shard ({exc})") from None
+            if arr.shape != (meta["num_sequences"], seq_len):
+                raise DataError(f"{path}: shape {arr.shape}, manifest.json says "
+                                f"({meta['num_sequences']}, {seq_len})")
+            del arr
+            if full:
+                with open(path, "rb") as f:
+                    if hashlib.file_digest(f, "sha256").hexdigest() != meta.get("sha256"):
+                        raise DataError(f"{path}: corrupted (its sha256 differs from manifest.json)")
+
+
 class ShardDataset:
     """The rows of one split (`train` or `valid`) of a sift-prep directory, memory-mapped."""
 

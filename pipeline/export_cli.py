@@ -12,16 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+from pipeline import __version__
 
-from pipeline.checkpoint import CheckpointError, read_client_state, resolve_resume
-from pipeline.model import ModelConfig, build_model
+if TYPE_CHECKING:
+    import torch
+
+# torch, deepspeed and transformers are imported where used: --help and --version answer at once.
 
 
-def fp32_state_dict(load_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+def fp32_state_dict(load_dir: Path, tag: str) -> "dict[str, torch.Tensor]":
     """The full fp32 weights of checkpoint (load_dir, tag), whatever the ZeRO stage."""
+    import torch
+
     tag_dir = load_dir / tag
     if any(tag_dir.glob("*zero_pp_rank_*")):  # ZeRO 1-3: partitions to consolidate
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -33,15 +37,24 @@ def fp32_state_dict(load_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items()}
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the Hugging Face directory `out` from `checkpoint`; returns `out`."""
+def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
+    """Write the Hugging Face directory `out` from `checkpoint`; returns (out, the checkpoint
+    tag directory exported, its optimizer step)."""
+    from pipeline.checkpoint import CheckpointError, read_client_state, resolve_resume
     from pipeline.export import save_hf_directory
+    from pipeline.model import ModelConfig, build_model
 
-    found = resolve_resume(str(checkpoint), Path(checkpoint))
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    found = resolve_resume(str(checkpoint), Path(checkpoint), what="checkpoint")
     if found is None:
         raise CheckpointError(f"{checkpoint}: no checkpoint found")
     load_dir, tag = found
-    state = read_client_state(load_dir, tag)
+    try:
+        state = read_client_state(load_dir, tag)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{load_dir / tag}: unreadable client state ({exc}); export an "
+                              "earlier complete checkpoint (its tag directory)") from None
     meta = state["model"]
     model = build_model(ModelConfig(**state["config"]["model"]), meta["vocab_size"],
                         meta["max_seq_len"], meta["pad_token_id"])
@@ -52,20 +65,25 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         raise CheckpointError(f"{load_dir / tag}: weights do not match the recorded model "
                               f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
     tokenizer_dir = load_dir / "tokenizer"
-    return save_hf_directory(model, tokenizer_dir, out)
+    return (save_hf_directory(model, tokenizer_dir, out), load_dir / tag,
+            int(state.get("train_state", {}).get("step", -1)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sift-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory (uses `latest`) or a tag directory")
     p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--version", action="version", version=f"sift-export {__version__}")
     args = p.parse_args(argv)
+    from pipeline.checkpoint import CheckpointError
+
     try:
-        out = export(args.checkpoint, args.out)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"sift-export: {exc}", file=sys.stderr)
+        out, source, step = export(args.checkpoint, args.out)
+    except (CheckpointError, OSError, ValueError, KeyError) as exc:
+        what = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+        print(f"sift-export: {what}", file=sys.stderr)
         return 1
-    print(f"sift-export: wrote {out}")
+    print(f"sift-export: wrote {out} from {source} (step {step})")
     return 0
 
 

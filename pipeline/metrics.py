@@ -155,6 +155,11 @@ class MetricsWriter:
                 if v is not None and math.isfinite(float(v)):
                     self._tb.add_scalar(k, float(v), step)
 
+    def text(self, tag: str, text: str) -> None:
+        """A text record in TensorBoard (its TEXT tab), e.g. the resolved configuration."""
+        if self._tb is not None:
+            self._tb.add_text(tag, "```\n" + text + "\n```", 0)
+
     def progress(self, steps: int = 1, **postfix: float) -> None:
         if self._bar is not None:
             self._bar.update(steps)

@@ -232,6 +232,24 @@ class TiedDecoder(nn.Linear):
         return F.linear(x, w, self.bias)  # (..., V)
 
 
+def load_reference(path: str | Path, vocab_size: int) -> "SiftBertForMaskedLM":
+    """A frozen scoring model (selection.normalize = reference) from a Hugging Face
+    BertForMaskedLM directory, e.g. `sift-export` of a small model trained on held-out data: the
+    same weight names as ours, so it runs with the sparse head. Eval mode, no gradients."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"selection.reference_model {p}: no config.json (expected a "
+                                "directory written by sift-export or save_pretrained)")
+    model = SiftBertForMaskedLM.from_pretrained(str(p))
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(f"selection.reference_model {p} has a vocabulary of "
+                         f"{model.config.vocab_size}, the data {vocab_size}: train it on data "
+                         "prepared with the same tokenizer (sift-prep --tokenizer)")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 class SiftBertForMaskedLM(BertPreTrainedModel):
     """transformers' BertForMaskedLM layout (bert.*, cls.predictions.*) + sparse head + exit head."""
 

@@ -13,6 +13,8 @@ With normalize = "token-ema" the baseline is a running mean of the model's own l
 (Token Dropping, Hou et al. 2022), started at the unigram surprisal and moved by every scoring
 pass (`token_loss_sums` -> all ranks' sums -> `update_token_ema`): a sample scores high when its
 tokens are harder than they usually are for this model now, i.e. learnable rather than rare.
+With normalize = "reference" a `reference` model (frozen, `pipeline.model.load_reference`) scores
+the same masked tokens and its loss is subtracted: RHO-LOSS's reducible loss.
 
 `score_exit` runs embeddings + layers 1..k + the exit head only (`SiftBertForMaskedLM.exit_pass`),
 `score_full` the whole model; both run under no_grad with dropout off and restore the model's
@@ -104,7 +106,8 @@ def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[to
 
 def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exit_only: bool,
            token_baseline: torch.Tensor | None = None,
-           token_sums: list[torch.Tensor] | None = None) -> torch.Tensor:
+           token_sums: list[torch.Tensor] | None = None,
+           reference: nn.Module | None = None) -> torch.Tensor:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     net = unwrap_model(model)
@@ -125,6 +128,10 @@ def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exi
                 token_sums.append(token_loss_sums(targets, values, logits.shape[-1]))
             if token_baseline is not None:
                 values = values - token_baseline.to(values.device)[targets]
+            if reference is not None:  # (N, V) at the same masked positions, same order
+                ref_logits = reference(ids, attention_mask=mask, labels=labels,
+                                       token_type_ids=types).logits
+                values = values - token_scores(ref_logits, targets, "loss")
             scores = per_sample_mean(values, masked)  # (B,)
     finally:
         net.train(was_training)
@@ -133,17 +140,20 @@ def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exi
 
 def score_exit(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss",
                token_baseline: torch.Tensor | None = None,
-               token_sums: list[torch.Tensor] | None = None) -> torch.Tensor:
+               token_sums: list[torch.Tensor] | None = None,
+               reference: nn.Module | None = None) -> torch.Tensor:
     """(B,) float32 early-exit scores: embeddings + layers 1..exit_layer + exit head only.
-    `token_sums`, if given, gets the pass's `token_loss_sums` appended."""
-    return _score(model, batch, metric, True, token_baseline, token_sums)
+    `token_sums`, if given, gets the pass's `token_loss_sums` appended; a `reference` model's
+    loss is subtracted per token."""
+    return _score(model, batch, metric, True, token_baseline, token_sums, reference)
 
 
 def score_full(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss",
                token_baseline: torch.Tensor | None = None,
-               token_sums: list[torch.Tensor] | None = None) -> torch.Tensor:
+               token_sums: list[torch.Tensor] | None = None,
+               reference: nn.Module | None = None) -> torch.Tensor:
     """(B,) float32 scores from the whole model (full-loss policy; Spearman against score_exit)."""
-    return _score(model, batch, metric, False, token_baseline, token_sums)
+    return _score(model, batch, metric, False, token_baseline, token_sums, reference)
 
 
 def score_candidates(
@@ -156,21 +166,27 @@ def score_candidates(
     rank: int,
     token_baseline: torch.Tensor | None = None,
     token_sums: list[torch.Tensor] | None = None,
+    reference: nn.Module | None = None,
 ) -> torch.Tensor | None:
     """Scores for `cfg.policy` (the policy table applied): None for 'none', else (B,) float32.
 
     `token_baseline` (V,) is required when cfg.normalize is 'unigram' or 'token-ema' and ignored
-    otherwise; `token_sums` (a list) receives the pass's per-token loss sums (model scorers)."""
+    otherwise; `token_sums` (a list) receives the pass's per-token loss sums (model scorers);
+    `reference` is required when cfg.normalize is 'reference'."""
     plan = scoring_for(cfg.policy)
-    if cfg.normalize == "none":
+    if cfg.normalize in ("none", "reference"):
         token_baseline = None
     elif token_baseline is None:
         raise ValueError(f"selection.normalize = {cfg.normalize!r} needs a token_baseline")
+    if cfg.normalize != "reference":
+        reference = None
+    elif reference is None:
+        raise ValueError("selection.normalize = 'reference' needs the reference model")
     if plan.scorer == "none":
         return None
     if plan.scorer == "random":
         n = batch["input_ids"].shape[0]
         return random_scores(n, seed, step, rank).to(batch["input_ids"].device)
     if plan.scorer == "exit":
-        return score_exit(model, batch, plan.metric, token_baseline, token_sums)
-    return score_full(model, batch, plan.metric, token_baseline, token_sums)
+        return score_exit(model, batch, plan.metric, token_baseline, token_sums, reference)
+    return score_full(model, batch, plan.metric, token_baseline, token_sums, reference)

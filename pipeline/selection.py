@@ -20,7 +20,7 @@ import torch
 POLICIES = ("none", "random", "sift-loss", "sift-entropy", "full-loss")
 POOLS = ("expand", "shrink")
 SCOPES = ("global", "local")
-NORMALIZATIONS = ("none", "unigram", "token-ema")
+NORMALIZATIONS = ("none", "unigram", "token-ema", "reference")
 DRAWS = ("top-k", "sample")
 
 
@@ -58,7 +58,15 @@ class SelectionConfig:
     worse the model does than word frequency alone rather than by how rare its words are;
     token-ema: a loss score minus a running mean of the model's own loss per token id (started at
     the unigram surprisal, moved by every scoring pass, the same on every rank): how much harder
-    a sample's tokens are than they usually are now (loss policies only: sift-loss, full-loss)."""
+    a sample's tokens are than they usually are now; reference: a loss score minus a reference
+    model's loss on the same masked tokens (RHO-LOSS's reducible loss, Mindermann et al. 2022:
+    high when this model errs where a model of held-out data does not). Loss policies only:
+    sift-loss, full-loss."""
+
+    reference_model: str | None = None
+    """normalize = reference: a Hugging Face BertForMaskedLM directory with the data's
+    vocabulary (e.g. sift-export of a small model trained on held-out text); its forward pass over
+    the candidates is part of the scoring cost."""
 
     draw: str = "top-k"
     """top-k: keep the highest scores (SIFT); sample: draw the kept candidates without
@@ -101,6 +109,9 @@ class SelectionConfig:
             raise ValueError(f"selection.epsilon must be in (0, 1], got {self.epsilon!r}")
         if not 0.0 < self.token_ema_rate <= 1.0:
             raise ValueError(f"selection.token_ema_rate must be in (0, 1], got {self.token_ema_rate!r}")
+        if (self.normalize == "reference") != (self.reference_model is not None):
+            raise ValueError("selection.normalize = 'reference' and selection.reference_model go "
+                             "together: set both or neither")
         if self.normalize != "none" and self.policy in ("random", "sift-entropy"):
             raise ValueError(f"selection.normalize = {self.normalize!r} applies to loss scores; "
                              f"policy {self.policy!r} has none (use sift-loss or full-loss)")

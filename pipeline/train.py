@@ -7,90 +7,42 @@ the process non-zero with one line naming the rank, so the launcher reports whic
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import signal
-import socket
 import sys
-import time
-from pathlib import Path
 from typing import Sequence
 
-from pipeline import comm
-from pipeline.config import ConfigError, load_config
+from pipeline import __version__
+from pipeline.faults import unreachable_ranks, wait_for_dead_ranks
+from pipeline.rundir import PreflightError
+
+# Imported after parsing (main): torch, deepspeed and transformers take seconds, --help does not.
+CONFIG_DOCS = ("every key with its type, default and meaning: sift-train --print-config --all "
+               "(with --config and --set: their resolved values)")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sift-train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="sift-train", description=__doc__.splitlines()[0],
+                                epilog=f"Settings: {CONFIG_DOCS}.")
     p.add_argument("--config", help="TOML training recipe (e.g. launch/recipes/quickstart.toml)")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
                    metavar="SECTION.KEY=VALUE", help="override one setting (repeatable; beats the file)")
     p.add_argument("--resume", help="'auto' (the checkpoint `latest` names, if any) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh even where an earlier run left checkpoints or logs "
+                        "(run.overwrite = true): they are replaced")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", metavar="FILE",
+                   help="the DeepSpeed JSON (same as --set run.ds_config=FILE)")
+    p.add_argument("--deepspeed", action="store_true",
+                   help=argparse.SUPPRESS)  # DeepSpeed's add_config_arguments flag: always on here
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (TOML) and exit")
+    p.add_argument("--all", action="store_true",
+                   help="with --print-config: every key's type and meaning as comments")
+    p.add_argument("--version", action="version", version=f"sift-train {__version__}")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # added by the deepspeed launcher; LOCAL_RANK is in the env
     return p.parse_args(argv)
-
-
-def _rank_file(output_dir: str, rank: int) -> Path:
-    return Path(output_dir) / ".ranks" / f"rank{rank}.json"
-
-
-def _address_towards(host: str) -> str | None:
-    """This machine's address on the route to `host` (what peers see in their socket errors)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))  # UDP connect sends nothing: it only picks the route
-            return s.getsockname()[0]
-    except OSError:
-        return None
-
-
-def register_rank(output_dir: str, rank: int) -> None:
-    """Record host, pid and address of this rank, so a survivor can name ranks that died."""
-    path = _rank_file(output_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    addr = _address_towards(os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "addr": addr}))
-
-
-def _registered(output_dir: str, world_size: int) -> dict[int, dict]:
-    out = {}
-    for rank in range(world_size):
-        try:
-            out[rank] = json.loads(_rank_file(output_dir, rank).read_text())
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def unreachable_ranks(output_dir: str, world_size: int, error_text: str, me: int) -> list[int]:
-    """Ranks on other hosts whose address the collective's error names (e.g. gloo's
-    "Read error [10.0.0.2]:7377: Connection reset by peer"): a survivor cannot see another
-    host's processes, but the socket that broke says who was at the other end."""
-    named = set(re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?", error_text))
-    here = socket.gethostname()
-    return [r for r, info in _registered(output_dir, world_size).items()
-            if r != me and info.get("host") != here and info.get("addr") in named]
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")  # a killed rank waiting to be reaped is a zombie
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-
-
-def dead_ranks(output_dir: str, world_size: int) -> list[int]:
-    """Ranks of this host whose process is gone (other hosts' ranks cannot be checked from here)."""
-    here = socket.gethostname()
-    return [rank for rank, info in _registered(output_dir, world_size).items()
-            if info.get("host") == here and not _running(int(info["pid"]))]
 
 
 class Terminated(Exception):
@@ -101,36 +53,44 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"signal {signal.Signals(signum).name} (the launcher is stopping the job)")
 
 
-def wait_for_dead_ranks(output_dir: str, world_size: int, patience_s: float = 3.0) -> list[int]:
-    """dead_ranks, polled briefly: a peer's sockets close a moment before its process is reaped."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        dead = dead_ranks(output_dir, world_size)
-        if dead or time.monotonic() > deadline:
-            return dead
-        time.sleep(0.05)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = [o for group in args.overrides for o in group]
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("run.overwrite=true")
+    if args.deepspeed_config:
+        overrides.append(f'run.ds_config="{args.deepspeed_config}"')
+    from pipeline import comm
+    from pipeline.config import ConfigError, load_config, resolve_path, to_toml
+    from pipeline.engine import load_ds_config
+
     try:
+        if args.print_config and not any(o.startswith("data.data_dir=") for o in overrides) \
+                and args.config is None:
+            overrides.insert(0, 'data.data_dir="(required: the sift-prep output directory)"')
         cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print(to_toml(cfg, explain=args.all), end="")
+            return 0
+        comm.discover_env()  # the world size the batch triplet is checked against
+        load_ds_config(resolve_path(cfg.run.ds_config), int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:
         print(f"sift-train: configuration error: {exc}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     signal.signal(signal.SIGTERM, _raise_terminated)  # so a terminated rank still says why
     try:
-        comm.discover_env()
         rank, world_size = comm.init_distributed(timeout_s=cfg.run.dist_timeout_s)
-        register_rank(cfg.run.output_dir, rank)
         from pipeline.trainer import run  # after init: importing deepspeed's engine is slow
 
         run(cfg, rank, world_size)
         return 0
+    except PreflightError as exc:  # every rank got rank 0's answer: one line, nothing written
+        if rank == 0:
+            print(f"sift-train: {exc}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print(f"sift-train: rank {rank}: interrupted", file=sys.stderr)
         return 130

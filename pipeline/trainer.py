@@ -32,6 +32,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +40,17 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint, comm
-from pipeline.config import TrainConfig, resolve_path
-from pipeline.data import (MASKING_VERSION, GlobalSampler, ShardDataset, token_counts, train_batch,
-                           validation_batches)
+from pipeline import checkpoint, comm, rundir
+from pipeline.config import ConfigError, TrainConfig, resolve_path, to_toml
+from pipeline.data import (MASKING_VERSION, DataError, GlobalSampler, ShardDataset, token_counts,
+                           train_batch, validation_batches, verify_prepared)
 from pipeline.engine import (EngineFacts, build_engine, load_ds_config, lr_at, set_lr,
                              time_progress)
 from pipeline.evaluation import evaluate_local, summarize
+from pipeline.faults import register_rank
 from pipeline.flops import forward_flops, peak_flops, train_flops
 from pipeline.metrics import MetricsWriter, trim_jsonl
-from pipeline.model import IGNORE_INDEX, build_model, unwrap_model
+from pipeline.model import IGNORE_INDEX, bert_config, build_model, load_reference, unwrap_model
 from pipeline.prefetch import Prefetcher
 from pipeline.scoring import score_candidates, unigram_surprisal, update_token_ema
 from pipeline.selection import gate_opens, is_active, pool_sizes, sampling_keys, scoring_for
@@ -115,6 +117,10 @@ class Trainer:
         self.token_baseline = None
         if cfg.selection.normalize in ("unigram", "token-ema"):
             self.token_baseline = unigram_surprisal(token_counts(train_set)).to(self.device)
+        self.reference = None  # selection.normalize = reference: the frozen scoring model
+        if cfg.selection.normalize == "reference":
+            self.reference = load_reference(resolve_path(cfg.selection.reference_model),
+                                            train_set.vocab_size).to(self.device)
         self._session_start = time.perf_counter()
         self._session_eval_s = 0.0
         self._frozen_at: float | None = None  # the clock's reading while evaluation stops it
@@ -130,6 +136,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, facts.precision)
         self.throughput = _Throughput()
         self._last_loss = float("nan")  # the progress bar shows the last logged loss: no sync
+        self.plain_progress = False  # a line per log window, for logs that are not a terminal
 
     def _load(self, position: int, count: int) -> dict[str, torch.Tensor]:
         """This rank's `count` candidates of the global micro-batch at `position` (CPU tensors)."""
@@ -245,6 +252,12 @@ class Trainer:
         self.throughput.add(window)
         self._last_loss = scalars["train/loss"]
         self.writer.log(self.state.step, scalars)
+        if self.plain_progress:
+            total = f"/{self.cfg.budget.steps}" if self.cfg.budget.steps else ""
+            self.writer.message(f"step {self.state.step}{total}: loss {scalars['train/loss']:.4f} "
+                                f"lr {scalars['train/lr']:.3g} "
+                                f"{scalars['perf/tokens_per_s'] / 1e3:.1f} k tokens/s "
+                                f"train time {self.clock_s:.0f} s")
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: grad_accum micro-batches that went through, then the update."""
@@ -281,7 +294,8 @@ class Trainer:
                 scores = score_candidates(self.engine.module, batch, cfg.selection,
                                           seed=cfg.run.seed, step=st.micro_index, rank=self.rank,
                                           token_baseline=self.token_baseline,
-                                          token_sums=sums)  # (n_cand,) or None
+                                          token_sums=sums,
+                                          reference=self.reference)  # (n_cand,) or None
             if sums:
                 self._update_token_ema(sums[0])
             if scores is not None and cfg.selection.draw == "sample":
@@ -366,8 +380,13 @@ class Trainer:
             return 0.0
         rows, seq_len = batch["input_ids"].shape
         masked = batch["labels"].ne(IGNORE_INDEX).sum() * self.world_size
-        return forward_flops(self.bert_config, rows * self.world_size, seq_len, masked,
-                             self._scoring_layers)
+        flops = forward_flops(self.bert_config, rows * self.world_size, seq_len, masked,
+                              self._scoring_layers)
+        if self.reference is not None:  # its whole forward over the same candidates
+            ref = self.reference.config
+            flops = flops + forward_flops(ref, rows * self.world_size, seq_len, masked,
+                                          ref.num_hidden_layers)
+        return flops
 
     # ------------------------------------------------------------------ budgets, eval, checkpoints
 
@@ -460,6 +479,9 @@ class Trainer:
             "masking_version": MASKING_VERSION,
             "model": {"vocab_size": self.train_set.vocab_size, "max_seq_len": self.train_set.seq_len,
                       "pad_token_id": self.train_set.special_ids["pad"]},
+            "facts": checkpoint.run_facts(self.train_set.vocab_size, self.train_set.seq_len,
+                                          self.train_set.fingerprint, self.bert_config.to_dict(),
+                                          self.facts.zero_stage),
             "evals": self.evals,
             # selection state beyond TrainState: the running per-token loss of token-ema
             "token_ema": (self.token_baseline.tolist()
@@ -521,10 +543,6 @@ class Trainer:
                 f"partitions; resuming it under ZeRO-{self.facts.zero_stage} on {self.world_size} "
                 "ranks is not supported (resume it under ZeRO-0, or on the same world size)")
         client = checkpoint.load(self.engine, load_dir, tag, self.rank, engine_tag=engine_tag)
-        if client["tokenizer_fingerprint"] != self.train_set.fingerprint:
-            raise checkpoint.CheckpointError(
-                f"{load_dir / tag} was trained with another tokenizer (fingerprint "
-                f"{client['tokenizer_fingerprint'][:12]}..., the data has {self.train_set.fingerprint[:12]}...)")
         if client.get("masking_version", 1) != MASKING_VERSION:
             self.writer.message(f"warning: {load_dir / tag} was trained with masking version "
                                 f"{client.get('masking_version', 1)}, this version masks with "
@@ -704,29 +722,126 @@ class _Throughput:
 
 def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     """Build data, model and engine from `cfg`, resume if asked, train, write the summary."""
+    preflight(rank, lambda: verify_prepared(cfg.data.data_dir, full=cfg.data.verify == "sha256"))
     train_set = ShardDataset(cfg.data.data_dir, cfg.data.train_split)
     valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
+    preflight(rank, lambda: load_ds_config(resolve_path(cfg.run.ds_config), world_size))
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
+    preflight(rank, lambda: bert_config(cfg.model, train_set.vocab_size, train_set.seq_len,
+                                        train_set.special_ids["pad"]))
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir())
     fork_from = None  # this run's own checkpoint wins: a fork that crashed resumes itself
     if resume_from is None and cfg.checkpoint.init_from is not None:
         fork_from = checkpoint.resolve_resume(cfg.checkpoint.init_from, cfg.checkpoint_dir(),
                                               what="checkpoint.init_from")
     source = resume_from or fork_from
+    if source is not None:
+        preflight(rank, lambda: check_checkpoint(cfg, source, train_set, ds_config))
     universal = source is not None and checkpoint.needs_universal(*source, world_size)
     if universal:  # ZeRO partitions of another world size: the engine loads them re-partitioned
         ds_config = checkpoint.with_universal_load(ds_config)
+    out_dir = Path(cfg.run.output_dir)
+    claim_output_dir(cfg, rank, fresh=resume_from is None)
+    try:
+        register_rank(str(out_dir), rank)  # only now: the directory is this run's
+        return _build_and_train(cfg, rank, world_size, train_set, valid_set, ds_config,
+                                resume_from, fork_from, universal)
+    finally:
+        if rank == 0:
+            rundir.release(out_dir)
+
+
+def preflight(rank: int, check: Any) -> None:
+    """Collective: rank 0 runs `check()`; when it raises, every rank raises a PreflightError
+    with its message (one line from the entry point, exit 2), before anything is built or
+    written. Any exception counts: one rank failing alone would leave the others waiting."""
+    error = None
+    if rank == 0:
+        try:
+            check()
+        except (rundir.PreflightError, DataError, ConfigError, ValueError, OSError) as exc:
+            error = str(exc)
+        except Exception as exc:  # unexpected: keep its type in the line
+            error = f"{type(exc).__name__}: {exc}"
+    error = comm.broadcast_object(error, src=0)
+    if error is not None:
+        raise rundir.PreflightError(error)
+
+
+def check_checkpoint(cfg: TrainConfig, source: tuple[Path, str], train_set: ShardDataset,
+                     ds_config: dict[str, Any]) -> None:
+    """Before any engine is built: the checkpoint fits this run (`checkpoint.incompatibilities`:
+    vocabulary, sequence length, tokenizer, architecture, ZeRO stage), else a PreflightError with
+    one clause per mismatch. Every rank reads the same file and so raises the same error."""
+    load_dir, tag = source
+    prev = checkpoint.previous_complete(load_dir, tag)
+    earlier = (f"the previous complete checkpoint is {Path(load_dir) / prev} (--resume it)" if prev
+               else "no earlier complete checkpoint is there")
+    try:
+        saved = checkpoint.read_client_state(load_dir, tag)
+    except (OSError, ValueError) as exc:
+        raise rundir.PreflightError(f"{Path(load_dir) / tag}: unreadable client state ({exc}); "
+                                    f"{earlier}") from None
+    damaged = checkpoint.damaged_files(Path(load_dir) / tag)
+    if damaged:
+        raise rundir.PreflightError(f"{Path(load_dir) / tag}: damaged file(s) {', '.join(damaged)} "
+                                    f"(truncated or overwritten); {earlier}")
+    arch = bert_config(cfg.model, train_set.vocab_size, train_set.seq_len,
+                       train_set.special_ids["pad"]).to_dict()
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    now = checkpoint.run_facts(train_set.vocab_size, train_set.seq_len, train_set.fingerprint, arch,
+                               stage)
+    problems = checkpoint.incompatibilities(saved, now)
+    if problems:
+        raise rundir.PreflightError(f"{Path(load_dir) / tag} does not fit this run: "
+                                    + "; ".join(problems))
+
+
+def claim_output_dir(cfg: TrainConfig, rank: int, fresh: bool) -> None:
+    """Collective: rank 0 locks run.output_dir and, for a fresh start, checks it holds no earlier
+    run (`pipeline.rundir`); every rank raises the same RunDirError when it may not be used."""
+    result: tuple[bool, Any] | None = None
+    if rank == 0:
+        out = Path(cfg.run.output_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            notes = [rundir.acquire(out)]
+            try:
+                if fresh:
+                    notes.append(rundir.check_fresh_start(out, cfg.checkpoint_dir(),
+                                                          cfg.run.overwrite, cfg.checkpoint.resume))
+            except BaseException:
+                rundir.release(out)
+                raise
+            result = (True, [n for n in notes if n])
+        except rundir.RunDirError as exc:
+            result = (False, str(exc))
+        except OSError as exc:
+            result = (False, f"{out}: cannot use it as the output directory: {exc}")
+    ok, payload = comm.broadcast_object(result, src=0)
+    if not ok:
+        raise rundir.RunDirError(payload)
+    if rank == 0:
+        for note in payload:
+            print(note, flush=True)
+
+
+def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: ShardDataset,
+                     valid_set: ShardDataset, ds_config: dict[str, Any],
+                     resume_from: tuple[Path, str] | None, fork_from: tuple[Path, str] | None,
+                     universal: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, train_set.vocab_size, train_set.seq_len, train_set.special_ids["pad"])
     engine, facts = build_engine(model, cfg.optim, ds_config)
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         from pipeline.metrics import write_json_atomic
 
         write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config,
                                                     "engine": dataclasses.asdict(facts)})
-    writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, cfg.logging.progress_bar,
+    # a bar only on a terminal: in a log file its redraws are noise; plain lines go there instead
+    bar = cfg.logging.progress_bar and sys.stderr.isatty()
+    writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, bar,
                            total_steps=cfg.budget.steps)
     trainer = Trainer(cfg, engine, facts, train_set, valid_set, writer, rank, world_size)
     try:
@@ -739,6 +854,9 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
             trainer.fork(*fork_from, universal=universal)
         # only now: a resume that fails must leave the interrupted run's logs as they were
         writer.begin(None if resume_from is None else trainer.state.step)
+        writer.text("config", to_toml(cfg))
+        writer.text("deepspeed", json.dumps(ds_config, indent=2))
+        trainer.plain_progress = cfg.logging.progress_bar and not bar
         summary = trainer.train()
         writer.summary(summary)
         writer.message(f"done ({summary['stop_reason']}): {summary['steps']} steps, accuracy "

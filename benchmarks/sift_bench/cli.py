@@ -177,6 +177,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         return [x.strip() for x in s.split(",") if x.strip()]
 
     p = argparse.ArgumentParser(prog="sift-bench", description=__doc__.splitlines()[0])
+    from pipeline import __version__
+
+    p.add_argument("--version", action="version", version=f"sift-bench {__version__}")
     p.add_argument("--data", required=True, help="sift-prep output directory (train + valid splits)")
     p.add_argument("--recipe", help="TOML training recipe shared by every arm (default: built-in "
                    "defaults plus optim.decay=constant)")

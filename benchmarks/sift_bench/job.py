@@ -26,6 +26,7 @@ HARNESS_OVERRIDES = (
     "budget.steps=none", "budget.samples=none", "budget.target_accuracy=none",
     "eval.every_steps=0", "eval.at_start=true", "eval.at_end=true", "checkpoint.resume=none",
     "checkpoint.every_steps=0", "checkpoint.at_end=false", "logging.progress_bar=false",
+    "run.overwrite=true",  # a (re)started arm replaces whatever an interrupted attempt left
 )
 
 

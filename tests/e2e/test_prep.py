@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -306,3 +307,15 @@ def test_failure_after_a_fresh_start_leaves_no_output(shared_data, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     proc = prep(tmp_path / "nope.txt", "--output", tmp_path / "out", "--debug", check=False)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_rerun_with_the_tokenizer_gone_is_not_up_to_date(full, shared_data, tmp_path):
+    """The up-to-date check covers the tokenizer: a copy without tokenizer/ is named, not trained on."""
+    out, _ = full
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shutil.rmtree(broken / "tokenizer")
+    proc = prep(shared_data, "--output", broken, "--encoding-errors", "replace", "--valid-fraction",
+                "0.02", "--shard-rows", "8192", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "tokenizer/ is missing" in proc.stderr and "Traceback" not in proc.stderr

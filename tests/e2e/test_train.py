@@ -477,11 +477,48 @@ def test_sampled_selection_is_one_plan_on_every_rank_and_trains(recipe, data_dir
     """selection.draw = sample on 2 ranks: the softmax normalizer is global, so both ranks
     compute the same draws (identical plan digests), and the weighted loss trains."""
     out = tmp_path / "sampled"
-    run_train(2, recipe, data_dir, out, 'selection.draw="sample"', "selection.temperature=0.5",
-              "logging.plan_digests=true", "checkpoint.every_steps=0", "checkpoint.at_end=false")
+    proc = run_train(2, recipe, data_dir, out, 'selection.draw="sample"', "selection.temperature=0.5",
+                     "logging.plan_digests=true", "checkpoint.every_steps=0", "checkpoint.at_end=false",
+                     "logging.progress_bar=true", "logging.every_steps=3")
+    # not a terminal: no bar redraws, a plain line per log window instead
+    assert "\r" not in proc.stdout + proc.stderr and "step 6/6: loss " in proc.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = {tag: acc.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in acc.Tags()["tensors"]
+             if tag.endswith("text_summary")}
+    assert 'draw = "sample"' in texts["config/text_summary"]
+    assert '"zero_optimization"' in texts["deepspeed/text_summary"]
     plans = [[json.loads(x)["digest"] for x in (out / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
              for r in (0, 1)]
     assert len(plans[0]) == 6 and plans[0] == plans[1]
     losses = train_losses(out)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values())
     assert len(set(plans[0])) == 6  # draws differ from micro-batch to micro-batch
+
+
+def test_reference_scores_run_on_every_rank_from_an_exported_model(runs, recipe, data_dir, tmp_path):
+    """selection.normalize = reference with a sift-export of another run as the reference
+    model: both ranks plan alike, the reference's pass is billed to scoring FLOPs; a missing
+    reference directory is a one-line error."""
+    ref = tmp_path / "reference"
+    proc = subprocess.run([str(BIN / "sift-export"), str(zero_run(runs, 2) / "checkpoints"), str(ref)],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "rho"
+    sets = ('selection.normalize="reference"', "logging.plan_digests=true",
+            "checkpoint.every_steps=0", "checkpoint.at_end=false")
+    run_train(2, recipe, data_dir, out, *sets, f"selection.reference_model={ref}")
+    plans = [[json.loads(x)["digest"] for x in (out / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert len(plans[0]) == 6 and plans[0] == plans[1]
+    records = read_metrics(out)
+    assert all(math.isfinite(r["select/score_all"]) for r in records)
+    plain = runs("zero2_flops", 2, "checkpoint.every_steps=0", "checkpoint.at_end=false")
+    flops = {o: [r["perf/model_flops_per_s"] * r["perf/samples_per_s"] ** -1 for r in read_metrics(o)]
+             for o in (out, plain)}
+    assert all(a > b for a, b in zip(flops[out], flops[plain]))  # FLOPs per sample: more scored
+    bad = run_train(2, recipe, data_dir, tmp_path / "bad", *sets,
+                    f"selection.reference_model={tmp_path / 'nowhere'}", expect_ok=False)
+    assert bad.returncode != 0 and "selection.reference_model" in bad.stderr + bad.stdout

@@ -54,9 +54,9 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(recipe, data
     assert (ckpt / "latest").read_text().strip() == "step_00000004"
     assert summary(out)["steps"] == 4
 
-    # a fresh start in the same directory (no --resume) is a new run: no earlier record is shown
-    shutil.rmtree(ckpt)
-    run_train(1, recipe, data_dir, out, "budget.steps=2", "logging.plan_digests=true")
+    # a fresh start in the same directory (--overwrite) is a new run: no earlier record is shown
+    run_train(1, recipe, data_dir, out, "budget.steps=2", "logging.plan_digests=true",
+              "run.overwrite=true")
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert len((out / "plans" / "rank0.jsonl").read_text().splitlines()) == 2
     assert tensorboard_steps(out, "train/loss") == [1, 2]

@@ -156,7 +156,8 @@ def test_cli_surface_does_not_grow_unnoticed():
     args = parse_args(["--config", "r.toml", "--set", "optim.lr=1", "budget.steps=2", "--set",
                        "run.seed=3", "--resume", "auto", "--local_rank=1"])
     assert vars(args) == {"config": "r.toml", "overrides": [["optim.lr=1", "budget.steps=2"], ["run.seed=3"]],
-                          "resume": "auto", "local_rank": 1}
+                          "resume": "auto", "overwrite": False, "deepspeed_config": None,
+                          "deepspeed": False, "print_config": False, "all": False, "local_rank": 1}
 
 
 def test_resume_resolution(tmp_path):
@@ -207,3 +208,47 @@ def test_speed_settings_leave_the_fingerprint_alone():
     assert base.fingerprint() != load_config(None, ["data.data_dir=x", "run.seed=1"]).fingerprint()
     with pytest.raises(ConfigError, match="data.prefetch"):
         load_config(None, ["data.data_dir=x", "data.prefetch=-1"])
+
+
+def test_printed_config_reads_back_to_the_same_config(tmp_path):
+    from pipeline.config import to_toml
+
+    cfg = load_config(None, ['data.data_dir="/d q\\"s"', "optim.betas=[0.8, 0.9]", "budget.steps=none",
+                             "budget.wall_time_s=60", "eval.every_s=5.5", 'selection.policy="none"'])
+    text = to_toml(cfg)
+    assert 'steps = "none"  # unset' in text and 'policy = "none"\n' in text
+    path = tmp_path / "printed.toml"
+    path.write_text(text)
+    assert load_config(path) == cfg
+
+
+def test_every_setting_is_documented_in_the_reference():
+    """`sift-train --print-config --all` is the reference of every key: a key added without a
+    docstring under it fails here."""
+    import dataclasses
+
+    from pipeline.config import SECTIONS, field_docs, to_toml
+
+    for name, cls in SECTIONS.items():
+        assert " ".join((cls.__doc__ or "").split()), name
+        docs = field_docs(cls)
+        undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not undocumented, f"[{name}] keys without a docstring: {undocumented}"
+    text = to_toml(load_config(None, ["data.data_dir=x"]), explain=True)
+    assert "# lr (float): Peak learning rate." in text and "# every_s (float | None):" in text
+
+
+def test_console_scripts_answer_help_and_version_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom {mod} import main\ntry:\n    main([{flag!r}])\nexcept SystemExit:\n"
+            "    pass\nprint('TORCH' if 'torch' in sys.modules else 'LIGHT')")
+    for mod, prog in (("pipeline.train", "sift-train"), ("pipeline.export_cli", "sift-export"),
+                      ("data_prep.cli", "sift-prep"), ("benchmarks.sift_bench.cli", "sift-bench")):
+        for flag in ("--help", "--version"):
+            proc = subprocess.run([sys.executable, "-c", code.format(mod=mod, flag=flag)],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.stdout.strip().endswith("LIGHT"), (mod, flag, proc.stdout[-500:], proc.stderr[-2000:])
+            if flag == "--version":
+                assert proc.stdout.startswith(f"{prog} 0."), (mod, proc.stdout)

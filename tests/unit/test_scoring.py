@@ -230,3 +230,38 @@ def test_token_ema_scores_collect_the_raw_per_token_losses(batch):
     assert float(s[0].sum() / s[1].sum()) == pytest.approx(raw_mean, rel=1e-5)  # raw, not normalized
     with pytest.raises(ValueError, match="token_ema_rate"):
         SelectionConfig(policy="sift-loss", normalize="token-ema", token_ema_rate=0.0)
+
+
+@pytest.mark.parametrize("exit_only", [True, False])
+def test_reference_normalization_subtracts_the_reference_models_token_loss(batch, exit_only, tmp_path,
+                                                                           tokenizer_dir):
+    from pipeline.export import save_hf_directory
+    from pipeline.model import load_reference
+
+    m = model()
+    torch.manual_seed(1)
+    other = build_model(ModelConfig(preset="bert-tiny"), VOCAB, SEQ, pad_token_id=0)
+    save_hf_directory(other, tokenizer_dir, tmp_path / "ref")
+    ref = load_reference(tmp_path / "ref", VOCAB)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    labels = batch["labels"]
+    masked = labels.ne(-100)
+    with torch.no_grad():
+        ref_tok = token_scores(other.eval()(batch["input_ids"], batch["attention_mask"], labels).logits,
+                               labels[masked], "loss")
+    expected_shift = per_sample_mean(ref_tok, masked)
+    scorer = score_exit if exit_only else score_full
+    raw, reduced = scorer(m, batch), scorer(m, batch, "loss", reference=ref)
+    torch.testing.assert_close(raw - reduced, expected_shift, rtol=1e-4, atol=1e-4)
+    cfg = SelectionConfig(policy="sift-loss" if exit_only else "full-loss", normalize="reference",
+                          reference_model=str(tmp_path / "ref"))
+    kw = {"seed": 7, "step": 3, "rank": 1}
+    assert torch.equal(score_candidates(m, batch, cfg, reference=ref, **kw), reduced)
+    with pytest.raises(ValueError, match="reference model"):
+        score_candidates(m, batch, cfg, **kw)
+    with pytest.raises(ValueError, match="vocabulary"):
+        load_reference(tmp_path / "ref", VOCAB + 1)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_reference(tmp_path, VOCAB)
+    with pytest.raises(ValueError, match="together"):
+        SelectionConfig(policy="sift-loss", normalize="reference")

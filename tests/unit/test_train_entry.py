@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from pipeline.train import dead_ranks, register_rank, unreachable_ranks
+from pipeline.faults import dead_ranks, register_rank, unreachable_ranks
 
 GLOO_RESET = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
               "[10.213.0.2]:7377: Connection reset by peer")

@@ -1,0 +1,124 @@
+"""The run directory's guard: one run at a time, and no fresh start over an earlier run's work.
+
+Owns `claim` (called by rank 0 before anything is written) and `release`:
+- a lock file `<output_dir>/.lock` (host, pid, start time), created atomically (O_EXCL). A second
+  run into the same directory is refused with a line naming the holder. A lock whose process is
+  gone (same host, pid not running: a kill -9, a power cut) is taken over with a message; a lock
+  of another host cannot be checked from here, so the message says how to remove it.
+- a fresh start (no checkpoint to resume) into a directory that holds an earlier run's
+  checkpoints or logs is refused unless `run.overwrite` (`--overwrite`) says so: Hugging Face's
+  scripts refuse a non-empty output directory the same way. `--resume auto` that finds no
+  checkpoint never deletes logs either. With overwrite, the earlier checkpoints are removed
+  first, so `latest` and `keep_last` never mix two runs.
+
+File-system only: no torch, no process group (the trainer broadcasts rank 0's answer).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from pipeline.faults import process_running
+
+LOCK = ".lock"
+LOG_FILES = ("metrics.jsonl", "summary.json")
+
+
+class PreflightError(RuntimeError):
+    """A check before anything is built or written failed; every rank raises it with rank 0's
+    message, so the entry point reports one line and exits 2 without a traceback."""
+
+
+class RunDirError(PreflightError):
+    """The output directory cannot be used by this run; the message says why and what to do."""
+
+
+def read_lock(output_dir: str | Path) -> dict | None:
+    """The lock's holder ({host, pid, started}), None without a lock; {} when unreadable."""
+    try:
+        return json.loads((Path(output_dir) / LOCK).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder(info: dict) -> str:
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started "
+            f"{info.get('started', '?')}")
+
+
+def acquire(output_dir: str | Path) -> str | None:
+    """Take the lock of `output_dir`; returns a message when a stale lock was taken over.
+    Raises RunDirError when a live run (or one on another host) holds it."""
+    path = Path(output_dir) / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    note = None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            info = read_lock(output_dir)
+            if info is None:
+                continue  # released between our two calls: try again
+            same_host = info.get("host") == me["host"]
+            pid = info.get("pid")
+            if same_host and isinstance(pid, int) and not process_running(pid):
+                note = f"{path}: taking over the lock of a run that is gone ({_holder(info)})"
+                path.unlink(missing_ok=True)
+                continue
+            where = "" if same_host else (" (another host: this one cannot check it; delete "
+                                          f"{path} if that run is gone)")
+            raise RunDirError(f"{output_dir} is in use by another run ({_holder(info)}){where}; "
+                              "give this run its own run.output_dir") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return note
+    raise RunDirError(f"{path}: could not take the lock (another run keeps taking it)")
+
+
+def release(output_dir: str | Path) -> None:
+    """Remove the lock if this process holds it (never another run's)."""
+    info = read_lock(output_dir)
+    if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+        (Path(output_dir) / LOCK).unlink(missing_ok=True)
+
+
+def earlier_work(output_dir: str | Path, ckpt_dir: str | Path) -> list[str]:
+    """What an earlier run left that a fresh start would delete or mix with: log files,
+    TensorBoard events, checkpoints."""
+    out, ckpt = Path(output_dir), Path(ckpt_dir)
+    found = [name for name in LOG_FILES if (out / name).is_file()]
+    if any((out / "tensorboard").glob("events.out.tfevents.*")):
+        found.append("tensorboard/")
+    if ckpt.is_dir() and any(p.name == "latest" or p.name.startswith("step_") for p in ckpt.iterdir()):
+        found.append(f"{ckpt.name}/")
+    return found
+
+
+def check_fresh_start(output_dir: str | Path, ckpt_dir: str | Path, overwrite: bool,
+                      resume: str) -> str | None:
+    """Before a fresh start: refuse to write over an earlier run unless `overwrite`; with it,
+    remove the earlier checkpoints (logs are restarted by the metrics writer). Returns a message
+    for the user, or None when the directory held nothing."""
+    found = earlier_work(output_dir, ckpt_dir)
+    if not found:
+        return None
+    if not overwrite:
+        why = ("--resume auto found no checkpoint to resume" if resume == "auto"
+               else "this is a fresh start")
+        raise RunDirError(f"{output_dir} holds an earlier run ({', '.join(found)}) and {why}: "
+                          "resume it (--resume auto), choose another run.output_dir, or pass "
+                          "--overwrite to replace it")
+    ckpt = Path(ckpt_dir)
+    if ckpt.is_dir():
+        for p in ckpt.iterdir():
+            if p.name.startswith("step_"):
+                shutil.rmtree(p, ignore_errors=True)
+        (ckpt / "latest").unlink(missing_ok=True)
+    return f"--overwrite: replacing the earlier run in {output_dir} ({', '.join(found)})"

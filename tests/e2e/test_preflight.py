@@ -1,0 +1,150 @@
+"""The output directory under misuse: two runs at once, a fresh start over a finished run, a
+run killed with its lock held. Real sift-train processes on 2 gloo ranks."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.test_train import (REPO, data_dir, job_env, read_metrics, recipe,  # noqa: F401 (fixtures)
+                                  run_train, summary, train_cmd)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.dist]
+
+
+def test_a_second_run_into_a_busy_directory_is_refused_and_harms_nothing(recipe, data_dir, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(2, recipe, data_dir, out, ("budget.steps=100000",
+                                                                  "checkpoint.every_steps=0"), None),
+                             cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file() or not read_metrics(out):
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
+            time.sleep(0.5)
+        holder = json.loads((out / ".lock").read_text())
+        second = run_train(2, recipe, data_dir, out, "budget.steps=2", expect_ok=False)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        error = [line for line in lines if line.startswith("sift-train:")]
+        assert error == [f"sift-train: {out} is in use by another run (pid {holder['pid']} on "
+                         f"{holder['host']}, started {holder['started']}); give this run its own "
+                         "run.output_dir"], second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run goes on, its logs whole
+        steps = [r["step"] for r in read_metrics(out)]
+        time.sleep(2)
+        assert [r["step"] for r in read_metrics(out)][:len(steps)] == steps
+        assert json.loads((out / ".lock").read_text()) == holder
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=120)
+
+
+def test_a_fresh_start_over_a_finished_run_refuses_unless_overwrite(recipe, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(2, recipe, data_dir, out, "budget.steps=3")
+    assert not (out / ".lock").exists()  # released at the end
+    before = {p: p.read_bytes() for p in (out / "metrics.jsonl", out / "summary.json",
+                                          out / "checkpoints" / "latest")}
+    for extra in ((), ("checkpoint.resume=auto", "checkpoint.dir=" + str(tmp_path / "empty"))):
+        proc = run_train(2, recipe, data_dir, out, "budget.steps=2", *extra, expect_ok=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "holds an earlier run (metrics.jsonl, summary.json" in proc.stderr
+        assert "pass --overwrite to replace it" in proc.stderr and "Traceback" not in proc.stderr
+        assert {p: p.read_bytes() for p in before} == before  # nothing deleted, nothing moved
+        assert (out / "checkpoints" / "step_00000003").is_dir()
+    proc = run_train(2, recipe, data_dir, out, "budget.steps=2", "run.overwrite=true")
+    assert "--overwrite: replacing the earlier run" in proc.stdout
+    assert summary(out)["steps"] == 2 and [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002"]
+
+
+def test_a_killed_runs_lock_is_taken_over_by_its_resume(recipe, data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(2, recipe, data_dir, out, "budget.steps=4", "checkpoint.every_steps=2",
+                     "debug.kill_rank=0", "debug.kill_at_step=3", expect_ok=False)
+    assert proc.returncode != 0
+    dead = json.loads((out / ".lock").read_text())["pid"]
+    proc = run_train(2, recipe, data_dir, out, "budget.steps=4", "checkpoint.every_steps=2",
+                     resume="auto")
+    assert f"taking over the lock of a run that is gone (pid {dead} on" in proc.stdout
+    assert summary(out)["steps"] == 4 and not (out / ".lock").exists()
+
+
+@pytest.fixture
+def data_copy(data_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    return copy
+
+
+def _refused(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sift-train:")]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_prepared_data_is_checked_before_anything_is_built(recipe, data_copy, tmp_path):
+    """A missing tokenizer, a truncated shard, a corrupted one (data.verify = sha256): one line
+    naming the file, exit 2, before a step or a file of the run."""
+    shard = next((data_copy / "train").glob("shard_*.npy"))
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-100])
+    _refused(run_train(2, recipe, data_copy, tmp_path / "a", expect_ok=False), str(shard), "truncated")
+    flipped = bytearray(good)
+    flipped[-1] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    run_train(2, recipe, data_copy, tmp_path / "b", "budget.steps=1")  # sizes fine: the cheap check passes
+    _refused(run_train(2, recipe, data_copy, tmp_path / "c", "data.verify=sha256", expect_ok=False),
+             str(shard), "corrupted")
+    shard.write_bytes(good)
+    shutil.rmtree(data_copy / "tokenizer")
+    _refused(run_train(2, recipe, data_copy, tmp_path / "d", expect_ok=False), "tokenizer.json is missing")
+    for name in ("a", "c", "d"):
+        assert not (tmp_path / name / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_is_named_before_loading(recipe, data_dir, tmp_path):
+    """Another ZeRO stage or another model: one line naming both values (DeepSpeed's own
+    failures were a size-mismatch traceback and an empty AssertionError)."""
+    out = tmp_path / "run"
+    run_train(2, recipe, data_dir, out, "budget.steps=1", "checkpoint.every_steps=0")
+    proc = run_train(2, recipe, data_dir, out, "budget.steps=2",
+                     "run.ds_config=ds_configs/cpu_zero3_fp32.json", resume="auto", expect_ok=False)
+    _refused(proc, "does not fit this run", "ZeRO stage: checkpoint 2, this run 3")
+    proc = run_train(2, recipe, data_dir, out, "budget.steps=2", 'model.preset="bert-mini"',
+                     resume="auto", expect_ok=False)
+    _refused(proc, "model num_hidden_layers: checkpoint 2, this run 4",
+             "model hidden_size: checkpoint 128, this run 256")
+    assert summary(out)["steps"] == 1  # the run is as it was
+
+
+def test_configuration_class_errors_are_one_line_and_exit_2(recipe, data_dir, tmp_path):
+    """Missing data, a missing or inconsistent DeepSpeed JSON, too few position embeddings: one
+    line each, exit 2, no traceback (they used to be tracebacks from inside the run)."""
+    bad_ds = tmp_path / "ds.json"
+    bad_ds.write_text(json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4,
+                                  "gradient_accumulation_steps": 1}))
+    small = tmp_path / "bert.json"
+    small.write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+                                 "intermediate_size": 128, "max_position_embeddings": 8}))
+    cases = [
+        ((f"data.data_dir={tmp_path / 'nowhere'}",), "nowhere"),
+        ((f"run.ds_config={tmp_path / 'missing.json'}",), "DeepSpeed config not found"),
+        ((f"run.ds_config={bad_ds}",), "inconsistent batch sizes"),
+        ((f"model.config_file={small}",), "max_position_embeddings 8"),
+    ]
+    for sets, needle in cases:
+        proc = run_train(2, recipe, data_dir, tmp_path / "out", *sets, expect_ok=False)
+        assert proc.returncode == 2, (sets, proc.stderr[-2000:])
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("sift-train:")]
+        assert len(lines) == 1 and needle in lines[0], (sets, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, sets
