@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from data_prep.io_util import machine_info  # noqa: E402
 
 BASELINE = r"""
 import json, resource, sys, time
@@ -82,22 +85,6 @@ def stream_tokens(manifest: dict) -> int:
     return sum(s["num_tokens"] - 2 * s["num_sequences"] for s in manifest["splits"].values())
 
 
-def machine_info() -> dict:
-    import numpy
-    import tokenizers
-    import transformers
-
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
-            "tokenizers": tokenizers.__version__, "transformers": transformers.__version__,
-            "numpy": numpy.__version__}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
@@ -107,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.shared.is_dir():
         sys.exit(f"benchmarks/data_prep.py: shared corpora not found at {args.shared}")
-    result = {"machine": machine_info(), "note": "one run each on a 2-core machine shared with other "
+    result = {"machine": machine_info(("tokenizers", "transformers", "numpy"), repo=ROOT), "note": "one run each on a 2-core machine shared with other "
               "engineers' test runs (load average above); timings are noisy"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     workers = min(os.cpu_count() or 1, 8)

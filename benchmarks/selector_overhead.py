@@ -59,7 +59,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -73,6 +72,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from data_prep.io_util import free_port  # noqa: E402
 from pipeline import comm  # noqa: E402
 from pipeline.selector import (plan_arrays, rank_plan, select_and_exchange,  # noqa: E402
                                selection_means)
@@ -92,12 +92,6 @@ GPU_SECONDS_PER_SAMPLE = 11.5 * 3600 * 8 / 286_720_000  # BERT-base, A100, seq 1
 MODEL_MICRO_BATCH = 128
 MODEL_CANDIDATES = 256
 EXIT_COST_PER_SAMPLE = 1 / 36  # forward only (1/3) through 1 of 12 layers, vs forward+backward
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_candidates(rank: int, count: int, seq: int, pattern: str,
@@ -155,7 +149,7 @@ def _exchange_worker(rank: int, world: int, port: int, grid: list, repeats: int,
 def measure_exchange(world: int, grid: list, repeats: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_exchange_worker, args=(r, world, port, grid, repeats, queue))
              for r in range(world)]
     for p in procs:

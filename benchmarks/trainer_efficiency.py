@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
     from pipeline import comm
-    from benchmarks.sift_bench.cli import machine_info
+    from data_prep.io_util import machine_info
 
     comm.discover_env()
     comm.init_distributed()
@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "trainer_efficiency", "argv": list(argv if argv is not None else sys.argv[1:]),
-              "data": str(data), "threads": torch.get_num_threads(), "machine": machine_info(),
+              "data": str(data), "threads": torch.get_num_threads(), "machine": machine_info(repo=REPO),
               "targets": {"efficiency_vanilla": ">= 0.90", "efficiency_sift": ">= 0.90",
                           "sift_step_over_ideal": "<= 1.10"},
               "cases": results, "table": table(results)}

@@ -31,6 +31,7 @@ from data_prep import shards as sh
 from data_prep import sources as src
 from data_prep import tokenizer as tk
 from data_prep.errors import PrepError
+from data_prep.io_util import write_atomic, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
             (out / "valid").mkdir(exist_ok=True)
             _clear_temp_files(out)
             (out / mf.JOURNAL).unlink(missing_ok=True)
-            mf.write_json_atomic(out / mf.STATE, {"format": "sift-prep-state", "settings": settings,
+            write_json_atomic(out / mf.STATE, {"format": "sift-prep-state", "settings": settings,
                                                   "sources": source_entries, "tokenizer_fingerprint": fp})
             # tokenizer.json now (a resumed run reuses it); the transformers files at the end.
             if (out / "tokenizer").exists():
@@ -431,7 +432,7 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
         hf_future.result()
         for f in sorted(hf_dir.iterdir()):  # our tokenizer.json stays: it is what encoded the shards
             if f.name != "tokenizer.json":
-                sh.write_atomic(out / "tokenizer" / f.name, f.read_bytes())
+                write_atomic(out / "tokenizer" / f.name, f.read_bytes())
 
         splits = {}
         for name in mf.SPLITS:
@@ -442,7 +443,7 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
             seq_len=cfg.seq_len, dtype=dtype.name, vocab_size=vocab_size,
             lowercase=settings["lowercase"], special_tokens=specials, tokenizer_fingerprint=fp,
             splits=splits, sources=source_entries, settings=settings)
-        mf.write_json_atomic(out / mf.MANIFEST, manifest)
+        write_json_atomic(out / mf.MANIFEST, manifest)
         (out / mf.STATE).unlink()
         (out / mf.JOURNAL).unlink()
         t, v = splits["train"], splits["valid"]

@@ -6,7 +6,6 @@ Owns argument parsing and the error contract: a PrepError (or a bad flag) prints
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from pathlib import Path

@@ -3,7 +3,7 @@
 Owns: the manifest's layout (format "sift-shards", format_version 1), atomic JSON writes, reading
 an existing output directory to say what it is (fresh, complete, in progress, or foreign), and
 the comparison that decides whether an existing output may be reused.
-Must not import tokenizers or read any corpus.
+Reads no corpus.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_prep import __version__
 from data_prep.errors import PrepError
+from data_prep.io_util import write_text_atomic
 
 FORMAT = "sift-shards"
 FORMAT_VERSION = 1
@@ -23,16 +24,6 @@ JOURNAL = ".sift-prep-journal.jsonl"  # one line per finished shard, appended (O
 SPLITS = ("train", "valid")
 # Settings that decide the trained tokenizer: a change there means "another tokenizer".
 TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "lowercase")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Sorted, indented JSON written under a temp name, fsynced, then renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")  # one write, not one per token
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def empty_split() -> dict:
@@ -72,9 +63,7 @@ def replay_journal(out: Path) -> dict:
         s["complete"] = record["complete"]
         good.append(line)
     if len(good) != len(lines):
-        tmp = out / f".{JOURNAL}.tmp"
-        tmp.write_text("".join(g + "\n" for g in good))
-        os.replace(tmp, out / JOURNAL)
+        write_text_atomic(out / JOURNAL, "".join(g + "\n" for g in good))
     return splits
 
 

@@ -4,7 +4,7 @@ Owns: the row layout (`[CLS] tokens... [SEP]`, documents packed back to back, ea
 [SEP] inside the stream, RoBERTa-style; the split's last partial row padded with [PAD]), shard
 cutting (a fixed number of rows per shard, so shard boundaries depend only on the token stream),
 the stream position at each shard boundary (what a resumed run needs to skip), and atomic shard
-writes (temp name, fsync, os.replace). Must not import tokenizers or read any corpus.
+writes (temp name, fsync, os.replace). Reads no corpus.
 
 Memory: about one shard of ids in flight (16384 x 126 ids as uint32 = 8 MiB at the defaults),
 whatever the corpus size.
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from data_prep.io_util import write_atomic
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -159,16 +160,6 @@ def npy_bytes(rows: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, rows, allow_pickle=False)
     return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same directory, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(out: Path, split: str, index: int, rows: np.ndarray) -> dict:

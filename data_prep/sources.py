@@ -4,7 +4,6 @@ Owns: resolving paths, directories (recursive), globs and `hf:NAME[:CONFIG]`; de
 (.gz/.bz2/.xz, orthogonal to the format); formats (plain text, JSONL, Parquet, Hugging Face
 `datasets`); decoding with strict/replace error handling; document boundaries; input validation
 (missing path, empty file, binary file, undecodable bytes, missing text field).
-Must not import tokenizers, numpy or anything that writes output.
 
 Memory stays bounded: files are read in 1 MiB chunks and a long document is cut into pieces of
 at most about `max_piece_chars` characters at line ends. Cutting at a line end changes no token

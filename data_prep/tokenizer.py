@@ -4,8 +4,7 @@ Owns: the WordPiece recipe (BertNormalizer, BertPreTokenizer, WordPiece decoder,
 [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4), loading local or named tokenizers, the Hugging Face
 save (so `AutoTokenizer.from_pretrained(OUT/"tokenizer")` encodes exactly like the
 `tokenizers.Tokenizer` we used) and the fingerprint (sha256 of the saved tokenizer.json).
-Must not import numpy or the shard writer; reads no corpus itself (documents come in as an
-iterator of strings).
+Reads no corpus itself: documents come in as an iterator of strings.
 """
 from __future__ import annotations
 
@@ -69,7 +68,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool, raw_
     `raw_chars`: every character of the corpus (before normalization), collected by an earlier
     pass; see `continuation_alphabet` for why the trainer needs them before it starts.
     """
-    from tokenizers import Tokenizer, models, processors, trainers
+    from tokenizers import models, processors, trainers
 
     prefixed = continuation_alphabet(raw_chars, lowercase)
     trainer = trainers.WordPieceTrainer(vocab_size=max(vocab_size, len(SPECIAL_TOKENS) + len(prefixed)),

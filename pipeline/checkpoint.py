@@ -25,12 +25,9 @@ the fp32 weights and each Adam moment; `deepspeed.checkpoint.ds_to_universal`, i
 process) in the sibling `TAG_universal`, written into a temp directory and renamed (so its existence
 means complete and a later resume reuses it), and the engine loads it re-partitioned under
 `"checkpoint": {"load_universal": true}` in the DeepSpeed config.
-
-Must not import torch.distributed or deepspeed.comm: the barrier comes from pipeline.comm.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -42,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.io_util import fsync_dir, write_json_atomic, write_text_atomic
 from pipeline import comm
 
 LATEST = "latest"
@@ -86,16 +84,6 @@ def _fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: str | Path) -> None:
-    """fsync a directory's entries where the filesystem supports it (some network and FUSE
-    filesystems refuse a directory fsync; their files were synced one by one)."""
-    try:
-        _fsync_path(path)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
-            raise
-
-
 def fsync_tree(root: Path) -> None:
     """fsync every file under `root`, then each directory (their entries), then `root`'s parent
     (the entry of `root` itself): after a power loss, not only a killed process, `latest` never
@@ -103,19 +91,13 @@ def fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
             _fsync_path(os.path.join(dirpath, name))
-        _fsync_dir(dirpath)
-    _fsync_dir(Path(root).parent)
+        fsync_dir(dirpath)
+    fsync_dir(Path(root).parent)
 
 
 def write_latest(ckpt_dir: Path, tag: str) -> None:
     """Point `latest` at `tag`: temp file, fsync, rename (atomic on POSIX), fsync the directory."""
-    tmp = ckpt_dir / f".{LATEST}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(tag + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / LATEST)
-    _fsync_dir(ckpt_dir)
+    write_text_atomic(ckpt_dir / LATEST, tag + "\n")
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
@@ -321,12 +303,21 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
             fsync_tree(tmp_tok)
             os.replace(tmp_tok, ckpt_dir / "tokenizer")
     state = {**client_state, "step": step, "tag": tag}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"sift": state}, save_latest=False)
-    torch.save(rng_state(), rng_file(ckpt_dir / tag, rank))  # per rank: each has its own streams
-    if rank == 0:  # the JSON copy marks the directory complete for `latest`/export
-        tmp = ckpt_dir / tag / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, ckpt_dir / tag / STATE_FILE)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"sift": state},
+                               save_latest=False)
+        torch.save(rng_state(), rng_file(ckpt_dir / tag, rank))  # per rank: its own streams
+        if rank == 0:  # the JSON copy marks the directory complete for `latest`/export
+            write_json_atomic(ckpt_dir / tag / STATE_FILE, state)
+    except (OSError, RuntimeError) as exc:  # torch wraps a failed write in a RuntimeError
+        if not _disk_full(exc):
+            raise
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # give the space back; `latest` unmoved
+        prev = read_latest(ckpt_dir)
+        raise CheckpointError(
+            f"checkpoint {tag}: no space left on device in {ckpt_dir}; the partial files were "
+            f"removed and {'the last complete checkpoint ' + prev + ' is intact' if prev else 'no earlier checkpoint exists'}: "
+            "free space (or lower checkpoint.keep_last), then --resume auto") from None
     comm.barrier()  # every rank's files are written ...
     fsync_tree(ckpt_dir / tag)  # ... and durable (each node syncs what it sees: node-local disks)
     comm.barrier()  # ... before `latest` moves
@@ -336,6 +327,20 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
         write_latest(ckpt_dir, tag)
     comm.barrier()
     return tag
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of space (errno ENOSPC or EDQUOT, also when torch's zip
+    writer re-raised it as a RuntimeError)."""
+    import errno
+
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def load(engine: Any, load_dir: Path, tag: str, rank: int, engine_tag: str | None = None

@@ -13,7 +13,7 @@ on `wire_device()` and hand results back on the caller's device; under gloo that
 gloo and `all_to_all_single`: checked on torch 2.13.0+cpu with 2-4 gloo ranks (uneven split sizes,
 zero-size splits, uint8 and int64 buffers): supported, so row exchange is one `all_to_all_single`.
 
-Must not import: anything from `pipeline` (this module sits below all of it).
+It sits below all of `pipeline` and imports none of it.
 """
 from __future__ import annotations
 

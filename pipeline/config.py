@@ -10,7 +10,6 @@ What the DeepSpeed JSON owns (precision, ZeRO stage, gradient clipping, the batc
 deliberately absent: `pipeline.engine` reads those back from the engine.
 
 Unknown sections or keys, wrong types and inconsistent values are `ConfigError`s naming the key.
-Must not import torch.distributed or deepspeed.
 """
 from __future__ import annotations
 

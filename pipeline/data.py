@@ -18,7 +18,7 @@ Owns three small pieces, each usable alone:
 A batch is a dict of CPU tensors with dim 0 = sample: `input_ids`, `labels` (-100 where not masked),
 `attention_mask` (0 at [PAD]) and `sample_index` (the global dataset index), all int64.
 
-Must not import torch.distributed: rank and world size arrive as plain ints.
+Rank and world size arrive as plain ints.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from data_prep.manifest import FORMAT, FORMAT_VERSION, MANIFEST  # the shard format: one definition
+
 IGNORE_INDEX = -100
 """Label of a position that is not masked (what torch's cross_entropy ignores)."""
 
@@ -41,8 +43,6 @@ MASKING_VERSION = 2
 """The masking algorithm (1: a numpy Generator per row; 2: counter-based and vectorized). Runs of
 different versions see different masks, training and validation alike; checkpoints record it."""
 
-SHARD_FORMAT = "sift-shards"
-SHARD_FORMAT_VERSION = 1
 SPECIAL_TOKEN_NAMES = ("pad", "unk", "cls", "sep", "mask")
 
 
@@ -52,18 +52,18 @@ class DataError(ValueError):
 
 def load_manifest(data_dir: str | Path) -> dict:
     """Read and check `DATA_DIR/manifest.json`; raise DataError with a one-line reason."""
-    path = Path(data_dir) / "manifest.json"
+    path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{data_dir}: no manifest.json (prepare the corpus with sift-prep first)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != SHARD_FORMAT:
+    if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a sift-prep manifest (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != SHARD_FORMAT_VERSION:
+    if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: shard format version {manifest.get('format_version')}, "
-                        f"this reader knows {SHARD_FORMAT_VERSION}")
+                        f"this reader knows {FORMAT_VERSION}")
     return manifest
 
 

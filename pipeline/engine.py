@@ -9,8 +9,6 @@ them after initialize (academic-budget-bert's lesson: read them back, never trus
 The optimizer is ours (torch AdamW) rather than DeepSpeed's JSON "optimizer" block, so the optim
 section of the TOML is the one place for lr, betas and weight decay; a JSON that also names an
 optimizer or scheduler is rejected instead of silently overriding it.
-
-Must not import torch.distributed or deepspeed.comm (collectives live in pipeline.comm).
 """
 from __future__ import annotations
 

@@ -8,8 +8,6 @@ Per-sample full-model loss comes from the same forward that gives accuracy (the 
 in row-major (sample, position) order, so a segment mean recovers each sample's loss); the exit
 loss comes from `pipeline.scoring.score_exit`. Spearman's rho between the two says whether the
 cheap exit pass orders samples like the full model does, which is all selection needs.
-
-Must not import torch.distributed or deepspeed.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ stock architecture, nothing of ours is needed to load it.
 The weights go through transformers' own `BertForMaskedLM.load_state_dict(strict=True)` before
 saving, so a name or shape mismatch fails here, not in a user's `from_pretrained`.
 The `sift-export` CLI over DeepSpeed checkpoints (ZeRO-3 consolidation) lives with the trainer and
-calls `save_hf_directory`. Must not import torch.distributed or deepspeed.
+calls `save_hf_directory`.
 """
 from __future__ import annotations
 

@@ -60,6 +60,14 @@ def unreachable_ranks(output_dir: str, world_size: int, error_text: str, me: int
             if r != me and info.get("host") != here and info.get("addr") in named]
 
 
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (R, S, D, T stopped, Z zombie, ...), None if unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def process_running(pid: int) -> bool:
     """Whether `pid` is a live process on this host (a zombie counts as gone)."""
     try:
@@ -78,6 +86,14 @@ def dead_ranks(output_dir: str, world_size: int) -> list[int]:
     here = socket.gethostname()
     return [rank for rank, info in _registered(output_dir, world_size).items()
             if info.get("host") == here and not process_running(int(info["pid"]))]
+
+
+def stopped_ranks(output_dir: str, world_size: int) -> list[int]:
+    """Ranks of this host that are alive but stopped (SIGSTOP, a debugger, a suspended job): a
+    collective times out on them without anything dying."""
+    here = socket.gethostname()
+    return [rank for rank, info in _registered(output_dir, world_size).items()
+            if info.get("host") == here and _state(int(info["pid"])) in ("T", "t")]
 
 
 def wait_for_dead_ranks(output_dir: str, world_size: int, patience_s: float = 3.0) -> list[int]:

@@ -23,17 +23,16 @@ after its checkpoint's step, since it is about to log those steps again (metrics
 TensorBoard event files are rewritten with the records up to that step: TensorBoard's fast loader
 ignores SummaryWriter's purge_step, so the events are removed rather than hidden); a fresh run
 starts a fresh metrics.jsonl and event directory.
-
-Must not import torch.distributed or deepspeed.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
+
+from data_prep.io_util import jsonable, write_atomic, write_json_atomic
 
 TRAIN_SCALARS = (
     "train/loss", "train/exit_score", "train/exit_loss", "train/lr", "train/grad_norm", "train/samples_backpropagated",
@@ -44,24 +43,6 @@ TRAIN_SCALARS = (
 )
 EVAL_SCALARS = ("eval/accuracy", "eval/loss", "eval/spearman_exit_vs_full",
                 "eval/samples_backpropagated", "eval/elapsed_s")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN; null reads back unambiguously
-    return v
-
-
-def replace_atomically(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temp name, then rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    replace_atomically(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def trim_jsonl(path: str | Path, keep: Callable[[dict[str, Any]], bool]) -> None:
@@ -78,7 +59,7 @@ def trim_jsonl(path: str | Path, keep: Callable[[dict[str, Any]], bool]) -> None
             continue
         if keep(record):
             kept.append(line + "\n")
-    replace_atomically(path, "".join(kept).encode())
+    write_atomic(path, "".join(kept).encode())
 
 
 def trim_tensorboard(log_dir: str | Path, max_step: int) -> None:
@@ -94,7 +75,7 @@ def trim_tensorboard(log_dir: str | Path, max_step: int) -> None:
         for raw in RawEventFileLoader(str(path)).Load():
             if Event.FromString(raw).step <= max_step:
                 writer.write(raw)
-        replace_atomically(path, buf.getvalue())
+        write_atomic(path, buf.getvalue())
 
 
 class MetricsWriter:
@@ -148,7 +129,7 @@ class MetricsWriter:
             return
         if self._jsonl is None:
             raise RuntimeError("MetricsWriter.log before begin() (or after close())")
-        record = {"kind": kind, "step": step, **{k: _jsonable(float(v)) for k, v in scalars.items()}}
+        record = {"kind": kind, "step": step, **{k: jsonable(float(v)) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
@@ -177,8 +158,7 @@ class MetricsWriter:
 
     def summary(self, obj: dict[str, Any]) -> None:
         if self.active:
-            write_json_atomic(self.output_dir / "summary.json",
-                              {k: _jsonable(v) for k, v in obj.items()})
+            write_json_atomic(self.output_dir / "summary.json", obj)
 
     def close(self) -> None:
         if self._bar is not None:

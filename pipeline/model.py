@@ -23,8 +23,7 @@ The exit head reads the hidden states after encoder layer `exit_layer` (k):
 `exit_pass` runs embeddings + layers 1..k + the exit head and never touches the layers above k;
 `pipeline/scoring.py` wraps it with no-grad/eval handling.
 
-A leaf module: must not import torch.distributed, deepspeed or other pipeline modules (rank and
-world size never matter to the model).
+A leaf module: rank and world size never matter to the model.
 """
 from __future__ import annotations
 

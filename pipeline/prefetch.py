@@ -10,7 +10,7 @@ dropped and the batch built on the spot. Order and masks, and so resume, stay ex
 A thread, not worker processes: masking is a few vectorized numpy calls (which release the GIL),
 so a thread hides it without a second copy of the dataset maps or a process per rank.
 
-Must not import torch.distributed: rank and world size reach it inside `load`.
+Rank and world size reach it inside `load`.
 """
 from __future__ import annotations
 

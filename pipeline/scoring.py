@@ -20,8 +20,8 @@ the same masked tokens and its loss is subtracted: RHO-LOSS's reducible loss.
 `score_full` the whole model; both run under no_grad with dropout off and restore the model's
 train/eval mode. Scores come back as float32 (B,) on the device of `batch["input_ids"]`.
 
-Depends on pipeline.model (the passes) and pipeline.selection (the policy table); must not import
-torch.distributed or deepspeed: scoring is per rank, the selector gathers.
+Depends on pipeline.model (the passes) and pipeline.selection (the policy table); scoring is per
+rank, the selector gathers.
 """
 from __future__ import annotations
 

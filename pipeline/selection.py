@@ -6,8 +6,7 @@ select at this step), `num_candidates` / `num_selected` (pool sizes) and `random
 top-k of the union is a uniform random subset and no global RNG is touched), plus `scoring_for`,
 the policy -> (scorer, metric) table the trainer reads instead of re-encoding it.
 
-Pure: no model, no process group, no I/O. Must not import torch.distributed, deepspeed or other
-pipeline modules; rank enters only as an int seed component.
+Pure: no model, no process group, no I/O; rank enters only as an int seed component.
 """
 from __future__ import annotations
 

@@ -2,9 +2,7 @@
 
 Owns: `plan` / `plan_arrays` / `rank_plan` (pure numpy: who trains on which sample), the row
 packing that turns a batch dict into one byte row per sample, `SelectorStats`, and
-`select_and_exchange`, which orchestrates one selection step through `pipeline.comm`. Must not
-import `torch.distributed` or `deepspeed` (only `pipeline.comm` does), nor the model, data or
-trainer modules.
+`select_and_exchange`, which orchestrates one selection step through `pipeline.comm`.
 
 The plan (every rank computes it from the same all-gathered scores, so nobody is told the result):
 

@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from pipeline import __version__
-from pipeline.faults import unreachable_ranks, wait_for_dead_ranks
+from pipeline.faults import stopped_ranks, unreachable_ranks, wait_for_dead_ranks
 from pipeline.rundir import PreflightError
 
 # Imported after parsing (main): torch, deepspeed and transformers take seconds, --help does not.
@@ -76,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         comm.discover_env()  # the world size the batch triplet is checked against
         load_ds_config(resolve_path(cfg.run.ds_config), int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as exc:
-        print(f"sift-train: configuration error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # every rank finds the same error: rank 0 says it
+        if os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+            print(f"sift-train: configuration error: {exc}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     signal.signal(signal.SIGTERM, _raise_terminated)  # so a terminated rank still says why
@@ -104,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not dead and world > 1:
             gone = unreachable_ranks(cfg.run.output_dir, world, f"{exc}", rank)
             lost = f" (rank(s) {', '.join(map(str, gone))} of {world} unreachable)" if gone else ""
+            stopped = stopped_ranks(cfg.run.output_dir, world)
+            if stopped and not gone:
+                lost = (f" (rank(s) {', '.join(map(str, stopped))} of {world} stopped, not dead: "
+                        "SIGSTOP, a debugger or a suspended job)")
         print(f"sift-train: rank {rank} failed{lost}: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)
         traceback.print_exc()

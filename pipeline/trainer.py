@@ -22,8 +22,6 @@ Non-finite losses: every micro-batch's loss goes through one all-reduce (sum of 
 non-finite ones), the sync that lets every rank agree to skip a micro-batch before backward could
 spread NaN gradients. Skipped micro-batches are counted; `optim.max_nonfinite_in_row` in a row stop
 the run with `NonFiniteLossError`, and checkpoints refuse non-finite weights.
-
-Collectives only through pipeline.comm; must not import torch.distributed or deepspeed.comm.
 """
 from __future__ import annotations
 
@@ -40,6 +38,7 @@ from typing import Any
 
 import torch
 
+from data_prep.io_util import write_json_atomic
 from pipeline import checkpoint, comm, rundir
 from pipeline.config import ConfigError, TrainConfig, resolve_path, to_toml
 from pipeline.data import (MASKING_VERSION, DataError, GlobalSampler, ShardDataset, token_counts,
@@ -835,8 +834,6 @@ def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: Sh
     engine, facts = build_engine(model, cfg.optim, ds_config)
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
-        from pipeline.metrics import write_json_atomic
-
         write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config,
                                                     "engine": dataclasses.asdict(facts)})
     # a bar only on a terminal: in a log file its redraws are noise; plain lines go there instead

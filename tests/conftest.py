@@ -1,20 +1,14 @@
 """Shared fixtures: where the real corpora live, and free TCP ports for process groups."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
+from data_prep.io_util import free_port  # noqa: F401 (re-exported: tests import it from here)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-
-
-def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1 (each process group gets its own)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,6 @@ cannot resolve differences under ~20% in time to target at small scale (see the 
 
 `--quick` is the smoke test (tiny model, seconds per arm, one fraction and pool): it keeps the
 harness working in CI and says nothing about speedups.
-
-Must not import torch.distributed or deepspeed (the jobs it launches do).
 """
 from __future__ import annotations
 
@@ -31,9 +29,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,6 +37,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.sift_bench import report as bench_report
+from data_prep.io_util import free_port, machine_info, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 SIFT_POLICIES = ("sift-loss", "sift-entropy", "full-loss")
@@ -280,18 +277,12 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_cmd(module: str, world_size: int, args: Sequence[str]) -> list[str]:
     """One plain process for one rank, else the deepspeed launcher on this node."""
     if world_size == 1:
         return [sys.executable, "-m", module, *args]
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    return [launcher, "--num_gpus", str(world_size), "--master_port", str(_free_port()),
+    return [launcher, "--num_gpus", str(world_size), "--master_port", str(free_port()),
             "--module", module, *args]
 
 
@@ -314,45 +305,6 @@ def run_job(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float | N
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
         raise RuntimeError(f"benchmark job failed ({proc.returncode}); last lines of {log}:\n{tail}")
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the numbers were measured: CPU, cores, memory, GPU, library versions, commit."""
-    import deepspeed
-    import numpy
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_gb = None
-    try:
-        kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-        mem_gb = round(kb / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-                "numpy": numpy.__version__}
-    try:
-        import accelerate
-
-        versions["accelerate"] = accelerate.__version__
-    except ImportError:
-        pass
-    return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "memory_gb": mem_gb,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "versions": versions, "git_commit": commit}
 
 
 def load_arm(work: Path, name: str) -> dict[str, Any]:
@@ -463,7 +415,7 @@ def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[
         "created": started.isoformat(timespec="seconds"),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": ["sift-bench", *argv],
-        "machine": machine_info(),
+        "machine": machine_info(repo=REPO),
         "settings": {"budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
                      "world_size": args.world_size, "recipe": args.recipe, "overrides": overrides,
                      "work_dir": str(work),
@@ -533,11 +485,9 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
     report = build_report(args, argv, overrides, work, results, analysis, intervals, started)
     report["intervals"] = intervals
 
-    from pipeline.metrics import write_json_atomic
-
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{name}.json"
-    write_json_atomic(json_path, _jsonable(report))
+    write_json_atomic(json_path, report)
     table = (_headline_text(report) + bench_report.intervals_table(intervals)
              + "\nFirst crossings of the raw curves (target: vanilla's accuracy at "
              f"{args.target_fraction:g} of its budget):\n\n"
@@ -586,7 +536,7 @@ def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
         "benchmark": "time_to_accuracy", "quick": args.quick, "seeds": list(reports),
         "created": started.isoformat(timespec="seconds"),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["sift-bench", *argv], "machine": machine_info(),
+        "command": ["sift-bench", *argv], "machine": machine_info(repo=REPO),
         "settings": {**first["settings"], "work_dir": args.work_dir,
                      "overrides": [o for o in first["settings"]["overrides"]
                                    if not o.startswith("run.seed=")]},
@@ -603,9 +553,7 @@ def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
         "across_seeds": agg,
         "per_seed_reports": {s: f"{args.name}_seed{s}.json" for s in reports},
     }
-    from pipeline.metrics import write_json_atomic
-
-    write_json_atomic(out / f"{args.name}.json", _jsonable(doc))
+    write_json_atomic(out / f"{args.name}.json", doc)
     table = (_headline_text(doc) + bench_report.intervals_table(intervals)
              + "\nFirst crossings of the raw curves, per seed:\n\n" + bench_report.seeds_table(agg))
     (out / f"{args.name}.md").write_text(
@@ -641,17 +589,6 @@ def _data_facts(data: Path) -> dict[str, Any]:
                        for k, v in m["splits"].items()},
             "sources": [s.get("path") for s in m.get("sources", [])][:50],
             "tokenizer_fingerprint": m.get("tokenizer_fingerprint")}
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN/inf -> None (JSON has neither), recursively."""
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

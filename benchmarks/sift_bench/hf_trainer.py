@@ -14,8 +14,6 @@ Same recipe as a `sift-bench` arm, so the comparison differs in the training sta
 Evaluation runs every `eval_interval_s` of training time from a callback, with its own time
 excluded from the clock; the run stops at the budget. Writes `summary.json` in the same format as
 `pipeline.trainer` (evals with elapsed_s, accuracy, loss, samples_backpropagated).
-
-Collectives only through pipeline.comm; must not import torch.distributed or deepspeed.comm.
 """
 from __future__ import annotations
 

@@ -111,34 +111,24 @@ def run_plan(plan: dict[str, Any], rank: int, world_size: int) -> None:
     # every arm's config first: a bad override fails now, not an hour into the run
     configs = [arm_config(plan, arm) for arm in plan["arms"]]
     if isinstance(plan.get("warm_start"), int):
-        _warm_start(plan, rank, world_size)
+        _run_once(plan, warm_start_config(plan), "warm start", rank, world_size)
     for arm, cfg in zip(plan["arms"], configs):
-        if plan.get("resume"):
-            done = arm_finished(cfg, world_size) if rank == 0 else None
-            if comm.broadcast_object(done):
-                if rank == 0:
-                    print(f"sift-bench: arm {arm['name']} finished earlier with the same "
-                          "settings: kept", flush=True)
-                continue
-        summary = run_arm(cfg, rank, world_size)
-        if rank == 0:
-            print(f"sift-bench: arm {arm['name']} done: {summary['steps']} steps, accuracy "
-                  f"{summary['accuracy_before']} -> {summary['accuracy_after']}", flush=True)
-        comm.barrier()
+        _run_once(plan, cfg, f"arm {arm['name']}", rank, world_size)
 
 
-def _warm_start(plan: dict[str, Any], rank: int, world_size: int) -> None:
-    """Train the warm start unless --resume finds it done with the same settings."""
-    cfg = warm_start_config(plan)
-    done = plan.get("resume") and (arm_finished(cfg, world_size) if rank == 0 else None)
-    if plan.get("resume") and comm.broadcast_object(done):
-        if rank == 0:
-            print("sift-bench: warm start finished earlier with the same settings: kept", flush=True)
-        return
+def _run_once(plan: dict[str, Any], cfg: TrainConfig, label: str, rank: int, world_size: int) -> None:
+    """Run `cfg` unless --resume finds it finished with the same settings (every rank follows
+    rank 0's answer: only it writes the outputs)."""
+    if plan.get("resume"):
+        done = arm_finished(cfg, world_size) if rank == 0 else None
+        if comm.broadcast_object(done):
+            if rank == 0:
+                print(f"sift-bench: {label} finished earlier with the same settings: kept", flush=True)
+            return
     summary = run_arm(cfg, rank, world_size)
     if rank == 0:
-        print(f"sift-bench: warm start done: {summary['steps']} steps, accuracy "
-              f"{summary['accuracy_after']}", flush=True)
+        print(f"sift-bench: {label} done: {summary['steps']} steps, accuracy "
+              f"{summary['accuracy_before']} -> {summary['accuracy_after']}", flush=True)
     comm.barrier()
 
 

@@ -15,7 +15,7 @@ A curve that wobbles can cross the target before 80% of vanilla's budget, vanill
 report the first crossing as measured. Loss targets (lower is better) are computed the same way;
 the calibration notes found them steadier than accuracy targets at small scale.
 
-Pure functions except `write_plots` (files). Must not import torch, torch.distributed or deepspeed.
+Pure functions except `write_plots` (files).
 """
 from __future__ import annotations
 

@@ -28,6 +28,15 @@ BUDGET_S, INTERVAL_S = 6.0, 1.5
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # about 2 minutes on 2 shared cores
 
 
+def bench_env() -> dict[str, str]:
+    """A benchmark job's environment: no inherited rank variables, CPU DeepSpeed, one thread."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    return env
+
+
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -39,10 +48,7 @@ def quick_run(state_union_shards, tmp_path_factory):
     cmd = [sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"), "--quick",
            "--data", str(state_union_shards), "--out", str(out / "results"),
            "--work-dir", str(out / "work"), *VARIANT, *([] if has_hf else ["--no-hf-baseline"])]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    env = bench_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"sift-bench --quick failed ({proc.returncode}):\n"
@@ -188,10 +194,7 @@ def test_seeds_run_the_benchmark_once_per_seed_and_report_medians(state_union_sh
     cmd = [sys.executable, "-m", "benchmarks.sift_bench.cli", "--quick", "--seeds", "1,2",
            "--policies", "sift-loss,random", "--no-hf-baseline", "--data", str(state_union_shards),
            "--out", str(out), "--work-dir", str(work)]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    env = bench_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     arms = ["vanilla", "sift-loss-expand-f0.5", "random-expand-f0.5"]
@@ -224,10 +227,7 @@ def test_warm_start_forks_every_arm_from_one_vanilla_checkpoint(state_union_shar
     cmd = [sys.executable, "-m", "benchmarks.sift_bench.cli", "--quick", "--warm-start", "12",
            "--budget-s", "3", "--policies", "sift-loss,random", "--data", str(state_union_shards),
            "--out", str(out), "--work-dir", str(work)]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    env = bench_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "no hf-trainer baseline under --warm-start" in proc.stdout

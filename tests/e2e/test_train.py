@@ -494,7 +494,7 @@ def test_sampled_selection_is_one_plan_on_every_rank_and_trains(recipe, data_dir
              for r in (0, 1)]
     assert len(plans[0]) == 6 and plans[0] == plans[1]
     losses = train_losses(out)
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values())
+    assert sorted(losses) == [3, 6] and all(math.isfinite(v) for v in losses.values())
     assert len(set(plans[0])) == 6  # draws differ from micro-batch to micro-batch
 
 

@@ -140,3 +140,60 @@ def test_samples_and_target_accuracy_budgets_stop_the_run(recipe, data_dir, tmp_
     s = summary(out)
     assert s["stop_reason"] == "target_accuracy" and s["steps"] < 50
     assert s["accuracy_after"] >= 0.005 and s["steps"] % 2 == 0
+
+
+def test_a_stopped_rank_is_named_when_the_timeout_fires(recipe, data_dir, tmp_path):
+    """SIGSTOP on rank 1 (alive, not dead): rank 0's collective times out and its one line names
+    rank 1 as stopped instead of blaming nobody."""
+    import os
+    import signal
+
+    from tests.e2e.test_train import train_cmd
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(2, recipe, data_dir, out, ("budget.steps=100000",
+                                                                 "checkpoint.every_steps=0",
+                                                                 "run.dist_timeout_s=15"), None),
+                            cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    victim = None
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").is_file() and read_metrics(out)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        victim = json.loads((out / ".ranks" / "rank1.json").read_text())["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if victim is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(victim, sig)
+                except ProcessLookupError:
+                    pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert "sift-train: rank 0 failed (rank(s) 1 of 2 stopped, not dead" in output, output[-3000:]
+
+
+def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(recipe, data_dir, tmp_path):
+    """Checkpoints onto a 3 MiB tmpfs: the save fails with 'no space left on device', its partial
+    files are removed and `latest` still names nothing half-written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
+    try:
+        proc = run_train(1, recipe, data_dir, tmp_path / "run", "budget.steps=2",
+                         "checkpoint.every_steps=1", f"checkpoint.dir={disk / 'ckpt'}", expect_ok=False)
+        assert proc.returncode != 0
+        assert "no space left on device" in proc.stderr, proc.stderr[-3000:]
+        assert not list((disk / "ckpt").glob("step_*"))  # the partial tag is gone
+        assert not (disk / "ckpt" / "latest").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -208,7 +208,7 @@ def test_variants_are_the_base_sift_arm_plus_their_overrides(tmp_path):
 def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
     """--resume keeps an arm only when config.json equals this arm's config and a summary exists."""
     from benchmarks.sift_bench.job import arm_config, arm_finished
-    from pipeline.metrics import write_json_atomic
+    from data_prep.io_util import write_json_atomic
 
     plan = {"recipe": None, "overrides": [f"data.data_dir={tmp_path}", "optim.decay=constant"],
             "out_dir": str(tmp_path),
