@@ -34,7 +34,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -287,7 +287,8 @@ def params_finite(engine: Any) -> bool:
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
-         tokenizer_dir: Path | None, rank: int, crash_before_latest: bool = False) -> str:
+         tokenizer_dir: Path | None, rank: int,
+         before_latest: Callable[[], None] | None = None) -> str:
     """Collective: every rank calls it. Returns the tag. Refuses to save non-finite weights."""
     ok = torch.tensor([1.0 if params_finite(engine) else 0.0])
     if comm.all_reduce(ok, "min").item() < 1.0:
@@ -310,7 +311,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
         if rank == 0:  # the JSON copy marks the directory complete for `latest`/export
             write_json_atomic(ckpt_dir / tag / STATE_FILE, state)
     except (OSError, RuntimeError) as exc:  # torch wraps a failed write in a RuntimeError
-        if not _disk_full(exc):
+        if not _disk_full(exc, ckpt_dir):
             raise
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # give the space back; `latest` unmoved
         prev = read_latest(ckpt_dir)
@@ -321,26 +322,30 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
     comm.barrier()  # every rank's files are written ...
     fsync_tree(ckpt_dir / tag)  # ... and durable (each node syncs what it sees: node-local disks)
     comm.barrier()  # ... before `latest` moves
-    if crash_before_latest and rank == 0:  # test hook: die between the files and `latest`
-        os.kill(os.getpid(), 9)
+    if before_latest is not None:  # the fault tests die here: files written, `latest` not moved
+        before_latest()
     if rank == 0:
         write_latest(ckpt_dir, tag)
     comm.barrier()
     return tag
 
 
-def _disk_full(exc: BaseException) -> bool:
-    """Whether a write failed for want of space (errno ENOSPC or EDQUOT, also when torch's zip
-    writer re-raised it as a RuntimeError)."""
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether a write into `where` failed for want of space: errno ENOSPC or EDQUOT anywhere in
+    the chain, or (torch's zip writer reports only "iostream error") almost nothing left free."""
     import errno
 
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
             return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(where).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def load(engine: Any, load_dir: Path, tag: str, rank: int, engine_tag: str | None = None

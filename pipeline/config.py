@@ -3,7 +3,7 @@
 Owns the tree `TrainConfig` of small frozen sections and the loader (CLI > file > defaults).
 Sections are owned by the component that reads them: `masking` is `pipeline.data.MaskingConfig`,
 `model` is `pipeline.model.ModelConfig`, `selection` is `pipeline.selection.SelectionConfig`; the
-trainer's own sections (data, optim, budget, eval, checkpoint, logging, run, debug) live here.
+trainer's own sections (data, optim, budget, eval, checkpoint, logging, run) live here.
 Constructors get their own section, never the whole tree.
 
 What the DeepSpeed JSON owns (precision, ZeRO stage, gradient clipping, the batch-size triplet) is
@@ -238,26 +238,11 @@ class RunConfig:
         _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
 
 
-@dataclass(frozen=True)
-class DebugConfig:
-    """Fault injection for tests; leave at the defaults in real runs."""
-
-    nonfinite_at_micro_batches: tuple[int, ...] = ()
-    """Micro-batch attempts (0-based, counting skipped ones; = optimizer step + skips so far when
-    accumulation is 1) whose loss is replaced by NaN (skip-and-count tests)."""
-    kill_rank: int = -1
-    """With kill_at_step: this rank SIGKILLs itself (dead-rank tests). -1: never."""
-    kill_at_step: int = -1
-    """The optimizer step at whose start kill_rank dies."""
-    crash_in_checkpoint_at_step: int = -1
-    """Rank 0 SIGKILLs itself after writing this step's checkpoint files, before `latest` moves."""
-
-
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "masking": MaskingConfig, "model": ModelConfig,
     "selection": SelectionConfig, "optim": OptimConfig, "budget": BudgetConfig,
     "eval": EvalConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
-    "run": RunConfig, "debug": DebugConfig,
+    "run": RunConfig,
 }
 
 
@@ -275,7 +260,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self):
         _check(self.optim.decay == "constant" or self.decay_time_s() is not None

@@ -69,12 +69,16 @@ def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
             int(state.get("train_state", {}).get("step", -1)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sift-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory (uses `latest`) or a tag directory")
     p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
     p.add_argument("--version", action="version", version=f"sift-export {__version__}")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from pipeline.checkpoint import CheckpointError
 
     try:

@@ -104,3 +104,91 @@ def wait_for_dead_ranks(output_dir: str, world_size: int, patience_s: float = 3.
         if dead or time.monotonic() > deadline:
             return dead
         time.sleep(0.05)
+
+
+class FaultInjector:
+    """Faults on purpose, for the tests of what a fault does: installed from the environment
+    variable SIFT_FAULTS (JSON), so no user-facing setting and no check in the step knows of it.
+
+    Keys (all optional): `kill_rank` + `kill_at_step` (that rank SIGKILLs itself when that
+    optimizer step starts), `nan_at_micro_batches` (those micro-batch attempts' losses become NaN),
+    `crash_before_latest_at_step` (rank 0 SIGKILLs itself after writing that step's checkpoint
+    files, before `latest` moves). Without SIFT_FAULTS every hook is a no-op.
+    """
+
+    ENV = "SIFT_FAULTS"
+    KEYS = ("kill_rank", "kill_at_step", "nan_at_micro_batches", "crash_before_latest_at_step")
+
+    def __init__(self, spec: dict | None = None):
+        spec = dict(spec or {})
+        unknown = sorted(set(spec) - set(self.KEYS))
+        if unknown:
+            raise ValueError(f"{self.ENV}: unknown keys {unknown} (known: {', '.join(self.KEYS)})")
+        self.kill_rank = spec.get("kill_rank", -1)
+        self.kill_at_step = spec.get("kill_at_step", -1)
+        self.nan_at = frozenset(spec.get("nan_at_micro_batches", ()))
+        self.crash_at = spec.get("crash_before_latest_at_step", -1)
+
+    @classmethod
+    def from_env(cls) -> "FaultInjector":
+        text = os.environ.get(cls.ENV)
+        return cls(json.loads(text) if text else None)
+
+    def step_started(self, step: int, rank: int) -> None:
+        if rank == self.kill_rank and step == self.kill_at_step:
+            os.kill(os.getpid(), 9)  # a rank dies without a word
+
+    def loss(self, micro_index: int, loss):
+        return loss * float("nan") if micro_index in self.nan_at else loss
+
+    def before_latest(self, step: int, rank: int) -> None:
+        if rank == 0 and step == self.crash_at:
+            os.kill(os.getpid(), 9)
+
+
+class Watchdog:
+    """Ends a rank that has made no progress for `timeout_s`: a peer that is stopped (not dead)
+    keeps its sockets open, and a shared-memory collective waits for it forever. `beat()` marks
+    progress (every micro-step, around evaluation and checkpoints); after `timeout_s` without
+    one, `on_hang()` runs on a daemon thread (it reports and ends the process). It arms at the
+    first beat: start-up (a DeepSpeed build, a checkpoint conversion) is not watched."""
+
+    def __init__(self, timeout_s: float, on_hang):
+        import threading
+
+        self.timeout_s = timeout_s
+        self.on_hang = on_hang
+        self._last: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="sift-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        poll = min(5.0, max(self.timeout_s / 4, 0.05))
+        while not self._stop.wait(poll):
+            if self._last is not None and time.monotonic() - self._last > self.timeout_s:
+                self.on_hang(time.monotonic() - self._last)
+                return
+
+
+def hang_report(output_dir: str, world_size: int, rank: int, idle_s: float) -> str:
+    """The one line for a rank that waited `idle_s` for its peers: who is dead or stopped."""
+    dead = dead_ranks(output_dir, world_size)
+    stopped = stopped_ranks(output_dir, world_size)
+    who = ""
+    if dead:
+        who = f" (rank(s) {', '.join(map(str, dead))} of {world_size} no longer running)"
+    elif stopped:
+        who = (f" (rank(s) {', '.join(map(str, stopped))} of {world_size} stopped, not dead: "
+               "SIGSTOP, a debugger or a suspended job)")
+    return (f"sift-train: rank {rank} failed{who}: no progress for {idle_s:.0f} s "
+            "(run.dist_timeout_s): a peer is not taking part in the collectives")

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from pipeline.data import (MASKING_VERSION, DataError, GlobalSampler, ShardDatas
 from pipeline.engine import (EngineFacts, build_engine, load_ds_config, lr_at, set_lr,
                              time_progress)
 from pipeline.evaluation import evaluate_local, summarize
-from pipeline.faults import register_rank
+from pipeline.faults import FaultInjector, Watchdog, hang_report, register_rank
 from pipeline.flops import forward_flops, peak_flops, train_flops
 from pipeline.metrics import MetricsWriter, trim_jsonl
 from pipeline.model import IGNORE_INDEX, bert_config, build_model, load_reference, unwrap_model
@@ -136,6 +135,8 @@ class Trainer:
         self.throughput = _Throughput()
         self._last_loss = float("nan")  # the progress bar shows the last logged loss: no sync
         self.plain_progress = False  # a line per log window, for logs that are not a terminal
+        self.faults = FaultInjector.from_env()  # no-ops unless a test installed faults
+        self.beat = lambda: None  # progress for the hang watchdog (run() installs it)
 
     def _load(self, position: int, count: int) -> dict[str, torch.Tensor]:
         """This rank's `count` candidates of the global micro-batch at `position` (CPU tensors)."""
@@ -177,7 +178,7 @@ class Trainer:
         reason = self.budget_reached()
         window = _Window()
         while reason is None:
-            self._maybe_die()
+            self.faults.step_started(self.state.step, self.rank)
             t0 = time.perf_counter()
             record = self.train_step()
             record["_step_s"] = time.perf_counter() - t0
@@ -279,81 +280,111 @@ class Trainer:
     def micro_step(self, totals: "_Totals") -> int:
         """Load candidates, score, select, forward+backward, step. 1 if trained, 0 if skipped."""
         cfg, st = self.cfg, self.state
+        self.beat()
         t0 = self._clock()
         gate = self._gate_open()
         n_cand, quota = pool_sizes(self.facts.micro_batch, cfg.selection, st.step, gate)
-        batch = self.loader.get(st.position, n_cand)  # dict of (n_cand, L) CPU tensors, built ahead
-        st.position += n_cand * self.world_size
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = self._candidates(n_cand)
         t1 = self._clock()
-        scores = None  # before selection.start_step: no pool, no scoring, train on everything
+        scores = None  # before selection starts: no pool, no scoring, train on everything
         if is_active(cfg.selection, st.step, gate):
-            sums: list[torch.Tensor] | None = [] if cfg.selection.normalize == "token-ema" else None
-            with self._autocast():
-                scores = score_candidates(self.engine.module, batch, cfg.selection,
-                                          seed=cfg.run.seed, step=st.micro_index, rank=self.rank,
-                                          token_baseline=self.token_baseline,
-                                          token_sums=sums,
-                                          reference=self.reference)  # (n_cand,) or None
-            if sums:
-                self._update_token_ema(sums[0])
-            if scores is not None and cfg.selection.draw == "sample":
-                # the kept rows carry their loss weights through the exchange
-                scores, batch["sample_weight"] = self._sampling_keys(scores)
-            totals.flops += self._scoring_flops(batch)
+            scores = self._score(batch, totals)
         t2 = self._clock()
         if scores is not None:
-            # every rank loads the same n_cand: as the bound it fuses the two score all-gathers
-            batch, stats = select_and_exchange(batch, scores, quota, cfg.selection.scope,
-                                               max_candidates=n_cand)
-            totals.add_selection(stats, n_cand, quota)
-            if cfg.logging.plan_digests:
-                self._log_plan(stats)
-            st.samples_moved += stats.samples_moved
-            st.bytes_moved += stats.bytes_moved
+            batch = self._select(batch, scores, quota, n_cand, totals)
         t3 = self._clock()
 
         torch.manual_seed(_seed_for(cfg.run.seed, st.micro_index, self.rank))  # dropout
         out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"], sample_weight=batch.get("sample_weight"))
-        loss = out.loss
-        if st.micro_index in cfg.debug.nonfinite_at_micro_batches:
-            loss = loss * float("nan")  # test hook
+        loss = self.faults.loss(st.micro_index, out.loss)
         st.micro_index += 1
-        # The one host sync of a vanilla micro-step, worth it: all ranks must agree to skip before
-        # a NaN reaches the gradients (DeepSpeed's accumulated gradients cannot be taken back).
-        flags = comm.all_reduce(torch.stack([loss.detach().float(),
-                                             (~torch.isfinite(loss.detach())).float()]), "sum")
-        if flags[1].item() > 0:
-            st.nonfinite_skipped += 1
-            st.nonfinite_in_row += 1
-            self.writer.message(f"step {st.step}: non-finite loss on {int(flags[1].item())} rank(s); "
-                                f"micro-batch skipped ({st.nonfinite_in_row} in a row, "
-                                f"{st.nonfinite_skipped} in all)")
-            if st.nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
-                raise NonFiniteLossError(
-                    f"stopping at step {st.step}: {st.nonfinite_in_row} non-finite losses in a row "
-                    f"(optim.max_nonfinite_in_row = {cfg.optim.max_nonfinite_in_row}); no checkpoint "
-                    "was written with them; lower the learning rate or check the data")
+        loss_sum = self._agreed_finite(loss)
+        if loss_sum is None:  # skipped on every rank
             totals.time(t1 - t0, t2 - t1, t3 - t2, self._clock() - t3, 0.0)
             return 0
-        st.nonfinite_in_row = 0
         self.engine.backward(loss)
         t4 = self._clock()
         self.engine.step()  # DeepSpeed updates only at the accumulation boundary
         t5 = self._clock()
+        self._account(batch, loss_sum, out.exit_loss, totals)
+        totals.time(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
+        return 1
 
+    def _candidates(self, n_cand: int) -> dict[str, torch.Tensor]:
+        """This rank's n_cand candidates at the data position (built ahead), on the device."""
+        st = self.state
+        batch = self.loader.get(st.position, n_cand)  # dict of (n_cand, L) CPU tensors
+        st.position += n_cand * self.world_size
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _score(self, batch: dict[str, torch.Tensor], totals: "_Totals") -> torch.Tensor | None:
+        """The candidates' selection keys (n_cand,): the policy's scores, normalized, or Gumbel
+        keys under draw = sample (the loss weights then ride in batch["sample_weight"])."""
+        cfg = self.cfg
+        sums: list[torch.Tensor] | None = [] if cfg.selection.normalize == "token-ema" else None
+        with self._autocast():
+            scores = score_candidates(self.engine.module, batch, cfg.selection, seed=cfg.run.seed,
+                                      step=self.state.micro_index, rank=self.rank,
+                                      token_baseline=self.token_baseline, token_sums=sums,
+                                      reference=self.reference)  # (n_cand,) or None
+        if sums:
+            self._update_token_ema(sums[0])
+        if scores is not None and cfg.selection.draw == "sample":
+            scores, batch["sample_weight"] = self._sampling_keys(scores)
+        totals.flops += self._scoring_flops(batch)
+        return scores
+
+    def _select(self, batch: dict[str, torch.Tensor], scores: torch.Tensor, quota: int,
+                n_cand: int, totals: "_Totals") -> dict[str, torch.Tensor]:
+        """This rank's `quota` rows of the global plan (rows move between ranks as it says)."""
+        st = self.state
+        # every rank loads the same n_cand: as the bound it fuses the two score all-gathers
+        batch, stats = select_and_exchange(batch, scores, quota, self.cfg.selection.scope,
+                                           max_candidates=n_cand)
+        totals.add_selection(stats, n_cand, quota)
+        if self.cfg.logging.plan_digests:
+            self._log_plan(stats)
+        st.samples_moved += stats.samples_moved
+        st.bytes_moved += stats.bytes_moved
+        return batch
+
+    def _agreed_finite(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """The sum of all ranks' losses, or None when any rank's is non-finite (the micro-batch is
+        skipped everywhere, counted; too many in a row raise NonFiniteLossError).
+
+        The one host sync of a vanilla micro-step, worth it: all ranks must agree to skip before
+        a NaN reaches the gradients (DeepSpeed's accumulated gradients cannot be taken back)."""
+        st, limit = self.state, self.cfg.optim.max_nonfinite_in_row
+        flags = comm.all_reduce(torch.stack([loss.detach().float(),
+                                             (~torch.isfinite(loss.detach())).float()]), "sum")
+        if flags[1].item() == 0:
+            st.nonfinite_in_row = 0
+            return flags[0]
+        st.nonfinite_skipped += 1
+        st.nonfinite_in_row += 1
+        self.writer.message(f"step {st.step}: non-finite loss on {int(flags[1].item())} rank(s); "
+                            f"micro-batch skipped ({st.nonfinite_in_row} in a row, "
+                            f"{st.nonfinite_skipped} in all)")
+        if st.nonfinite_in_row >= limit:
+            raise NonFiniteLossError(
+                f"stopping at step {st.step}: {st.nonfinite_in_row} non-finite losses in a row "
+                f"(optim.max_nonfinite_in_row = {limit}); no checkpoint was written with them; "
+                "lower the learning rate or check the data")
+        return None
+
+    def _account(self, batch: dict[str, torch.Tensor], loss_sum: torch.Tensor,
+                 exit_loss: torch.Tensor | None, totals: "_Totals") -> None:
+        """Counters and logged sums of a trained micro-batch (device tensors: read once per log
+        window, not once per micro-step)."""
         rows, seq_len = batch["input_ids"].shape
         n_trained = rows * self.world_size
-        st.samples_backpropagated += n_trained
-        # device tensors from here on: read once per log window, not once per micro-step
-        totals.add_loss(flags[0] / self.world_size, out.exit_loss)
+        self.state.samples_backpropagated += n_trained
+        totals.add_loss(loss_sum / self.world_size, exit_loss)
         totals.samples += n_trained
         totals.tokens = totals.tokens + batch["attention_mask"].sum() * self.world_size  # approx: local x W
         masked = batch["labels"].ne(IGNORE_INDEX).sum() * self.world_size
         totals.flops = totals.flops + train_flops(self.bert_config, n_trained, seq_len, masked)
-        totals.time(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
-        return 1
 
     def _sampling_keys(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """selection.draw = sample: Gumbel keys and loss weights (`sampling_keys`), the softmax
@@ -429,9 +460,11 @@ class Trainer:
         """Validation on all ranks, the training clock stopped meanwhile."""
         self._frozen_at = self.elapsed()
         t0 = time.perf_counter()
+        self.beat()
         try:
             return self._evaluate()
         finally:
+            self.beat()
             spent = time.perf_counter() - t0
             self._session_eval_s += spent
             self.state.eval_time_s += spent
@@ -488,13 +521,16 @@ class Trainer:
         }
 
     def save(self) -> str:
-        crash = self.cfg.debug.crash_in_checkpoint_at_step == self.state.step
+        self.beat()
         self.writer.flush()  # a resume from this checkpoint never logs its steps again
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, self.client_state(),
-                              self.train_set.tokenizer_dir, self.rank, crash_before_latest=crash)
+                              self.train_set.tokenizer_dir, self.rank,
+                              before_latest=lambda: self.faults.before_latest(self.state.step,
+                                                                             self.rank))
         if self.rank == 0:
             checkpoint.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last, protect=tag)
         comm.barrier()
+        self.beat()
         self.writer.message(f"checkpoint {self.ckpt_dir / tag}")
         return tag
 
@@ -593,11 +629,6 @@ class Trainer:
             "policy": self.cfg.selection.policy,
             "evals": self.evals,
         }
-
-    def _maybe_die(self) -> None:
-        d = self.cfg.debug
-        if d.kill_rank == self.rank and d.kill_at_step == self.state.step:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: a rank dies without a word
 
 
 @dataclass
@@ -741,13 +772,26 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
         ds_config = checkpoint.with_universal_load(ds_config)
     out_dir = Path(cfg.run.output_dir)
     claim_output_dir(cfg, rank, fresh=resume_from is None)
+    watchdog = None
     try:
         register_rank(str(out_dir), rank)  # only now: the directory is this run's
+        if world_size > 1:
+            watchdog = Watchdog(cfg.run.dist_timeout_s, lambda idle: _hung(cfg, rank, world_size,
+                                                                          idle)).start()
         return _build_and_train(cfg, rank, world_size, train_set, valid_set, ds_config,
-                                resume_from, fork_from, universal)
+                                resume_from, fork_from, universal, watchdog)
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if rank == 0:
             rundir.release(out_dir)
+
+
+def _hung(cfg: TrainConfig, rank: int, world_size: int, idle_s: float) -> None:
+    """The watchdog fired: one line naming a dead or stopped peer, then out (a collective that
+    waits on shared memory would never return)."""
+    print(hang_report(cfg.run.output_dir, world_size, rank, idle_s), file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def preflight(rank: int, check: Any) -> None:
@@ -828,7 +872,7 @@ def claim_output_dir(cfg: TrainConfig, rank: int, fresh: bool) -> None:
 def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: ShardDataset,
                      valid_set: ShardDataset, ds_config: dict[str, Any],
                      resume_from: tuple[Path, str] | None, fork_from: tuple[Path, str] | None,
-                     universal: bool) -> dict[str, Any]:
+                     universal: bool, watchdog: Watchdog | None) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, train_set.vocab_size, train_set.seq_len, train_set.special_ids["pad"])
     engine, facts = build_engine(model, cfg.optim, ds_config)
@@ -841,6 +885,8 @@ def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: Sh
     writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, bar,
                            total_steps=cfg.budget.steps)
     trainer = Trainer(cfg, engine, facts, train_set, valid_set, writer, rank, world_size)
+    if watchdog is not None:
+        trainer.beat = watchdog.beat
     try:
         writer.message(f"engine: {world_size} rank(s), ZeRO-{facts.zero_stage}, {facts.precision}, "
                        f"micro batch {facts.micro_batch} x accumulation {facts.grad_accum}, "

@@ -163,7 +163,8 @@ def arms_for(policies: Sequence[str], fractions: Sequence[float], pools: Sequenc
     return list(seen.values())
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (names and types; `parse_args` adds the checks that read files)."""
     def floats(s: str) -> list[float]:
         return [float(x) for x in s.split(",") if x]
 
@@ -182,7 +183,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "defaults plus optim.decay=constant)")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a recipe setting for every arm")
-    p.add_argument("--out", default="benchmarks/results", help="where the JSON, table and plots go")
+    p.add_argument("--out", default="runs/bench/results",
+                   help="where the JSON, table and plots go (default runs/bench/results; the "
+                        "committed results only when asked: --out benchmarks/results)")
     p.add_argument("--name", help="output file stem (default time_to_accuracy, "
                    "time_to_accuracy_quick with --quick)")
     p.add_argument("--work-dir", help="per-arm run directories (default runs/bench/<name>)")
@@ -222,6 +225,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="smoke test: bert-tiny, 6 s per arm, f=0.5 expand only (< 3 min)")
     p.add_argument("--timeout-s", type=float, default=None,
                    help="kill a benchmark job that runs longer than this (default: generous)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     args.overrides = [o for group in args.overrides for o in group]
     if any(len(v) < 2 for v in args.variants):
@@ -256,6 +264,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not Path(args.data, "manifest.json").is_file():
         p.error(f"--data {args.data}: no manifest.json (run sift-prep first)")
     return args
+
+
+def missing_packages(args: argparse.Namespace) -> list[str]:
+    """The optional packages this benchmark will need that are not installed: matplotlib for
+    the plots, accelerate for the Hugging Face Trainer baseline."""
+    import importlib.util
+
+    wanted = ["matplotlib"] + (["accelerate"] if args.hf_baseline and args.warm_start is None else [])
+    return [name for name in wanted if importlib.util.find_spec(name) is None]
 
 
 def job_env(world_size: int) -> dict[str, str]:
@@ -440,6 +457,11 @@ def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    missing = missing_packages(args)
+    if missing:  # now, not when the plots are drawn after hours of training
+        print(f"sift-bench: error: needs {', '.join(missing)}: pip install -e '.[bench]' "
+              "(or --no-hf-baseline when only accelerate is missing)", file=sys.stderr)
+        return 2
     if args.recipe:
         args.recipe = str(Path(args.recipe).resolve())  # the jobs run from the repository root
     try:

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_train import (REPO, data_dir, job_env, read_metrics, recipe,  # noqa: F401 (fixtures)
-                                  run_train, summary, train_cmd)
+from tests.training import REPO, job_env, read_metrics, run_train, summary, train_cmd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 
@@ -69,7 +68,7 @@ def test_a_fresh_start_over_a_finished_run_refuses_unless_overwrite(recipe, data
 def test_a_killed_runs_lock_is_taken_over_by_its_resume(recipe, data_dir, tmp_path):
     out = tmp_path / "run"
     proc = run_train(2, recipe, data_dir, out, "budget.steps=4", "checkpoint.every_steps=2",
-                     "debug.kill_rank=0", "debug.kill_at_step=3", expect_ok=False)
+                     faults={"kill_rank": 0, "kill_at_step": 3}, expect_ok=False)
     assert proc.returncode != 0
     dead = json.loads((out / ".lock").read_text())["pid"]
     proc = run_train(2, recipe, data_dir, out, "budget.steps=4", "checkpoint.every_steps=2",

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,127 +18,10 @@ import torch
 
 from tests._dist import run_distributed
 from tests.conftest import free_port
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.training import (BIN, REPO, checkpoint_at_step_3, fp32_weights, job_env, read_metrics,
+                            run_train, summary, train_losses)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
-
-# The settings every run shares (a stage comparison or a resume differs in one setting only).
-BASE_RECIPE = """
-[model]
-preset = "bert-tiny"
-hidden_dropout = 0.0
-attention_dropout = 0.0
-
-[masking]
-rate = 0.25
-
-[selection]
-policy = "sift-loss"
-fraction = 0.5
-scope = "global"
-
-[optim]
-lr = 2e-3
-warmup_steps = 20
-weight_decay = 0.0
-
-[budget]
-steps = 6
-
-[eval]
-every_steps = 0
-batch_size = 64
-max_samples = 256
-at_start = false
-at_end = false
-
-[checkpoint]
-every_steps = 3
-keep_last = 0
-
-[logging]
-every_steps = 1
-progress_bar = false
-
-[run]
-seed = 7
-ds_config = "ds_configs/cpu_zero2_fp32.json"
-dist_timeout_s = 120
-"""
-
-
-def job_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
-    return env
-
-
-def train_cmd(world: int, recipe: Path, data: Path, out: Path, sets: tuple[str, ...],
-              resume: str | None) -> list[str]:
-    """`deepspeed --num_gpus W --module pipeline.train ...`, or one plain process for W = 1."""
-    args = ["--config", str(recipe), "--set", f"data.data_dir={data}", f"run.output_dir={out}", *sets]
-    if resume:
-        args += ["--resume", resume]
-    if world == 1:
-        return [sys.executable, "-m", "pipeline.train", *args]
-    return [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-            "--module", "pipeline.train", *args]
-
-
-def run_train(world: int, recipe: Path, data: Path, out: Path, *sets: str, resume: str | None = None,
-              expect_ok: bool = True, timeout: float = 420) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(world, recipe, data, out, sets, resume), cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}")
-    return proc
-
-
-def read_metrics(out: Path, kind: str = "train") -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def train_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_metrics(out)}
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
-def fp32_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    from pipeline.export_cli import fp32_state_dict
-
-    return fp32_state_dict(ckpt_dir, tag)
-
-
-def checkpoint_at_step_3(run: Path, tmp_path: Path) -> Path:
-    """A fresh checkpoint directory holding only `run`'s step-3 tag (and the tokenizer), with
-    `latest` naming it: what a run stopped after step 3 would have left."""
-    ckpt = tmp_path / "checkpoints"
-    ckpt.mkdir()
-    shutil.copytree(run / "checkpoints" / "step_00000003", ckpt / "step_00000003")
-    shutil.copytree(run / "checkpoints" / "tokenizer", ckpt / "tokenizer")
-    (ckpt / "latest").write_text("step_00000003\n")
-    return ckpt
-
-
-@pytest.fixture(scope="module")
-def data_dir(tiny_corpus) -> Path:
-    """The embedded corpus, prepared once per session (tests/conftest.py)."""
-    return tiny_corpus
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
-    path.write_text(BASE_RECIPE)
-    return path
 
 
 @pytest.fixture(scope="module")

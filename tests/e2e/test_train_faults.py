@@ -1,7 +1,8 @@
 """End to end under faults: a kill mid-checkpoint, a dead rank, non-finite losses, and mpirun.
 
-Faults come from the `[debug]` section (the trainer's test hooks): a rank SIGKILLs itself, rank 0
-dies between writing a checkpoint and moving `latest`, or a loss is replaced by NaN.
+Faults come from `pipeline.faults.FaultInjector`, installed through SIFT_FAULTS: a rank
+SIGKILLs itself, rank 0 dies between writing a checkpoint and moving `latest`, or a loss is
+replaced by NaN.
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port
-from tests.e2e.test_train import (REPO, data_dir, job_env, read_metrics, recipe,  # noqa: F401 (fixtures)
-                                  run_train, summary, train_losses)
+from tests.training import REPO, job_env, read_metrics, run_train, summary, train_losses
 from tests.unit.test_metrics import tensorboard_points
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
@@ -32,7 +32,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(recipe, data
     it replays steps 3-4 from the step-2 checkpoint exactly, and every log holds each step once."""
     out = tmp_path / "run"
     sets = ("checkpoint.every_steps=2", "budget.steps=4", "logging.plan_digests=true")
-    proc = run_train(1, recipe, data_dir, out, *sets, "debug.crash_in_checkpoint_at_step=4",
+    proc = run_train(1, recipe, data_dir, out, *sets, faults={"crash_before_latest_at_step": 4},
                      expect_ok=False)
     assert proc.returncode != 0
     ckpt = out / "checkpoints"
@@ -65,8 +65,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(recipe, data
 def test_dead_rank_fails_the_job_fast_and_is_named(recipe, data_dir, tmp_path):
     timeout_s = 60
     t0 = time.monotonic()
-    proc = run_train(2, recipe, data_dir, tmp_path / "run", "debug.kill_rank=1", "debug.kill_at_step=2",
-                     f"run.dist_timeout_s={timeout_s}", "budget.steps=20", expect_ok=False,
+    proc = run_train(2, recipe, data_dir, tmp_path / "run", f"run.dist_timeout_s={timeout_s}",
+                     "budget.steps=20", faults={"kill_rank": 1, "kill_at_step": 2}, expect_ok=False,
                      timeout=timeout_s + 240)
     elapsed = time.monotonic() - t0
     text = proc.stdout + proc.stderr
@@ -79,8 +79,8 @@ def test_dead_rank_fails_the_job_fast_and_is_named(recipe, data_dir, tmp_path):
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(recipe, data_dir, tmp_path):
     # One NaN (micro-batch 2 = the first attempt of step 3) on 2 ranks: skipped and counted.
     out = tmp_path / "one"
-    run_train(2, recipe, data_dir, out, "debug.nonfinite_at_micro_batches=[2]", "budget.steps=4",
-              "checkpoint.every_steps=0")
+    run_train(2, recipe, data_dir, out, "budget.steps=4", "checkpoint.every_steps=0",
+              faults={"nan_at_micro_batches": [2]})
     s = summary(out)
     assert s["steps"] == 4 and s["nonfinite_skipped"] == 1
     assert s["samples_backpropagated"] == 4 * 2 * 16  # the skipped micro-batch trained nothing
@@ -91,8 +91,9 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(recipe, data_dir,
 
     # Three in a row with max_nonfinite_in_row = 3: a clear error, and only finite checkpoints.
     out = tmp_path / "three"
-    proc = run_train(1, recipe, data_dir, out, "debug.nonfinite_at_micro_batches=[1, 2, 3]",
-                     "optim.max_nonfinite_in_row=3", "checkpoint.every_steps=1", expect_ok=False)
+    proc = run_train(1, recipe, data_dir, out, "optim.max_nonfinite_in_row=3",
+                     "checkpoint.every_steps=1", faults={"nan_at_micro_batches": [1, 2, 3]},
+                     expect_ok=False)
     assert proc.returncode != 0
     assert "3 non-finite losses in a row" in proc.stderr, proc.stderr[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
@@ -148,7 +149,7 @@ def test_a_stopped_rank_is_named_when_the_timeout_fires(recipe, data_dir, tmp_pa
     import os
     import signal
 
-    from tests.e2e.test_train import train_cmd
+    from tests.training import train_cmd
 
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(2, recipe, data_dir, out, ("budget.steps=100000",

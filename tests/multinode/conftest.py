@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_train import BASE_RECIPE
+from tests.training import BASE_RECIPE
 from tests.multinode.netns import Cluster, refusal_reason
 
 STEPS = 4
@@ -51,7 +51,7 @@ def mn_recipe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference_losses(tmp_path_factory, mn_recipe, mn_data) -> dict[int, float]:
     """Train losses of the same job as 2 ranks on one host (the plain deepspeed launcher)."""
-    from tests.e2e.test_train import run_train, train_losses
+    from tests.training import run_train, train_losses
 
     out = tmp_path_factory.mktemp("mn_reference") / "run"
     run_train(2, mn_recipe, mn_data, out, *RUN_SETS)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tests.e2e.test_train import REPO, job_env, read_metrics, summary, train_losses
+from tests.training import REPO, job_env, read_metrics, summary, train_losses
 from tests.multinode.netns import Cluster, Host
 
 BIN = Path(sys.executable).parent

@@ -5,9 +5,12 @@ the configured collective timeout, naming the lost host, with nothing left runni
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import free_port
+from tests.training import job_env
 from tests.multinode.conftest import RUN_SETS, STEPS
 from tests.multinode.jobs import (BIN, assert_all_ok, assert_global_sift_run, run_on_hosts, train_args,
                                   assert_no_training_processes)
@@ -42,9 +45,9 @@ def test_killed_rank_on_one_host_fails_the_other_fast(cluster, mn_recipe, mn_dat
     timeout_s = 30
     out = tmp_path / "run"
     cmds = no_ssh_cmds(cluster, tmp_path / "hostfile", mn_recipe, mn_data, out, "budget.steps=50",
-                       "checkpoint.every_steps=0", f"run.dist_timeout_s={timeout_s}",
-                       "debug.kill_rank=1", "debug.kill_at_step=2")
-    finished = run_on_hosts(cluster, cmds, tmp_path, timeout=300)
+                       "checkpoint.every_steps=0", f"run.dist_timeout_s={timeout_s}")
+    env = {**job_env(), "SIFT_FAULTS": json.dumps({"kill_rank": 1, "kill_at_step": 2})}
+    finished = run_on_hosts(cluster, cmds, tmp_path, timeout=300, env=env)
     survivor, victim = finished[0], finished[1]
     assert victim.returncode != 0 and "exits with return code = -9" in victim.log, victim.log[-3000:]
     assert survivor.returncode != 0, survivor.log[-3000:]

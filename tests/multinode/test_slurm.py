@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e.test_train import REPO, job_env
+from tests.training import REPO, job_env
 from tests.multinode.conftest import RUN_SETS, STEPS
 from tests.multinode.jobs import (assert_all_ok, assert_global_sift_run, run_on_hosts, train_args,
                                   assert_no_training_processes)

@@ -37,11 +37,9 @@ def test_override_values_are_toml():
     assert parse_override("optim.betas=[0.9, 0.95]") == (["optim", "betas"], [0.9, 0.95])
     assert parse_override("eval.max_samples=none") == (["eval", "max_samples"], "none")
     assert parse_override("run.output_dir=runs/x") == (["run", "output_dir"], "runs/x")
-    cfg = load_config(None, ["data.data_dir=d", "optim.betas=[0.9, 0.95]", "eval.max_samples=none",
-                             "debug.nonfinite_at_micro_batches=[3, 4]"])
+    cfg = load_config(None, ["data.data_dir=d", "optim.betas=[0.9, 0.95]", "eval.max_samples=none"])
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.eval.max_samples is None
-    assert cfg.debug.nonfinite_at_micro_batches == (3, 4)
 
 
 def test_none_clears_optional_fields_but_is_a_policy_name():

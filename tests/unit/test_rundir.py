@@ -79,3 +79,39 @@ def test_checkpoint_incompatibilities_name_both_values():
     # an older checkpoint: only what it recorded is compared
     old = {"model": {"vocab_size": 1000, "max_seq_len": 64}, "tokenizer_fingerprint": "a" * 64}
     assert incompatibilities(old, run_facts(1000, 64, "a" * 64, {**arch, "hidden_size": 9}, 3)) == []
+
+
+def test_fault_injector_is_inert_without_sift_faults_and_refuses_unknown_keys(monkeypatch):
+    import torch
+
+    from pipeline.faults import FaultInjector
+
+    monkeypatch.delenv("SIFT_FAULTS", raising=False)
+    quiet = FaultInjector.from_env()
+    loss = torch.tensor(2.0)
+    assert quiet.loss(3, loss) is loss
+    quiet.step_started(0, 0)  # nothing happens (a kill would end this test)
+    quiet.before_latest(0, 0)
+    monkeypatch.setenv("SIFT_FAULTS", json.dumps({"nan_at_micro_batches": [3]}))
+    armed = FaultInjector.from_env()
+    assert torch.isnan(armed.loss(3, loss)) and armed.loss(4, loss) is loss
+    with pytest.raises(ValueError, match="unknown keys"):
+        FaultInjector({"kill_rnak": 1})
+
+
+def test_watchdog_fires_only_after_the_timeout_without_a_beat():
+    import threading
+    import time
+
+    from pipeline.faults import Watchdog
+
+    fired = threading.Event()
+    dog = Watchdog(0.3, lambda idle: fired.set()).start()
+    time.sleep(0.6)
+    assert not fired.is_set()  # not armed before the first beat
+    for _ in range(6):  # beating: never fires
+        dog.beat()
+        time.sleep(0.1)
+    assert not fired.is_set()
+    assert fired.wait(2.0)  # silence past the timeout: fires
+    dog.stop()

@@ -5,6 +5,8 @@ import torch.distributed as dist
 
 from tests._dist import run_distributed
 
+pytestmark = pytest.mark.dist
+
 
 def _sum_ranks(rank, world_size):
     t = torch.tensor([rank + 1.0])
