@@ -759,11 +759,16 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
     preflight(rank, lambda: bert_config(cfg.model, train_set.vocab_size, train_set.seq_len,
                                         train_set.special_ids["pad"]))
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir())
-    fork_from = None  # this run's own checkpoint wins: a fork that crashed resumes itself
-    if resume_from is None and cfg.checkpoint.init_from is not None:
-        fork_from = checkpoint.resolve_resume(cfg.checkpoint.init_from, cfg.checkpoint_dir(),
-                                              what="checkpoint.init_from")
+    if cfg.selection.reference_model is not None:
+        preflight(rank, lambda: check_reference(cfg.selection.reference_model, train_set.vocab_size))
+    try:  # every rank reads the same files, so every rank gets the same answer
+        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir())
+        fork_from = None  # this run's own checkpoint wins: a fork that crashed resumes itself
+        if resume_from is None and cfg.checkpoint.init_from is not None:
+            fork_from = checkpoint.resolve_resume(cfg.checkpoint.init_from, cfg.checkpoint_dir(),
+                                                  what="checkpoint.init_from")
+    except checkpoint.CheckpointError as exc:
+        raise rundir.PreflightError(str(exc)) from None
     source = resume_from or fork_from
     if source is not None:
         preflight(rank, lambda: check_checkpoint(cfg, source, train_set, ds_config))
@@ -809,6 +814,19 @@ def preflight(rank: int, check: Any) -> None:
     error = comm.broadcast_object(error, src=0)
     if error is not None:
         raise rundir.PreflightError(error)
+
+
+def check_reference(path: str, vocab_size: int) -> None:
+    """selection.reference_model names a model directory with the data's vocabulary."""
+    config = Path(resolve_path(path)) / "config.json"
+    if not config.is_file():
+        raise rundir.PreflightError(f"selection.reference_model {path}: no config.json (expected a "
+                                    "directory written by sift-export or save_pretrained)")
+    vocab = json.loads(config.read_text()).get("vocab_size")
+    if vocab != vocab_size:
+        raise rundir.PreflightError(f"selection.reference_model {path} has a vocabulary of {vocab}, "
+                                    f"the data {vocab_size}: train it on data prepared with the "
+                                    "same tokenizer (sift-prep --tokenizer)")
 
 
 def check_checkpoint(cfg: TrainConfig, source: tuple[Path, str], train_set: ShardDataset,

@@ -123,3 +123,8 @@ def checkpoint_at_step_3(run: Path, tmp_path: Path) -> Path:
     shutil.copytree(run / "checkpoints" / "tokenizer", ckpt / "tokenizer")
     (ckpt / "latest").write_text("step_00000003\n")
     return ckpt
+
+
+def zero_run(runs, stage: int) -> Path:
+    """6 steps on 2 ranks at ZeRO `stage`, checkpoints at steps 3 and 6."""
+    return runs(f"zero{stage}", 2, f"run.ds_config=ds_configs/cpu_zero{stage}_fp32.json")

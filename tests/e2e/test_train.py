@@ -19,30 +19,9 @@ import torch
 from tests._dist import run_distributed
 from tests.conftest import free_port
 from tests.training import (BIN, REPO, checkpoint_at_step_3, fp32_weights, job_env, read_metrics,
-                            run_train, summary, train_losses)
+                            run_train, summary, train_losses, zero_run)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, recipe, data_dir):
-    """Lazily launched, cached runs: runs(name, world, *sets) -> output directory."""
-    root = tmp_path_factory.mktemp("runs")
-    cache: dict[str, Path] = {}
-
-    def get(name: str, world: int, *sets: str) -> Path:
-        if name not in cache:
-            out = root / name
-            run_train(world, recipe, data_dir, out, *sets)
-            cache[name] = out
-        return cache[name]
-
-    return get
-
-
-def zero_run(runs, stage: int) -> Path:
-    """6 steps on 2 ranks at ZeRO `stage`, checkpoints at steps 3 and 6."""
-    return runs(f"zero{stage}", 2, f"run.ds_config=ds_configs/cpu_zero{stage}_fp32.json")
 
 
 def most_frequent_token_accuracy(data_dir: Path, max_samples: int, rate: float) -> float:
@@ -316,69 +295,6 @@ def test_training_clock_evaluates_by_time_and_decays_to_the_floor_at_the_budget(
     assert lrs[-1] < 0.2e-3 * 1.5  # within the last log window of the floor (0.1 x 2e-3)
 
 
-def test_selection_waits_for_the_accuracy_gate_then_stays_on(recipe, data_dir, tmp_path):
-    """selection.start_accuracy: vanilla steps (no pool, nothing scored) until an evaluation
-    reaches the gate, selection from the next step on, on every rank alike."""
-    out = tmp_path / "gated"
-    proc = run_train(2, recipe, data_dir, out, "selection.start_accuracy=0.01", "eval.every_steps=2",
-                     "eval.at_start=true", "optim.warmup_steps=0", "optim.lr=5e-3",
-                     "budget.steps=10", "checkpoint.every_steps=0", "checkpoint.at_end=false")
-    evals = read_metrics(out, "eval")
-    opened = next(e["step"] for e in evals if e["eval/accuracy"] >= 0.01)  # the check needs both states
-    assert 0 < opened < 10, [(e["step"], e["eval/accuracy"]) for e in evals]
-    fractions = {r["step"]: r["select/fraction"] for r in read_metrics(out)}
-    assert all(fractions[s] == 1.0 for s in range(1, opened + 1)), fractions
-    assert all(fractions[s] == 0.5 for s in range(opened + 1, 11)), fractions
-    assert f"step {opened}: validation accuracy reached 0.01: selection starts" in proc.stdout + proc.stderr
-
-
-def test_token_ema_resumes_exactly_and_every_rank_plans_alike(runs, recipe, data_dir, tmp_path):
-    """selection.normalize = token-ema: the running per-token loss moves every scoring pass, is
-    the same on both ranks (identical plans), and rides in checkpoints (exact resume)."""
-    sets = ('selection.normalize="token-ema"', "selection.token_ema_rate=0.2",
-            "logging.plan_digests=true")
-    full = runs("token_ema", 2, *sets)
-    plans = [[json.loads(x)["digest"] for x in (full / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
-             for r in (0, 1)]
-    assert len(plans[0]) == 6 and plans[0] == plans[1]
-    ema = {s: json.loads((full / "checkpoints" / f"step_0000000{s}" / "sift_state.json").read_text())["token_ema"]
-           for s in (3, 6)}
-    vocab = json.loads((data_dir / "manifest.json").read_text())["vocab_size"]
-    assert len(ema[3]) == vocab and ema[3] != ema[6]
-    ckpt = checkpoint_at_step_3(full, tmp_path)
-    out = tmp_path / "resumed"
-    run_train(2, recipe, data_dir, out, *sets, f"checkpoint.dir={ckpt}", resume="auto")
-    ref, got = train_losses(full), train_losses(out)
-    assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
-    resumed_ema = json.loads((ckpt / "step_00000006" / "sift_state.json").read_text())["token_ema"]
-    assert resumed_ema == ema[6]
-
-
-def test_sampled_selection_is_one_plan_on_every_rank_and_trains(recipe, data_dir, tmp_path):
-    """selection.draw = sample on 2 ranks: the softmax normalizer is global, so both ranks
-    compute the same draws (identical plan digests), and the weighted loss trains."""
-    out = tmp_path / "sampled"
-    proc = run_train(2, recipe, data_dir, out, 'selection.draw="sample"', "selection.temperature=0.5",
-                     "logging.plan_digests=true", "checkpoint.every_steps=0", "checkpoint.at_end=false",
-                     "logging.progress_bar=true", "logging.every_steps=3")
-    # not a terminal: no bar redraws, a plain line per log window instead
-    assert "\r" not in proc.stdout + proc.stderr and "step 6/6: loss " in proc.stdout
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
-    acc.Reload()
-    texts = {tag: acc.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in acc.Tags()["tensors"]
-             if tag.endswith("text_summary")}
-    assert 'draw = "sample"' in texts["config/text_summary"]
-    assert '"zero_optimization"' in texts["deepspeed/text_summary"]
-    plans = [[json.loads(x)["digest"] for x in (out / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
-             for r in (0, 1)]
-    assert len(plans[0]) == 6 and plans[0] == plans[1]
-    losses = train_losses(out)
-    assert sorted(losses) == [3, 6] and all(math.isfinite(v) for v in losses.values())
-    assert len(set(plans[0])) == 6  # draws differ from micro-batch to micro-batch
-
-
 def test_reference_scores_run_on_every_rank_from_an_exported_model(runs, recipe, data_dir, tmp_path):
     """selection.normalize = reference with a sift-export of another run as the reference
     model: both ranks plan alike, the reference's pass is billed to scoring FLOPs; a missing
@@ -396,10 +312,57 @@ def test_reference_scores_run_on_every_rank_from_an_exported_model(runs, recipe,
     assert len(plans[0]) == 6 and plans[0] == plans[1]
     records = read_metrics(out)
     assert all(math.isfinite(r["select/score_all"]) for r in records)
-    plain = runs("zero2_flops", 2, "checkpoint.every_steps=0", "checkpoint.at_end=false")
+    plain = zero_run(runs, 2)  # the same run without a reference (checkpoints cost no FLOPs)
     flops = {o: [r["perf/model_flops_per_s"] * r["perf/samples_per_s"] ** -1 for r in read_metrics(o)]
              for o in (out, plain)}
     assert all(a > b for a, b in zip(flops[out], flops[plain]))  # FLOPs per sample: more scored
     bad = run_train(2, recipe, data_dir, tmp_path / "bad", *sets,
                     f"selection.reference_model={tmp_path / 'nowhere'}", expect_ok=False)
     assert bad.returncode != 0 and "selection.reference_model" in bad.stderr + bad.stdout
+
+
+def test_gated_token_ema_sampling_plans_alike_on_every_rank_and_resumes_exactly(recipe, data_dir, tmp_path):
+    """The new selection settings together on 2 ranks: vanilla steps until an evaluation reaches
+    selection.start_accuracy, then token-ema scores drawn by draw = sample. Both ranks compute
+    the same plans (the gate, the running per-token loss and the softmax normalizer are global),
+    the running loss moves and rides in checkpoints, and a resume from step 3 replays steps 4-6
+    exactly. Off a terminal the progress is plain lines; the config reaches TensorBoard."""
+    sets = ("selection.start_accuracy=0.01", "eval.every_steps=2", "eval.at_start=true",
+            "optim.warmup_steps=0", "optim.lr=5e-3", 'selection.normalize="token-ema"',
+            "selection.token_ema_rate=0.2", 'selection.draw="sample"', "selection.temperature=0.5",
+            "logging.plan_digests=true", "logging.progress_bar=true")
+    full = tmp_path / "full"
+    proc = run_train(2, recipe, data_dir, full, *sets)
+    text = proc.stdout + proc.stderr
+    evals = read_metrics(full, "eval")
+    opened = next(e["step"] for e in evals if e["eval/accuracy"] >= 0.01)  # the check needs both states
+    assert 0 < opened < 6, [(e["step"], e["eval/accuracy"]) for e in evals]
+    assert f"step {opened}: validation accuracy reached 0.01: selection starts" in text
+    fractions = {r["step"]: r["select/fraction"] for r in read_metrics(full)}
+    assert all(fractions[s] == 1.0 for s in range(1, opened + 1)), fractions
+    assert all(fractions[s] == 0.5 for s in range(opened + 1, 7)), fractions
+    plans = [[json.loads(x)["digest"] for x in (full / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert len(plans[0]) == 6 - opened and plans[0] == plans[1] and len(set(plans[0])) == len(plans[0])
+    ema = {s: json.loads((full / "checkpoints" / f"step_0000000{s}" / "sift_state.json").read_text())["token_ema"]
+           for s in (3, 6)}
+    vocab = json.loads((data_dir / "manifest.json").read_text())["vocab_size"]
+    assert len(ema[6]) == vocab and ema[3] != ema[6]
+    # not a terminal: no bar redraws, a plain line per log window instead
+    assert "\r" not in text and "step 6/6: loss " in proc.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(full / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = {tag: acc.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in acc.Tags()["tensors"]
+             if tag.endswith("text_summary")}
+    assert 'draw = "sample"' in texts["config/text_summary"]
+    assert '"zero_optimization"' in texts["deepspeed/text_summary"]
+
+    ckpt = checkpoint_at_step_3(full, tmp_path)
+    out = tmp_path / "resumed"
+    run_train(2, recipe, data_dir, out, *sets, f"checkpoint.dir={ckpt}", resume="auto")
+    ref, got = train_losses(full), train_losses(out)
+    assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
+    resumed_ema = json.loads((ckpt / "step_00000006" / "sift_state.json").read_text())["token_ema"]
+    assert resumed_ema == ema[6]

@@ -43,8 +43,10 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(recipe, data
     plans_before = (out / "plans" / "rank0.jsonl").read_text().splitlines()
     assert len(plans_before) == 4
 
+    dead = json.loads((out / ".lock").read_text())["pid"]  # the killed run's lock is still there
     proc = run_train(1, recipe, data_dir, out, *sets, resume="auto")
     assert f"resumed from {ckpt / 'step_00000002'}: step 2" in proc.stdout + proc.stderr
+    assert f"taking over the lock of a run that is gone (pid {dead} on" in proc.stdout
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == [1, 2, 3, 4]  # steps 3-4 of the killed run were dropped, then logged again
     after = train_losses(out)
