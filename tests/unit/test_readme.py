@@ -86,6 +86,19 @@ def test_each_readme_command_names_real_files_and_flags(words):
         parse("sift-train", _train_args(words))
 
 
+def test_the_readme_commands_that_fit_in_the_suite_run_as_written():
+    """Those that need no prepared corpus and no hours: --print-config, --help, --version."""
+    quick = [w for w in COMMANDS if w[0] in PROGRAMS and
+             any(f in w for f in ("--print-config", "--help", "--version"))]
+    assert quick, "the README shows no command that fits in the suite"
+    for words in quick:
+        module = {"sift-train": "pipeline.train", "sift-prep": "data_prep.cli",
+                  "sift-export": "pipeline.export_cli", "sift-bench": "benchmarks.sift_bench.cli"}[words[0]]
+        proc = subprocess.run([sys.executable, "-m", module, *words[1:]], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (words, proc.stderr[-2000:])
+
+
 def test_print_config_of_the_shipped_recipes_runs():
     for recipe in sorted((REPO / "launch" / "recipes").glob("*.toml")):
         proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(recipe),
