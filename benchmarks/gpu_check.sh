@@ -108,7 +108,7 @@ stage sift_bench 140 "$py" -m benchmarks.sift_bench.cli --data "$data" --world-s
 # 3. sift-train: ZeRO-2 and ZeRO-3 bf16 with a checkpoint and a resume, and fp16
 common=(--set data.data_dir="$data" model.preset=$preset optim.decay=constant
         optim.warmup_steps=5 eval.every_steps=0 eval.max_samples=256 logging.every_steps=5
-        logging.progress_bar=false selection.policy=sift-loss)
+        logging.progress_bar=false selection.policy=sift-loss run.overwrite=true)
 for z in zero2_bf16 zero3_bf16; do
     stage "train_${z}_a" 90 "$py" -m pipeline.train "${common[@]}" \
         run.ds_config="$out/ds_$z.json" run.output_dir="$out/train_$z" budget.steps=10 \
