@@ -39,3 +39,19 @@ def state_union_shards(shared_data, tmp_path_factory) -> Path:
     return run_prep([shared_data / "nltk" / "state_union"], out, "--vocab-size", "2000",
                     "--seq-len", "64", "--valid-fraction", "0.1",
                     "--encoding-errors", "replace")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tiny_corpus) -> Path:
+    """The embedded corpus, prepared once per session: what e2e and multinode jobs train on."""
+    return tiny_corpus
+
+
+@pytest.fixture(scope="session")
+def recipe(tmp_path_factory) -> Path:
+    """The tiny SIFT recipe every e2e and multinode job shares (tests/training.py)."""
+    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
+    from tests.training import BASE_RECIPE
+
+    path.write_text(BASE_RECIPE)
+    return path

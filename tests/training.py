@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import free_port
+from data_prep.io_util import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

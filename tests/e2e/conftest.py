@@ -1,24 +1,12 @@
-"""Fixtures of the end-to-end tests: the prepared embedded corpus and the base recipe."""
+"""Fixtures of the end-to-end tests: runs launched once and shared (data_dir and recipe come
+from tests/conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from tests.training import BASE_RECIPE, run_train
-
-
-@pytest.fixture(scope="session")
-def data_dir(tiny_corpus) -> Path:
-    """The embedded corpus, prepared once per session (tests/conftest.py)."""
-    return tiny_corpus
-
-
-@pytest.fixture(scope="session")
-def recipe(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
-    path.write_text(BASE_RECIPE)
-    return path
+from tests.training import run_train
 
 
 @pytest.fixture(scope="session")

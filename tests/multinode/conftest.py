@@ -1,15 +1,13 @@
-"""Fixtures for multi-node tests: a 2-host cluster of network namespaces, data, a recipe.
+"""Fixtures for multi-node tests: a 2-host cluster of network namespaces and the single-host
+reference run (data and recipe: tests/conftest.py).
 
 Every fixture that starts something tears it down in a finalizer, so a failing test leaves no
 namespace, daemon or rank behind; `netns.remove_stale` clears what a crashed session left.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.training import BASE_RECIPE
 from tests.multinode.netns import Cluster, refusal_reason
 
 STEPS = 4
@@ -35,26 +33,12 @@ def cluster():
 
 
 @pytest.fixture(scope="session")
-def mn_data(tiny_corpus) -> Path:
-    """The e2e tests' corpus (tests/conftest.py), on the shared filesystem both hosts see."""
-    return tiny_corpus
-
-
-@pytest.fixture(scope="session")
-def mn_recipe(tmp_path_factory) -> Path:
-    """The e2e tests' tiny SIFT recipe (bert-tiny, sift-loss, f=0.5, global scope, ZeRO-2)."""
-    path = tmp_path_factory.mktemp("mn_recipe") / "tiny.toml"
-    path.write_text(BASE_RECIPE)
-    return path
-
-
-@pytest.fixture(scope="session")
-def reference_losses(tmp_path_factory, mn_recipe, mn_data) -> dict[int, float]:
+def reference_losses(tmp_path_factory, recipe, data_dir) -> dict[int, float]:
     """Train losses of the same job as 2 ranks on one host (the plain deepspeed launcher)."""
     from tests.training import run_train, train_losses
 
     out = tmp_path_factory.mktemp("mn_reference") / "run"
-    run_train(2, mn_recipe, mn_data, out, *RUN_SETS)
+    run_train(2, recipe, data_dir, out, *RUN_SETS)
     return train_losses(out)
 
 

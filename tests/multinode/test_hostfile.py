@@ -28,10 +28,10 @@ def no_ssh_cmds(cluster, hostfile, recipe, data, out, *sets) -> dict[int, list[s
             for h in cluster.hosts}
 
 
-def test_hostfile_no_ssh_two_hosts_equal_one_host(cluster, mn_recipe, mn_data, reference_losses,
+def test_hostfile_no_ssh_two_hosts_equal_one_host(cluster, recipe, data_dir, reference_losses,
                                                     tmp_path):
     out = tmp_path / "run"
-    cmds = no_ssh_cmds(cluster, tmp_path / "hostfile", mn_recipe, mn_data, out, *RUN_SETS)
+    cmds = no_ssh_cmds(cluster, tmp_path / "hostfile", recipe, data_dir, out, *RUN_SETS)
     tx0 = {h.index: cluster.tx_bytes(h) for h in cluster.hosts}
     finished = run_on_hosts(cluster, cmds, tmp_path, timeout=300)
     assert_all_ok(finished)
@@ -41,10 +41,10 @@ def test_hostfile_no_ssh_two_hosts_equal_one_host(cluster, mn_recipe, mn_data, r
     assert_no_training_processes(cluster)
 
 
-def test_killed_rank_on_one_host_fails_the_other_fast(cluster, mn_recipe, mn_data, tmp_path):
+def test_killed_rank_on_one_host_fails_the_other_fast(cluster, recipe, data_dir, tmp_path):
     timeout_s = 30
     out = tmp_path / "run"
-    cmds = no_ssh_cmds(cluster, tmp_path / "hostfile", mn_recipe, mn_data, out, "budget.steps=50",
+    cmds = no_ssh_cmds(cluster, tmp_path / "hostfile", recipe, data_dir, out, "budget.steps=50",
                        "checkpoint.every_steps=0", f"run.dist_timeout_s={timeout_s}")
     env = {**job_env(), "SIFT_FAULTS": json.dumps({"kill_rank": 1, "kill_at_step": 2})}
     finished = run_on_hosts(cluster, cmds, tmp_path, timeout=300, env=env)

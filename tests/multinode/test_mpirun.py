@@ -17,7 +17,7 @@ from tests.multinode.jobs import (assert_all_ok, assert_global_sift_run, run_on_
 pytestmark = [pytest.mark.multinode]
 
 
-def test_mpirun_two_hosts_equal_one_host(cluster, ssh_cluster, mn_recipe, mn_data, reference_losses,
+def test_mpirun_two_hosts_equal_one_host(cluster, ssh_cluster, recipe, data_dir, reference_losses,
                                          tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not found (apt-get install openmpi-bin libopenmpi-dev)")
@@ -30,7 +30,7 @@ def test_mpirun_two_hosts_equal_one_host(cluster, ssh_cluster, mn_recipe, mn_dat
     # (first core of each node) would put both ranks on the same core (74 s instead of 28 s).
     env.update(PATH=f"{ssh_cluster}{os.pathsep}{env['PATH']}", NP="2", HOSTFILE=str(hostfile),
                MASTER_PORT=str(free_port()), MPIRUN_ARGS="--bind-to none")
-    cmd = ["bash", str(REPO / "launch/mpirun.sh"), *train_args(mn_recipe, mn_data, out, *RUN_SETS)]
+    cmd = ["bash", str(REPO / "launch/mpirun.sh"), *train_args(recipe, data_dir, out, *RUN_SETS)]
     tx0 = {h.index: cluster.tx_bytes(h) for h in cluster.hosts}
     finished = run_on_hosts(cluster, {0: cmd}, tmp_path, timeout=300, env=env)
     assert_all_ok(finished)

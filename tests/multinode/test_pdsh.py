@@ -19,7 +19,7 @@ from tests.multinode.jobs import (assert_all_ok, assert_global_sift_run, run_on_
 pytestmark = [pytest.mark.multinode]
 
 
-def test_pdsh_hostfile_two_hosts_equal_one_host(cluster, ssh_cluster, mn_recipe, mn_data,
+def test_pdsh_hostfile_two_hosts_equal_one_host(cluster, ssh_cluster, recipe, data_dir,
                                                  reference_losses, tmp_path):
     out = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
@@ -31,7 +31,7 @@ def test_pdsh_hostfile_two_hosts_equal_one_host(cluster, ssh_cluster, mn_recipe,
     env.update(PATH=f"{ssh_cluster}{os.pathsep}{env['PATH']}", DS_ENV_FILE=str(env_file),
                MASTER_PORT=str(free_port()))
     cmd = ["bash", str(REPO / "launch/multi_node.sh"), str(hostfile),
-           *train_args(mn_recipe, mn_data, out, *RUN_SETS)]
+           *train_args(recipe, data_dir, out, *RUN_SETS)]
     tx0 = {h.index: cluster.tx_bytes(h) for h in cluster.hosts}
     finished = run_on_hosts(cluster, {0: cmd}, tmp_path, timeout=300, env=env)
     assert_all_ok(finished)

@@ -18,7 +18,7 @@ from tests.multinode.jobs import (assert_all_ok, assert_global_sift_run, run_on_
 pytestmark = [pytest.mark.multinode]
 
 
-def test_sbatch_two_hosts_equal_one_host(cluster, slurm_cluster, mn_recipe, mn_data,
+def test_sbatch_two_hosts_equal_one_host(cluster, slurm_cluster, recipe, data_dir,
                                          reference_losses, tmp_path):
     out = tmp_path / "run"
     env = job_env()
@@ -26,7 +26,7 @@ def test_sbatch_two_hosts_equal_one_host(cluster, slurm_cluster, mn_recipe, mn_d
     job_out = tmp_path / "slurm-job.out"
     cmd = ["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
            "--gpus-per-node=0", f"--output={job_out}", "--time=10",
-           str(REPO / "launch/slurm.sbatch"), *train_args(mn_recipe, mn_data, out, *RUN_SETS)]
+           str(REPO / "launch/slurm.sbatch"), *train_args(recipe, data_dir, out, *RUN_SETS)]
     tx0 = {h.index: cluster.tx_bytes(h) for h in cluster.hosts}
     finished = run_on_hosts(cluster, {0: cmd}, tmp_path, timeout=300, env=env)
     job_log = job_out.read_text() if job_out.exists() else "(no job output)"
