@@ -70,15 +70,14 @@ def _state(pid: int) -> str | None:
 
 def process_running(pid: int) -> bool:
     """Whether `pid` is a live process on this host (a zombie counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    state = _state(pid)
+    if state is not None:
         return state not in ("Z", "X")  # a killed rank waiting to be reaped is a zombie
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
+    try:  # no /proc here: ask the kernel
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def dead_ranks(output_dir: str, world_size: int) -> list[int]:

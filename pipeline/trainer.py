@@ -207,16 +207,8 @@ class Trainer:
         return self.summary(reason)
 
     def _gate_open(self) -> bool:
-        """The selection.start_accuracy gate: open once any evaluation reached it (all ranks
-        hold the same evaluations, so they agree)."""
-        st = self.state
-        if not st.selection_gate_open and any(gate_opens(self.cfg.selection, e["accuracy"])
-                                              for e in self.evals):
-            st.selection_gate_open = True
-            if self.cfg.selection.start_accuracy is not None:
-                self.writer.message(f"step {st.step}: validation accuracy reached "
-                                    f"{self.cfg.selection.start_accuracy}: selection starts")
-        return st.selection_gate_open or self.cfg.selection.start_accuracy is None
+        """The selection.start_accuracy gate (latched by `_evaluate`; no gate: always open)."""
+        return self.state.selection_gate_open or self.cfg.selection.start_accuracy is None
 
     def _tick(self) -> None:
         """Read the training clock once per step. When a decision depends on it (a wall-time
@@ -491,6 +483,13 @@ class Trainer:
         metrics["samples_backpropagated"] = self.state.samples_backpropagated
         metrics["elapsed_s"] = self.clock_s  # training time, the same on every rank (`_tick`)
         self.evals.append(metrics)
+        gate = self.cfg.selection.start_accuracy
+        if gate is not None and not self.state.selection_gate_open and \
+                gate_opens(self.cfg.selection, metrics["accuracy"]):
+            # every rank computed the same accuracy (all-reduced), so all open it at this step
+            self.state.selection_gate_open = True
+            self.writer.message(f"step {self.state.step}: validation accuracy reached {gate}: "
+                                "selection starts")
         self.writer.log(self.state.step, {"eval/accuracy": metrics["accuracy"],
                                           "eval/loss": metrics["loss"],
                                           "eval/spearman_exit_vs_full": metrics["spearman_exit_vs_full"],
