@@ -72,21 +72,22 @@ archive() {
 
 preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # stages 2-3 (bert-tiny: a CPU smoke test of this script)
 
-# 1. trainer efficiency: the trainer against a plain loop, 4 cases
-stage efficiency 200 "$py" benchmarks/trainer_efficiency.py --gpu --data "$data" \
-    --out "$out/trainer_efficiency.json" ${SIFT_GPU_EFFICIENCY_ARGS:-}
+# 1. trainer efficiency: the trainer against a plain loop, 4 cases, under the GPU default
+#    (zero0_autocast_bf16: fp32 weights, torch.autocast, the client's fused AdamW) and under
+#    ZeRO-2 with bf16 weights
+stage efficiency 300 "$py" -m benchmarks.trainer_efficiency --gpu --data "$data" \
+    --out "$out/trainer_efficiency.json" --ds-config ds_configs/zero0_autocast_bf16.json \
+    --ds-config ds_configs/zero2_bf16.json ${SIFT_GPU_EFFICIENCY_ARGS:-}
 
-# 1b. where the rest of the step goes: DeepSpeed variants side by side, and the profiler's table
-stage efficiency_variants 120 "$py" benchmarks/trainer_efficiency.py --case bert-medium:128 \
+# 1b. where the rest of the step goes: more DeepSpeed variants side by side, and the profiler's table
+stage efficiency_variants 120 "$py" -m benchmarks.trainer_efficiency --case bert-medium:128 \
     --data "$data" --rounds 3 --out "$out/trainer_efficiency_variants.json" \
-    --ds-config ds_configs/zero2_bf16.json --ds-config benchmarks/ds_variants/zero2_bf16_nocheck.json \
-    --ds-config benchmarks/ds_variants/zero2_autocast_bf16.json \
-    --ds-config benchmarks/ds_variants/zero0_autocast_bf16.json
-stage profile 90 "$py" benchmarks/profile_step.py --case bert-medium:128 --data "$data" \
-    --ds-config ds_configs/zero2_bf16.json --out "$out/profile_step.txt"
+    --ds-config ds_configs/zero0_bf16.json --ds-config benchmarks/ds_variants/zero2_autocast_bf16.json
+stage profile 90 "$py" -m benchmarks.profile_step --case bert-medium:128 --data "$data" \
+    --ds-config ds_configs/zero0_autocast_bf16.json --out "$out/profile_step.txt"
 
 # the GPU ds_configs of the runs below, at micro batch 128
-for f in zero2_bf16 zero3_bf16 zero2_fp16; do
+for f in zero0_autocast_bf16 zero2_bf16 zero3_bf16 zero2_fp16; do
     "$py" - "$root/ds_configs/$f.json" "$out/ds_$f.json" <<'EOF'
 import json, sys
 cfg = json.load(open(sys.argv[1]))
@@ -96,16 +97,8 @@ json.dump(cfg, open(sys.argv[2], "w"), indent=1)
 EOF
 done
 
-# 2. a short sift-bench: vanilla / sift-loss / random on bert-medium (lr 3e-4, the GPU note's
-#    recipe that leaves the plateau soonest); the step-time split of each arm is in its report
-stage sift_bench 140 "$py" -m benchmarks.sift_bench.cli --data "$data" --world-size 1 \
-    --policies sift-loss,random --fractions 0.5 --pools expand --exit-layers 1 --exit-heads shared \
-    --no-hf-baseline --budget-s 25 --eval-interval-s 8 --out "$out" --name sift_bench \
-    --work-dir "$out/sift_bench_runs" \
-    --set model.preset=$preset run.ds_config="$out/ds_zero2_bf16.json" optim.lr=3e-4 \
-          optim.warmup_steps=200 optim.decay=constant eval.max_samples=512
-
-# 3. sift-train: ZeRO-2 and ZeRO-3 bf16 with a checkpoint and a resume, and fp16
+if [ -z "${SIFT_GPU_CHECK_ONLY_EFFICIENCY:-}" ]; then
+# 2. sift-train: ZeRO-2 and ZeRO-3 bf16 with a checkpoint and a resume, and fp16
 common=(--set data.data_dir="$data" model.preset=$preset optim.decay=constant
         optim.warmup_steps=5 eval.every_steps=0 eval.max_samples=256 logging.every_steps=5
         logging.progress_bar=false selection.policy=sift-loss run.overwrite=true)
@@ -119,9 +112,19 @@ for z in zero2_bf16 zero3_bf16; do
 done
 stage train_zero2_fp16 90 "$py" -m pipeline.train "${common[@]}" \
     run.ds_config="$out/ds_zero2_fp16.json" run.output_dir="$out/train_zero2_fp16" budget.steps=20
+# 3. a short sift-bench (last: it is a smoke test that passed before): vanilla / sift-loss / random on bert-medium (lr 3e-4, the GPU note's
+#    recipe that leaves the plateau soonest); the step-time split of each arm is in its report
+stage sift_bench 140 "$py" -m benchmarks.sift_bench.cli --data "$data" --world-size 1 \
+    --policies sift-loss,random --fractions 0.5 --pools expand --exit-layers 1 --exit-heads shared \
+    --no-hf-baseline --budget-s 25 --eval-interval-s 8 --out "$out" --name sift_bench \
+    --work-dir "$out/sift_bench_runs" \
+    --set model.preset=$preset run.ds_config="$out/ds_zero0_autocast_bf16.json" optim.lr=3e-4 \
+          optim.warmup_steps=200 optim.decay=constant eval.max_samples=512
+
+fi
 # opt-in (about 2 more minutes): model.compile against the same case uncompiled
 if [ -n "${SIFT_GPU_CHECK_COMPILE:-}" ]; then
-    stage efficiency_compile 150 "$py" benchmarks/trainer_efficiency.py --case bert-medium:128 \
+    stage efficiency_compile 150 "$py" -m benchmarks.trainer_efficiency --case bert-medium:128 \
         --data "$data" --rounds 3 --compile --out "$out/trainer_efficiency_compiled.json"
 fi
 # checkpoints are large and rebuilt in seconds: keep the logs, summaries and metrics

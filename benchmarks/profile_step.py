@@ -31,7 +31,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="sift-prep output directory (default: the embedded corpus)")
     p.add_argument("--case", default=None, metavar="PRESET:MICRO_BATCH",
                    help="default bert-medium:128 on CUDA, bert-mini:32 on CPU")
-    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default zero2_bf16 / cpu_zero2_fp32)")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default zero0_autocast_bf16 / cpu_zero2_fp32)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rows", type=int, default=25, help="operators listed per table")
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     preset, _, mb = (args.case or ("bert-medium:128" if cuda else "bert-mini:32")).partition(":")
-    ds = args.ds_config or str(REPO / "ds_configs" / ("zero2_bf16.json" if cuda else "cpu_zero2_fp32.json"))
+    ds = args.ds_config or str(REPO / "ds_configs" / ("zero0_autocast_bf16.json" if cuda else "cpu_zero2_fp32.json"))
     data = Path(args.data).resolve() if args.data else default_data()
 
     from pipeline import comm

@@ -33,7 +33,7 @@ and reports per case, each ratio as the median over rounds with the [min, max] o
                        forward_backward, optimizer) from extra steps run with logging.profile on
 
 CPU default: bert-mini, micro batch 32, ds_configs/cpu_zero2_fp32.json. GPU presets (`--gpu`):
-bert-medium and bert-base at micro batch 128 and 256, ds_configs/zero2_bf16.json. Data: a
+bert-medium and bert-base at micro batch 128 and 256, ds_configs/zero0_autocast_bf16.json. Data: a
 sift-prep directory (`--data`); by default the embedded corpus, prepared once under
 runs/bench_data/. Writes benchmarks/results/trainer_efficiency.json (or `--out`).
 
@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a case to run (repeatable), e.g. bert-base:256; overrides the defaults")
     p.add_argument("--ds-config", action="append", default=[],
                    help="DeepSpeed JSON (repeatable: each is a case); its micro batch is replaced "
-                        "by the case's (default: cpu_zero2_fp32 on CPU, zero2_bf16 on CUDA)")
+                        "by the case's (default: cpu_zero2_fp32 on CPU, zero0_autocast_bf16 on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per arm per round")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (after one warm-up round)")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases.append((preset, int(mb)))
     else:
         cases = [("bert-tiny", 8)] if args.quick else GPU_CASES if args.gpu else CPU_CASES
-    ds_configs = args.ds_config or [str(REPO / "ds_configs" / ("zero2_bf16.json" if cuda else "cpu_zero2_fp32.json"))]
+    ds_configs = args.ds_config or [str(REPO / "ds_configs" / ("zero0_autocast_bf16.json" if cuda else "cpu_zero2_fp32.json"))]
     for p in ds_configs:
         if not Path(p).is_file():
             print(f"trainer_efficiency: --ds-config {p}: not found", file=sys.stderr)

@@ -15,7 +15,8 @@ SCRIPT = REPO_ROOT / "benchmarks" / "trainer_efficiency.py"
 
 
 def _env():
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+    # the repository on PYTHONPATH, as benchmarks/gpu_check.sh runs it on a machine without an install
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(REPO_ROOT / ".torch_extensions"))}
 

@@ -76,3 +76,12 @@ def test_the_rules_can_fail(tmp_path):
     got = imports_of(probe)
     assert hits(got, ("pipeline.comm",)) == ["pipeline.comm"]
     assert hits(got, ("torch.distributed",)) == ["torch.distributed"]
+
+
+def test_no_script_shadows_a_top_level_package():
+    # `python benchmarks/x.py` puts benchmarks/ first on sys.path: a benchmarks/data_prep.py there
+    # hid the data_prep package whenever the repository came later on the path (the GPU machine)
+    packages = {p.parent.name for p in REPO.glob("*/__init__.py")}
+    shadows = [f"{d}/{p.name}" for d in ("benchmarks", "launch", "tests")
+               for p in (REPO / d).rglob("*.py") if p.stem in packages]
+    assert packages >= {"pipeline", "data_prep", "benchmarks"} and not shadows, shadows

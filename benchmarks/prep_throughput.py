@@ -1,7 +1,7 @@
 """Data-prep benchmark: sift-prep end-to-end throughput against raw tokenizers `encode_batch`,
 and peak RSS on the shared corpora and on a corpus ten times larger.
 
-    .venv/bin/python benchmarks/data_prep.py [--shared ../shared/data] [--out benchmarks/results/data_prep.json]
+    .venv/bin/python benchmarks/prep_throughput.py [--shared ../shared/data] [--out benchmarks/results/data_prep.json]
 
 Throughput: both sides tokenize the same text with the same tokenizer (the one sift-prep trains
 on the shared corpora) and the same number of Rust threads. The baseline gets the texts already
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating repeats of the throughput pair")
     args = ap.parse_args()
     if not args.shared.is_dir():
-        sys.exit(f"benchmarks/data_prep.py: shared corpora not found at {args.shared}")
+        sys.exit(f"benchmarks/prep_throughput.py: shared corpora not found at {args.shared}")
     result = {"machine": machine_info(("tokenizers", "transformers", "numpy"), repo=ROOT), "note": "one run each on a 2-core machine shared with other "
               "engineers' test runs (load average above); timings are noisy"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
