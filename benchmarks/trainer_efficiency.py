@@ -81,8 +81,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
                    metavar="SECTION.KEY=VALUE", help="a training-config override for every arm, e.g. "
                    "model.config_file=my_bert.json (repeatable)")
-    p.add_argument("--compile", action="store_true",
-                   help="model.compile = true in every arm (torch.compile of each encoder layer)")
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                   help="model.compile = true in every arm (torch.compile of each encoder layer); "
+                        "'both': every case uncompiled, then compiled, in the same process")
     p.add_argument("--quick", action="store_true",
                    help="bert-tiny, micro batch 8, 2 steps x 2 rounds (the test suite's run)")
     p.add_argument("--out", default=None, help=f"result JSON (default {RESULTS.relative_to(REPO)})")
@@ -219,7 +220,7 @@ def build_trainers(data: Path, preset: str, ds_file: Path, out_dir: Path, compil
     return {name: Trainer(c, engine, facts, train_set, valid_set, writer, 0, 1) for name, c in cfgs.items()}
 
 
-def run_case(args: argparse.Namespace, data: Path, preset: str, micro_batch: int, ds_path: str,
+def run_case(args: argparse.Namespace, compile_: bool, data: Path, preset: str, micro_batch: int, ds_path: str,
              work: Path) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -229,12 +230,12 @@ def run_case(args: argparse.Namespace, data: Path, preset: str, micro_batch: int
     from pipeline.model import IGNORE_INDEX
 
     ds_file = case_ds_config(ds_path, micro_batch, work)
-    out_dir = work / f"run_{preset}_b{micro_batch}_{Path(ds_path).stem}"
+    out_dir = work / f"run_{preset}_b{micro_batch}_{Path(ds_path).stem}{'_compiled' if compile_ else ''}"
     sift = ["selection.policy=sift-loss", "selection.pool=expand", "selection.fraction=0.5"]
     variants = {"trainer_vanilla": ["selection.policy=none"], "trainer_sift": sift,
                 "profile_vanilla": ["selection.policy=none", "logging.profile=true"],
                 "profile_sift": [*sift, "logging.profile=true"]}
-    trainers = build_trainers(data, preset, ds_file, out_dir, args.compile, variants, args.overrides)
+    trainers = build_trainers(data, preset, ds_file, out_dir, compile_, variants, args.overrides)
     any_trainer = trainers["trainer_vanilla"]
     cfg_v, cfg_s = any_trainer.cfg, trainers["trainer_sift"].cfg
     engine, facts, train_set = any_trainer.engine, any_trainer.facts, any_trainer.train_set
@@ -308,7 +309,7 @@ def run_case(args: argparse.Namespace, data: Path, preset: str, micro_batch: int
     result: dict[str, Any] = {
         "preset": preset, "micro_batch": micro_batch, "seq_len": seq_len,
         "vocab_size": train_set.vocab_size, "ds_config": str(ds_path), "zero_stage": facts.zero_stage,
-        "precision": facts.precision, "device": str(device), "compile": args.compile,
+        "precision": facts.precision, "device": str(device), "compile": compile_,
         "overrides": args.overrides,
         "steps_per_round": steps, "rounds": rounds,
         "step_ms": {a: summarize([t * 1e3 for t in times[a]]) for a in ARMS},
@@ -394,9 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="trainer_eff_") as tmp:
+            compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
             for ds in ds_configs:
                 for preset, mb in cases:
-                    results.append(run_case(args, data, preset, mb, ds, Path(tmp)))
+                    for compile_ in compiles:
+                        results.append(run_case(args, compile_, data, preset, mb, ds, Path(tmp)))
     except (ValueError, DataError, FileNotFoundError) as exc:  # ConfigError is a ValueError
         print(f"trainer_efficiency: {exc}", file=sys.stderr)
         return 2
