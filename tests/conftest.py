@@ -22,7 +22,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """The embedded State of the Union corpus through the real sift-prep (vocab 600, 64 tokens):
-    small enough that bert-tiny learns in a minute; shared by the trainer and multi-node tests."""
+    small enough that bert-tiny learns in a minute; shared by the shard-reader, prefetch, trainer
+    and multi-node tests."""
     from tests.prepared import run_prep
 
     out = tmp_path_factory.mktemp("tiny_corpus") / "data"

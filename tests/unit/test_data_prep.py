@@ -1,4 +1,10 @@
-"""Unit tests for data_prep's pure parts and readers, on real corpora and a real tokenizer."""
+"""Unit tests for data_prep's pure parts and readers, on real corpora and a real tokenizer.
+
+The real text is the embedded State of the Union corpus (data_prep/corpus), laid out as files the
+way each test needs. A few reader tests keep the raw files in ../shared/data (skipped when it is
+absent): they test byte-level traits that the embedded corpus, stored as clean UTF-8 with LF line
+ends, does not have (ISO-8859-1 bytes, CRLF and NEL line ends, undecodable UTF-8).
+"""
 from __future__ import annotations
 
 import bz2
@@ -117,6 +123,32 @@ def test_fallback_sends_exactly_one_document_to_valid():
 # Sources
 
 
+@pytest.fixture(scope="module")
+def addresses() -> list[dict]:
+    """The embedded corpus's records: {"text": one address, "source": its nltk file name}."""
+    with lzma.open(sources.EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def address_dir(addresses, tmp_path_factory) -> Path:
+    """The addresses as nltk ships them: one 19xx-Name.txt / 20xx-Name.txt file each, and a README."""
+    d = tmp_path_factory.mktemp("state_union")
+    for a in addresses:
+        (d / a["source"]).write_text(a["text"], encoding="utf-8")
+    (d / "README").write_text("State of the Union addresses 1945-2006, from data_prep/corpus.\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def one_file_corpus(addresses, tmp_path_factory) -> Path:
+    """Every address in one plain-text file (2 MB), a blank line between two; the addresses hold
+    blank and whitespace-only lines of their own between paragraphs."""
+    path = tmp_path_factory.mktemp("one_file") / "state_union.txt"
+    path.write_text("\n\n".join(a["text"] for a in addresses), encoding="utf-8")
+    return path
+
+
 def _texts(source, **kw):
     opts = sources.ReadOptions(**kw)
     docs, cur = [], []
@@ -129,20 +161,21 @@ def _texts(source, **kw):
     return docs
 
 
-def test_directory_walk_is_sorted_and_skips_files_without_text_suffix(shared_data):
-    found = sources.resolve_inputs([str(shared_data / "nltk" / "webtext")])
+def test_directory_walk_is_sorted_and_skips_files_without_text_suffix(address_dir, addresses):
+    found = sources.resolve_inputs([str(address_dir)])
     names = [Path(s.name).name for s in found]
-    assert names == sorted(names) and "README" not in names and "firefox.txt" in names
+    assert names == sorted(names) and "README" not in names and "1945-Truman.txt" in names
+    assert len(names) == len(addresses)
     assert all(s.kind == "text" for s in found)
 
 
-def test_glob_and_missing_paths(shared_data):
-    found = sources.resolve_inputs([str(shared_data / "nltk" / "state_union" / "19[45]*.txt")])
+def test_glob_and_missing_paths(address_dir):
+    found = sources.resolve_inputs([str(address_dir / "19[45]*.txt")])
     assert len(found) > 5 and all(Path(s.name).name[:3] in ("194", "195") for s in found)
     with pytest.raises(PrepError, match="no such file"):
-        sources.resolve_inputs([str(shared_data / "nope.txt")])
+        sources.resolve_inputs([str(address_dir / "nope.txt")])
     with pytest.raises(PrepError, match="no file matches"):
-        sources.resolve_inputs([str(shared_data / "*.nothing")])
+        sources.resolve_inputs([str(address_dir / "*.nothing")])
 
 
 @pytest.mark.parametrize("suffix,opener", [(".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open)])
@@ -171,8 +204,8 @@ def test_nel_line_breaks_separate_words(shared_data):
     assert text.count("\n") >= raw.count("\n") + raw.count("\x85")
 
 
-def test_blank_line_documents(shared_data):
-    (s,) = sources.resolve_inputs([str(shared_data / "wikitext-2" / "test.txt")])
+def test_blank_line_documents(one_file_corpus):
+    (s,) = sources.resolve_inputs([str(one_file_corpus)])
     docs = _texts(s, doc_boundary="blank-line")
     whole = _texts(s)
     assert len(whole) == 1 and len(docs) > 100
@@ -180,12 +213,11 @@ def test_blank_line_documents(shared_data):
     assert "".join(docs).split() == whole[0].split()
 
 
-def test_jsonl_and_parquet_records(shared_data, tmp_path):
+def test_jsonl_and_parquet_records(addresses, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted((shared_data / "nltk" / "movie_reviews" / "pos").glob("*.txt"))[:20]
-    texts = [f.read_text() for f in files]
+    texts = [a["text"] for a in addresses[:20]]
     jl = tmp_path / "reviews.jsonl.gz"
     with gzip.open(jl, "wt") as f:
         for t in texts:
@@ -199,10 +231,9 @@ def test_jsonl_and_parquet_records(shared_data, tmp_path):
             _texts(s)
 
 
-def test_pieces_tokenize_like_whole_documents(shared_data):
+def test_pieces_tokenize_like_whole_documents(one_file_corpus):
     """Cutting a long document at line ends must not change a single token."""
-    path = shared_data / "nltk" / "abc" / "rural.txt"
-    (s,) = sources.resolve_inputs([str(path)])
+    (s,) = sources.resolve_inputs([str(one_file_corpus)])
     texts = _texts(s, max_piece_chars=1 << 30)
     tok = tk.train_wordpiece(texts, vocab_size=1000, lowercase=True, raw_chars=set(texts[0]),
                              show_progress=False)
@@ -220,7 +251,7 @@ def test_read_options_checks():
         sources.ReadOptions(doc_boundary="page")
 
 
-def test_wordpiece_training_is_reproducible_across_processes(shared_data, tmp_path):
+def test_wordpiece_training_is_reproducible_across_processes(one_file_corpus):
     """tokenizers' trainer alone gives a different vocabulary per process (HashMap order)."""
     import subprocess
     import sys
@@ -228,11 +259,7 @@ def test_wordpiece_training_is_reproducible_across_processes(shared_data, tmp_pa
     code = ("import sys; from pathlib import Path; from data_prep import tokenizer as tk; "
             "t = Path(sys.argv[1]).read_text(); "
             "print(tk.train_wordpiece([t], 2000, True, set(t), show_progress=False).to_str())")
-    path = shared_data / "nltk" / "abc" / "science.txt"
-    text = path.read_bytes().decode("utf-8", "replace")
-    src_file = tmp_path / "science.txt"
-    src_file.write_text(text)
-    runs = [subprocess.run([sys.executable, "-c", code, str(src_file)], capture_output=True, text=True,
+    runs = [subprocess.run([sys.executable, "-c", code, str(one_file_corpus)], capture_output=True, text=True,
                            check=True).stdout for _ in range(3)]
     assert runs[0] == runs[1] == runs[2] and '"##e"' in runs[0]
 

@@ -1,4 +1,5 @@
-"""The shard reader on real sift-prep output: rows, batches, pickling, errors, fixed validation."""
+"""The shard reader on real sift-prep output (the embedded corpus, `tiny_corpus`): rows, batches,
+pickling, errors, fixed validation."""
 import json
 import pickle
 
@@ -9,10 +10,10 @@ from pipeline.data import (IGNORE_INDEX, DataError, GlobalSampler, MaskingConfig
                            token_counts, train_batch, validation_batches)
 
 
-def test_rows_are_the_shard_rows_in_manifest_order(state_union_shards):
-    ds = ShardDataset(state_union_shards, "train")
-    manifest = json.loads((state_union_shards / "manifest.json").read_text())
-    shards = [np.load(state_union_shards / s["path"]) for s in manifest["splits"]["train"]["shards"]]
+def test_rows_are_the_shard_rows_in_manifest_order(tiny_corpus):
+    ds = ShardDataset(tiny_corpus, "train")
+    manifest = json.loads((tiny_corpus / "manifest.json").read_text())
+    shards = [np.load(tiny_corpus / s["path"]) for s in manifest["splits"]["train"]["shards"]]
     every_row = np.concatenate(shards)
     assert len(ds) == manifest["splits"]["train"]["num_sequences"] == every_row.shape[0]
     picks = np.random.default_rng(0).integers(0, len(ds), size=50)
@@ -21,8 +22,8 @@ def test_rows_are_the_shard_rows_in_manifest_order(state_union_shards):
     assert ds.tokenizer_dir.is_dir() and ds.fingerprint == manifest["tokenizer_fingerprint"]
 
 
-def test_batch_tensors(state_union_shards):
-    ds = ShardDataset(state_union_shards, "train")
+def test_batch_tensors(tiny_corpus):
+    ds = ShardDataset(tiny_corpus, "train")
     batch = train_batch(ds, GlobalSampler(len(ds), seed=0), MaskingConfig(), position=0,
                         per_rank=8, rank=0, world_size=1)
     assert set(batch) == {"input_ids", "labels", "attention_mask", "sample_index"}
@@ -37,16 +38,16 @@ def test_batch_tensors(state_union_shards):
     assert batch["input_ids"].max() < ds.vocab_size
 
 
-def test_pickling_keeps_only_the_path(state_union_shards):
-    ds = ShardDataset(state_union_shards, "valid")
+def test_pickling_keeps_only_the_path(tiny_corpus):
+    ds = ShardDataset(tiny_corpus, "valid")
     ds.rows(np.arange(3))  # open the memory maps
     clone = pickle.loads(pickle.dumps(ds))
     assert len(pickle.dumps(ds)) < 500
     assert (clone.rows(np.arange(len(ds))) == ds.rows(np.arange(len(ds)))).all()
 
 
-def test_validation_masking_is_fixed_and_independent_of_world_size(state_union_shards):
-    ds = ShardDataset(state_union_shards, "valid")
+def test_validation_masking_is_fixed_and_independent_of_world_size(tiny_corpus):
+    ds = ShardDataset(tiny_corpus, "valid")
     cfg = MaskingConfig()
     one = list(validation_batches(ds, 16, cfg))
     again = list(validation_batches(ds, 16, cfg))
@@ -58,18 +59,18 @@ def test_validation_masking_is_fixed_and_independent_of_world_size(state_union_s
     assert np.concatenate([b["sample_index"].numpy() for b in one]).tolist() == list(range(len(ds)))
 
 
-def test_missing_or_foreign_directory_is_a_clear_error(tmp_path, state_union_shards):
+def test_missing_or_foreign_directory_is_a_clear_error(tmp_path, tiny_corpus):
     with pytest.raises(DataError, match="no manifest.json"):
         ShardDataset(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DataError, match="not a sift-prep manifest"):
         ShardDataset(tmp_path)
     with pytest.raises(DataError, match="no split 'test'"):
-        ShardDataset(state_union_shards, "test")
+        ShardDataset(tiny_corpus, "test")
 
 
-def test_token_counts_count_every_row_or_an_even_spread_without_specials(state_union_shards):
-    ds = ShardDataset(state_union_shards, "train")
+def test_token_counts_count_every_row_or_an_even_spread_without_specials(tiny_corpus):
+    ds = ShardDataset(tiny_corpus, "train")
     every_row = ds.rows(np.arange(len(ds)))
     specials = list(ds.special_ids.values())
     expected = np.bincount(every_row.ravel(), minlength=ds.vocab_size)

@@ -16,8 +16,8 @@ SEQ = 48
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer_dir, shared_data):
-    return real_batch(tokenizer_dir, shared_data, batch_size=8, seq_len=SEQ, seed=3, first_line=100)
+def batch(tokenizer_dir):
+    return real_batch(tokenizer_dir, batch_size=8, seq_len=SEQ, seed=3, first_line=100)
 
 
 def trained(exit_head: str, batch, steps: int = 3):

@@ -20,8 +20,8 @@ SEQ = 48
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer_dir, shared_data):
-    return real_batch(tokenizer_dir, shared_data, batch_size=6, seq_len=SEQ, seed=1)
+def batch(tokenizer_dir):
+    return real_batch(tokenizer_dir, batch_size=6, seq_len=SEQ, seed=1)
 
 
 def tiny(**kw) -> SiftBertForMaskedLM:

@@ -1,37 +1,50 @@
 """Helpers shared by the model, scoring and export tests (no tests here).
 
-Real inputs: a small WordPiece tokenizer trained with `tokenizers` on a shared corpus file, and
-batches made by tokenizing real text from it and masking 15% of the ordinary tokens with a seeded
-generator, in the batch contract's layout (input_ids, labels with -100, attention_mask,
-sample_index).
+Real inputs: a small WordPiece tokenizer trained with `tokenizers` on the start of the embedded
+State of the Union corpus (data_prep/corpus, read through data_prep's own reader, so these tests
+need nothing beside the repo), and batches made by tokenizing real lines of it and masking 15% of
+the ordinary tokens with a seeded generator, in the batch contract's layout (input_ids, labels
+with -100, attention_mask, sample_index).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from data_prep import sources
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, as data_prep trains them
-CORPUS = Path("nltk") / "abc" / "science.txt"
 VOCAB = 600
 """Vocabulary of the shared test tokenizer (the `tokenizer_dir` fixture in tests/unit/conftest.py)."""
 
 
-def corpus_lines(shared_data: Path, max_chars: int = 400_000) -> list[str]:
-    """Lines (> 20 chars) from the start of the ABC science corpus (Latin-1 bytes, CRLF ends)."""
-    text = (shared_data / CORPUS).read_bytes()[:max_chars].decode("latin-1")  # a few degree signs etc. are Latin-1
-    return [line.strip() for line in text.splitlines() if len(line.strip()) > 20]
+@lru_cache(maxsize=None)
+def corpus_lines(max_chars: int = 400_000) -> tuple[str, ...]:
+    """Lines (> 20 chars) from the first `max_chars` characters of the embedded corpus (the
+    addresses in order, 1945 on; a line is a paragraph, a title or a date)."""
+    pieces, size = [], 0
+    reader = sources.iter_pieces(sources.embedded_source(), sources.ReadOptions())  # strict UTF-8
+    for piece, _ in reader:
+        pieces.append(piece)
+        size += len(piece)
+        if size >= max_chars:
+            break
+    reader.close()  # closes the .xz file now rather than at garbage collection
+    text = "\n".join(pieces)[:max_chars]  # "\n": a document's last line ends where the next begins
+    return tuple(line.strip() for line in text.splitlines() if len(line.strip()) > 20)
 
 
-def train_tokenizer(shared_data: Path, out_dir: Path, vocab_size: int = 600) -> Path:
+def train_tokenizer(out_dir: Path, vocab_size: int = 600) -> Path:
     """Train a lowercase WordPiece tokenizer and save it in Hugging Face format under out_dir."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(corpus_lines(shared_data),
+    tok.train_from_iterator(corpus_lines(),
                             trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
@@ -43,7 +56,7 @@ def train_tokenizer(shared_data: Path, out_dir: Path, vocab_size: int = 600) -> 
     return out_dir
 
 
-def real_batch(tokenizer_dir: Path, shared_data: Path, batch_size: int, seq_len: int, seed: int = 0,
+def real_batch(tokenizer_dir: Path, batch_size: int, seq_len: int, seed: int = 0,
                mask_rate: float = 0.15, first_line: int = 0) -> dict[str, torch.Tensor]:
     """A masked batch of real sentences: [CLS] ... [SEP] [PAD]..., 15% of ordinary tokens masked.
 
@@ -51,7 +64,7 @@ def real_batch(tokenizer_dir: Path, shared_data: Path, batch_size: int, seq_len:
     least one masked token.
     """
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    lines = corpus_lines(shared_data)[first_line:first_line + batch_size]
+    lines = list(corpus_lines()[first_line:first_line + batch_size])
     enc = tok(lines, max_length=seq_len, truncation=True, padding="max_length", return_tensors="pt")
     ids = enc["input_ids"].long()
     attention = enc["attention_mask"].long()
