@@ -163,9 +163,17 @@ def level_targets(ref: Sequence[tuple[float, float]], levels: Sequence[float] = 
 
 def _time_to(pts: Sequence[tuple[float, float]], target: float, increasing: bool,
              budget_s: float) -> tuple[float, bool]:
-    """(time to `target` on the smoothed curve, reached?); a miss counts as the budget."""
+    """(time to `target` on the smoothed curve, reached?); a miss counts as the budget.
+
+    A crossing is resolved no finer than the evaluation grid: one at or before the first
+    evaluation after the start counts at that evaluation's time. Otherwise a noisy resample whose
+    first point already meets a low target gives a time of ~0 and a ratio of ~1e9.
+    """
     t = first_crossing(smoothed(pts, increasing), target, increasing)
-    return (budget_s, False) if t is None else (max(t, 1e-9), True)
+    if t is None:
+        return budget_s, False
+    first_eval = min((x for x, _ in pts if x > 0), default=1e-9)
+    return max(t, first_eval), True
 
 
 def noise_sd(pts: Sequence[tuple[float, float]]) -> float:

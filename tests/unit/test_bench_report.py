@@ -305,6 +305,17 @@ def test_ratio_intervals_tell_a_real_speedup_from_noise():
         assert 0.7 < row["ratio"] < 1.4
 
 
+def test_a_target_met_at_the_start_gives_a_bounded_ratio():
+    from benchmarks.sift_bench.report import ratio_intervals
+
+    # a low target that the noisy first evaluation (t = 0) of either arm may already meet
+    per_seed = {s: {"vanilla": _noisy_curve(1.0, 10 * s, 0.03), "same": _noisy_curve(1.0, 10 * s + 2, 0.03)}
+                for s in range(3)}
+    (row,) = ratio_intervals(per_seed, "same", "vanilla", budget_s=100.0, levels=(0.05,), n_boot=300)
+    # times are floored at the first evaluation after the start (5 s), so no ratio exceeds budget / 5
+    assert 1 / 20 <= row["ci95"][0] <= row["ci95"][1] <= 20, row
+
+
 def test_compare_seeds_reports_vanilla_and_control_ratios_with_intervals():
     from benchmarks.sift_bench.report import compare_seeds, intervals_table
 
