@@ -21,12 +21,13 @@ spans nodes, 2.7 us per network step; tree/LL128 base 4.4 us, 1.2 us per NVLink 
 network step. W ranks, N nodes, ppn GPUs per node, C candidates, B trained per rank.
 
     share(W)     = [T_gather(W) + T_plan(W) + T_alltoall(W)] / T_step
-    T_gather     default call: two ring all-gathers, (count, row bytes, crc) = 24 B, then the
-                 float32 scores = 4C B; a ring all-gather of n B per rank costs
-                 a0 + (W - N) a_nvl + (N - 1) a_net + (W - 1) n / beta  (W-1 latency steps)
-                 with max_candidates: ONE gather of a (3 + C) float64 row per rank; from 64 ranks
-                 it runs as a zero-padded all-reduce of S = 8 W (3 + C) B, which NCCL runs as a
-                 tree: a0_tree + 2 ((ppn - 1) a_nvl_tree + log2(N) a_net_tree) + 2 S / beta
+    T_gather     select_and_exchange(max_candidates=C): ONE gather of a (3 + C) float64 row per
+                 rank, a ring all-gather below 64 ranks; a ring all-gather of n B per rank costs
+                 a0 + (W - N) a_nvl + (N - 1) a_net + (W - 1) n / beta  (W-1 latency steps);
+                 from 64 ranks it runs as a zero-padded all-reduce of S = 8 W (3 + C) B, which
+                 NCCL runs as a tree: a0_tree + 2 ((ppn - 1) a_nvl_tree + log2(N) a_net_tree)
+                 + 2 S / beta. For comparison the model also prices the unfused gather the
+                 selector no longer has ("two": ring all-gathers of 24 B, then 4C B of scores)
     T_plan(W)    measured here on one CPU core: rank_plan over W x C scores (O(W C)) plus the
                  step statistics (selection_means): all host work of a selection (fastest of the
                  repeats: the VM is shared; the median-based share is reported beside it)
@@ -74,7 +75,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from data_prep.io_util import free_port  # noqa: E402
 from pipeline import comm  # noqa: E402
-from pipeline.selector import (plan_arrays, rank_plan, select_and_exchange,  # noqa: E402
+from pipeline.selector import (plan, rank_plan, select_and_exchange,  # noqa: E402
                                selection_means)
 
 RESULT = REPO / "benchmarks" / "results" / "selector_overhead.json"
@@ -120,7 +121,7 @@ def _exchange_worker(rank: int, world: int, port: int, grid: list, repeats: int,
         rows = []
         for cand, seq, pattern, variant in grid:
             quota = cand // 2
-            cap = cand if variant == "fused" else None
+            cap = cand  # the trainer's bound: every rank loads the same candidate count
             times, stats = [], None
             for it in range(repeats + 2):  # two warm-ups
                 batch, scores = make_candidates(rank, cand, seq, pattern, seed=it)
@@ -234,16 +235,15 @@ def measure_plans(worlds: list[int], cands: list[int], repeats: int) -> list[dic
                          "rank_plan_ms": 1e3 * _median_time(
                              lambda: rank_plan(flat, counts, c // 2, w // 2), repeats),
                          "host_ms": 1e3 * statistics.median(host_times),
-                         "host_min_ms": 1e3 * min(host_times),
-                         "plan_arrays_ms": 1e3 * _median_time(
-                             lambda: plan_arrays(flat, counts, c // 2), max(3, repeats // 3))})
+                         "host_min_ms": 1e3 * min(host_times)})
     return rows
 
 
 def traffic(world: int, cand: int, seed: int = 0) -> dict:
     """Max over ranks of rows moved (sent + received) and of peers, for random scores."""
     flat = np.random.default_rng(seed).random(world * cand, dtype=np.float32)
-    src, _ = plan_arrays(flat, np.full(world, cand), cand // 2)
+    rows_of = plan(np.split(flat, world), cand // 2)  # per rank: (source rank, local index)
+    src = np.array([[s for s, _ in row] for row in rows_of], dtype=np.int64)  # (W, quota)
     dst = np.repeat(np.arange(world), src.shape[1])
     moved = src.reshape(-1) != dst
     pairs = np.unique(np.stack([src.reshape(-1)[moved], dst[moved]]), axis=1)  # (2, links)
@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     cands = [64, 256] if args.quick else [64, 256, 1024]
     seqs = [128] if args.quick else [128, 512]
     repeats = 3 if args.quick else 10
-    grid = [(c, s, p, v) for c in cands for s in seqs for p in ("random", "worst")
-            for v in ("two", "fused")]
+    grid = [(c, s, p, "fused") for c in cands for s in seqs for p in ("random", "worst")]
 
     measured = []
     for world in (2, 4):
@@ -363,18 +362,19 @@ def main(argv: list[str] | None = None) -> int:
                     "note": "shared, contended CPU machine: timings are noisy"},
         "step_model": "pipeline.model SiftBertForMaskedLM (sparse MLM head, shared exit head "
                       "after layer 1) + pipeline.scoring.score_exit + torch AdamW",
-        "overhead_share_2_ranks": worst(shares, world=2, pattern="random", gather="two"),
+        "overhead_share_2_ranks": worst(shares, world=2, pattern="random", gather="fused"),
         "overhead_share_2_ranks_definition": "max over candidates {cands}, seq {seqs} and models "
                                              "{presets} of (select_and_exchange median time, "
-                                             "slowest rank) / SIFT step; random scores; default "
-                                             "call (two all-gathers)".format(
+                                             "slowest rank) / SIFT step; random scores; the "
+                                             "trainer's call (max_candidates: one gather)".format(
                                                  cands=cands, seqs=seqs, presets=presets),
         "overhead_share_2_ranks_worst_movement": worst(shares, world=2, pattern="worst",
-                                                       gather="two"),
+                                                       gather="fused"),
+        # the same call as overhead_share_2_ranks since the unfused gather went; kept for readers
         "overhead_share_2_ranks_fused": worst(shares, world=2, pattern="random", gather="fused"),
-        "overhead_share_4_ranks": worst(shares, world=4, pattern="random", gather="two"),
+        "overhead_share_4_ranks": worst(shares, world=4, pattern="random", gather="fused"),
         "overhead_share_4_ranks_worst_movement": worst(shares, world=4, pattern="worst",
-                                                       gather="two"),
+                                                       gather="fused"),
         "modeled_share_1024_ranks": _pick(model_8, 1024, "fused"),
         "modeled_share_1024_ranks_definition": "BERT-base, 8 GPUs/node, 100 Gb/s, select_and_"
                                                "exchange with max_candidates (one zero-padded "
@@ -389,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         "plan_times_ms": plans,
         "cost_model": {
             "formula": "share(W) = [T_gather(W) + T_plan(W) + T_alltoall(W)] / T_step. "
-                       "T_gather, default call = two ring all-gathers (24 B, then 4C B): each "
-                       "a0 + (W-N) a_nvl + (N-1) a_net + (W-1) n / beta; with max_candidates = "
-                       "one gather of (3+C) float64 per rank: a ring all-gather below 64 ranks, "
-                       "from 64 ranks a zero-padded tree all-reduce of S = 8 W (3+C) bytes: "
-                       "a0_tree + 2 ((ppn-1) a_nvl_tree + log2(N) a_net_tree) + 2 S / beta. "
+                       "T_gather = one gather of (3+C) float64 per rank (max_candidates): a ring "
+                       "all-gather below 64 ranks, a0 + (W-N) a_nvl + (N-1) a_net + (W-1) n / "
+                       "beta, from 64 ranks a zero-padded tree all-reduce of S = 8 W (3+C) bytes: "
+                       "a0_tree + 2 ((ppn-1) a_nvl_tree + log2(N) a_net_tree) + 2 S / beta; "
+                       "'two' prices the removed unfused gather (ring all-gathers of 24 B, then "
+                       "4C B) for comparison. "
                        "T_plan = rank_plan + selection_means measured on one CPU core. "
                        "T_alltoall = a0 + p a_net + m R / beta (p peers, m rows: max over ranks of "
                        "the real plan for random scores). T_step = B t_s (1 + (C/B)/36). "

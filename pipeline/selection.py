@@ -4,7 +4,8 @@ Owns `SelectionConfig` and the helpers every rank evaluates identically: `is_act
 select at this step), `num_candidates` / `num_selected` (pool sizes) and `random_scores` (the
 `random` control: uniform scores from a generator seeded by (seed, step, rank), so the global
 top-k of the union is a uniform random subset and no global RNG is touched), plus `scoring_for`,
-the policy -> (scorer, metric) table the trainer reads instead of re-encoding it.
+the policy -> (scorer, metric) table: the one place a policy name means anything (POLICIES, the
+config check, pool sizes, scoring and the trainer all read it).
 
 Pure: no model, no process group, no I/O; rank enters only as an int seed component.
 """
@@ -16,7 +17,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-POLICIES = ("none", "random", "sift-loss", "sift-entropy", "full-loss")
+
+@dataclass(frozen=True)
+class PolicyScoring:
+    """How a policy scores its candidates."""
+
+    scorer: str
+    """'none' (no selection), 'random' (random_scores), 'exit' (scoring.score_exit) or 'full'
+    (scoring.score_full)."""
+
+    metric: str | None
+    """'loss' or 'entropy' for the model scorers; None otherwise."""
+
+
+_SCORING = {
+    "none": PolicyScoring("none", None),
+    "random": PolicyScoring("random", None),
+    "sift-loss": PolicyScoring("exit", "loss"),
+    "sift-entropy": PolicyScoring("exit", "entropy"),
+    "full-loss": PolicyScoring("full", "loss"),
+}
+
+POLICIES = tuple(_SCORING)
 POOLS = ("expand", "shrink")
 SCOPES = ("global", "local")
 NORMALIZATIONS = ("none", "unigram", "token-ema", "reference")
@@ -111,30 +133,15 @@ class SelectionConfig:
         if (self.normalize == "reference") != (self.reference_model is not None):
             raise ValueError("selection.normalize = 'reference' and selection.reference_model go "
                              "together: set both or neither")
-        if self.normalize != "none" and self.policy in ("random", "sift-entropy"):
+        if self.normalize != "none" and scoring_for(self.policy).metric != "loss":
+            loss = " or ".join(p for p in POLICIES if scoring_for(p).metric == "loss")
             raise ValueError(f"selection.normalize = {self.normalize!r} applies to loss scores; "
-                             f"policy {self.policy!r} has none (use sift-loss or full-loss)")
+                             f"policy {self.policy!r} has none (use {loss})")
 
 
-@dataclass(frozen=True)
-class PolicyScoring:
-    """How a policy scores its candidates."""
-
-    scorer: str
-    """'none' (no selection), 'random' (random_scores), 'exit' (scoring.score_exit) or 'full'
-    (scoring.score_full)."""
-
-    metric: str | None
-    """'loss' or 'entropy' for the model scorers; None otherwise."""
-
-
-_SCORING = {
-    "none": PolicyScoring("none", None),
-    "random": PolicyScoring("random", None),
-    "sift-loss": PolicyScoring("exit", "loss"),
-    "sift-entropy": PolicyScoring("exit", "entropy"),
-    "full-loss": PolicyScoring("full", "loss"),
-}
+def _selects(cfg: SelectionConfig) -> bool:
+    """Whether the policy selects at all (every policy but 'none')."""
+    return scoring_for(cfg.policy).scorer != "none"
 
 
 def scoring_for(policy: str) -> PolicyScoring:
@@ -152,7 +159,7 @@ def _check_batch(train_micro_batch: int) -> None:
 def num_candidates(train_micro_batch: int, cfg: SelectionConfig) -> int:
     """Candidates loaded per rank while selection is active: expand ceil(B/f), shrink B; 'none': B."""
     _check_batch(train_micro_batch)
-    if cfg.policy == "none" or cfg.pool == "shrink":
+    if not _selects(cfg) or cfg.pool == "shrink":
         return train_micro_batch
     # round() first so that B / f computed as 320.00000000000006 (B=32, f=0.1) is 320, not 321.
     return math.ceil(round(train_micro_batch / cfg.fraction, 9))
@@ -164,7 +171,7 @@ def num_selected(train_micro_batch: int, cfg: SelectionConfig) -> int:
     Python's round (half to even) as the contract states: B=5, f=0.5 keeps 2. 'none': B.
     """
     _check_batch(train_micro_batch)
-    if cfg.policy == "none" or cfg.pool == "expand":
+    if not _selects(cfg) or cfg.pool == "expand":
         return train_micro_batch
     return max(1, round(cfg.fraction * train_micro_batch))
 
@@ -172,7 +179,7 @@ def num_selected(train_micro_batch: int, cfg: SelectionConfig) -> int:
 def is_active(cfg: SelectionConfig, step: int, gate_open: bool = True) -> bool:
     """Whether this optimizer step selects: policy is not 'none', step >= start_step, and the
     start_accuracy gate (if any) is open."""
-    return cfg.policy != "none" and step >= cfg.start_step and gate_open
+    return _selects(cfg) and step >= cfg.start_step and gate_open
 
 
 def gate_opens(cfg: SelectionConfig, accuracy: float) -> bool:

@@ -1,10 +1,11 @@
 """The distributed selector: a pure global top-k plan, and the exchange that carries it out.
 
-Owns: `plan` / `plan_arrays` / `rank_plan` (pure numpy: who trains on which sample), the row
-packing that turns a batch dict into one byte row per sample, `SelectorStats`, and
-`select_and_exchange`, which orchestrates one selection step through `pipeline.comm`.
+Owns: `rank_plan` (pure numpy: one rank's share of who trains on which sample) and `plan` (every
+rank's share as (source rank, local index) lists, from the same code), the row packing that turns
+a batch dict into one byte row per sample, `SelectorStats`, and `select_and_exchange`, which
+orchestrates one selection step through `pipeline.comm`.
 
-The plan (every rank computes it from the same all-gathered scores, so nobody is told the result):
+The plan (every rank computes it from the same gathered scores, so nobody is told the result):
 
 1. Rank all candidates by score, descending; ties by global index (rank-major: every candidate of
    rank 0, then rank 1, ...), lower first. Non-finite rule: +inf ranks above every finite score and
@@ -22,11 +23,11 @@ Cost: a rank needs only its own share (`rank_plan`): the selection mask is O(N) 
 (one `np.partition` finds the K-th score), the pouring O(world). On one core of the 2-core dev VM
 the partition takes 0.10 ms for 1024 ranks x 64 candidates and 0.41 ms for 1024 x 256; a sampled
 bracket that partitioned only a few % of the keys took 0.16 and 0.76 ms in the same run, so it
-went (`plan_arrays`, the full table kept for tests and `plan`, costs ~8 ms there). The wire is
-two small all-gathers (row layout + counts, then scores; one when the caller passes
-`max_candidates`, run as a zero-padded all-reduce from 64 ranks) and one `all_to_all_single` of
-packed byte rows, skipped when the plan moves nothing (every rank knows that from the plan, so all
-skip together). benchmarks/selector_overhead.py measures 2 and 4 ranks and models 64-1024.
+went. The wire is one small gather of a float64 row per rank (row layout, count, then the scores
+padded to `max_candidates`), run as a zero-padded all-reduce from 64 ranks, and one
+`all_to_all_single` of packed byte rows, skipped when the plan moves nothing (every rank knows
+that from the plan, so all skip together). benchmarks/selector_overhead.py measures 2 and 4 ranks
+and models 64-1024.
 """
 from __future__ import annotations
 
@@ -41,15 +42,15 @@ import torch
 from pipeline import comm
 from pipeline.selection import SCOPES
 
-__all__ = ["SelectorStats", "plan", "plan_arrays", "select_mask", "min_samples_moved", "RankPlan",
+__all__ = ["SelectorStats", "plan", "select_mask", "min_samples_moved", "RankPlan",
            "rank_plan", "selection_means", "plan_digest", "pack_rows", "unpack_rows",
            "select_and_exchange"]
 
 GATHER_BY_ALL_REDUCE_FROM = 64
-"""World size from which the fused score gather (max_candidates given) runs as a zero-padded
-all-reduce instead of an all-gather: NCCL's ring all-gather pays W-1 latency steps (~1.1 ms at 1024
-GPUs), a tree all-reduce ~2 log2(nodes) (~0.15 ms) for W times the bytes (2 MB at 1024 x 256
-candidates). See benchmarks/selector_overhead.py."""
+"""World size from which the score gather runs as a zero-padded all-reduce instead of an
+all-gather: NCCL's ring all-gather pays W-1 latency steps (~1.1 ms at 1024 GPUs), a tree all-reduce
+~2 log2(nodes) (~0.15 ms) for W times the bytes (2 MB at 1024 x 256 candidates). See
+benchmarks/selector_overhead.py."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class SelectorStats:
     """Samples sent to another rank in this step, summed over all ranks (0 for local scope)."""
     bytes_moved: int
     """Payload bytes of those samples (packed rows of every batch tensor), summed over all ranks;
-    excludes the small score/count all-gathers."""
+    excludes the small score gather."""
     mean_score_selected: float
     """Mean finite score of the selected samples: the global selection (global scope) or this
     rank's (local scope); NaN when none is finite."""
@@ -156,42 +157,6 @@ def _count_per_rank(mask: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return out
 
 
-def plan_arrays(scores: np.ndarray, counts: Sequence[int] | np.ndarray,
-                quota: int) -> tuple[np.ndarray, np.ndarray]:
-    """The plan in array form, for flat rank-major `scores` (N,) and per-rank `counts` (W,).
-
-    Returns (source_rank, local_index), both int64 (W, quota): row r is rank r's training
-    micro-batch in plan order (see the module docstring for the rules).
-    """
-    q = _check_quota(quota)
-    c = _check_counts(counts)
-    s = _as_scores(scores, int(c.sum()))
-    w = c.shape[0]
-    k_total = q * w
-    if s.shape[0] < k_total:
-        raise ValueError(_too_few(s.shape[0], c, q))
-    starts = np.cumsum(c) - c  # (W,) global index of each rank's first candidate
-    g = np.flatnonzero(select_mask(s, k_total))  # (K,) selected global indices, ascending
-    owner = np.repeat(np.arange(w), c)[g]  # (K,) rank-major, so already grouped by owner
-    local = g - starts[owner]  # (K,)
-    sel_per_rank = np.bincount(owner, minlength=w)  # (W,)
-    first = np.cumsum(sel_per_rank) - sel_per_rank  # (W,) where each owner's run starts
-    pos = np.arange(k_total) - first[owner]  # (K,) position within its owner's selection
-    keep = pos < q
-    kept_per_rank = np.minimum(sel_per_rank, q)  # (W,)
-    short = q - kept_per_rank  # (W,) slots each rank fills from others; sums to #surplus
-    src = np.empty((w, q), dtype=np.int64)
-    idx = np.empty((w, q), dtype=np.int64)
-    src[owner[keep], pos[keep]] = owner[keep]
-    idx[owner[keep], pos[keep]] = local[keep]
-    # pour the surplus, in global-index order, into the short ranks, in rank order
-    dst = np.repeat(np.arange(w), short)  # (M,)
-    col = kept_per_rank[dst] + np.arange(dst.shape[0]) - (np.cumsum(short) - short)[dst]  # (M,)
-    src[dst, col] = owner[~keep]
-    idx[dst, col] = local[~keep]
-    return src, idx
-
-
 def _flatten(scores_per_rank: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(scores_per_rank, (str, bytes)) or len(scores_per_rank) == 0:
         raise ValueError("scores_per_rank must hold one sequence of scores per rank (world >= 1)")
@@ -213,8 +178,15 @@ def plan(scores_per_rank: Sequence[Sequence[float]], quota: int) -> list[list[tu
     Rules (selection, ties, NaN, locality, order): see the module docstring.
     """
     s, counts = _flatten(scores_per_rank)
-    src, idx = plan_arrays(s, counts, quota)
-    return [list(zip(a, b)) for a, b in zip(src.tolist(), idx.tolist())]
+    shares = _rank_plans(s, counts, quota, range(counts.shape[0]))  # rank_plan of every rank
+    received: list[list[tuple[int, int]]] = [[] for _ in shares]
+    for src, share in enumerate(shares):  # sources ascending: each rank's arrivals by source
+        ends = np.cumsum(share.send_counts)
+        for dst in np.flatnonzero(share.send_counts).tolist():
+            block = share.send_index[ends[dst] - share.send_counts[dst]:ends[dst]]
+            received[dst] += [(src, i) for i in block.tolist()]
+    return [[(r, i) for i in share.kept_index.tolist()] + received[r]
+            for r, share in enumerate(shares)]
 
 
 def min_samples_moved(scores_per_rank: Sequence[Sequence[float]], quota: int) -> int:
@@ -229,8 +201,8 @@ def min_samples_moved(scores_per_rank: Sequence[Sequence[float]], quota: int) ->
 class RankPlan:
     """One rank's share of the plan, and what it sends: all a rank needs to run the exchange.
 
-    Equal to row `rank` of `plan_arrays` (tested), but computed in O(N) for the selection mask plus
-    O(world + candidates): the full (world, quota) arrays are never built on the hot path.
+    Computed in O(N) for the selection mask plus O(world + candidates): the full (world, quota)
+    plan is never built on the hot path. Tested against a brute-force sort of the module's rules.
     """
 
     kept_index: np.ndarray
@@ -256,17 +228,25 @@ def _stream_overlap(lo: np.ndarray, hi: np.ndarray, a: int, b: int) -> np.ndarra
 
 def rank_plan(scores: np.ndarray, counts: Sequence[int] | np.ndarray, quota: int,
               rank: int) -> RankPlan:
-    """Rank `rank`'s part of `plan_arrays(scores, counts, quota)`, without building the rest.
+    """Rank `rank`'s share of the plan for flat rank-major `scores` (N,) and per-rank `counts`
+    (W,), without building the other ranks' shares.
 
     The pouring of step 3 is two streams: the surplus of every rank laid end to end in rank order,
     and the shortfall of every rank likewise; stream position i of one meets position i of the
     other. So what rank r sends to d (or receives from s) is the overlap of two intervals: O(world).
     """
+    return _rank_plans(scores, counts, quota, [rank])[0]
+
+
+def _rank_plans(scores: np.ndarray, counts: Sequence[int] | np.ndarray, quota: int,
+                ranks: Sequence[int]) -> list[RankPlan]:
+    """`rank_plan` for each of `ranks`, sharing one selection (`plan` asks for every rank)."""
     q = _check_quota(quota)
     c = _check_counts(counts)
     w = c.shape[0]
-    if not 0 <= rank < w:
-        raise ValueError(f"rank {rank} is outside a world of {w} ranks")
+    for rank in ranks:
+        if not 0 <= rank < w:
+            raise ValueError(f"rank {rank} is outside a world of {w} ranks")
     s = _as_scores(scores, int(c.sum()))
     if s.shape[0] < q * w:
         raise ValueError(_too_few(s.shape[0], c, q))
@@ -278,15 +258,19 @@ def rank_plan(scores: np.ndarray, counts: Sequence[int] | np.ndarray, quota: int
     surplus, short = selected - kept, q - kept  # (W,), (W,)
     sur_hi, short_hi = np.cumsum(surplus), np.cumsum(short)
     sur_lo, short_lo = sur_hi - surplus, short_hi - short
-    mine = np.flatnonzero(mask[starts[rank]:ends[rank]])  # (selected[rank],) ascending
-    return RankPlan(
-        kept_index=mine[:q],
-        send_index=mine[q:],  # the surplus stream runs in local-index order, as do destinations
-        send_counts=_stream_overlap(short_lo, short_hi, sur_lo[rank], sur_hi[rank]),
-        recv_counts=_stream_overlap(sur_lo, sur_hi, short_lo[rank], short_hi[rank]),
-        samples_moved=int(surplus.sum()),
-        selected_mask=mask,
-    )
+    moved = int(surplus.sum())
+    out = []
+    for rank in ranks:
+        mine = np.flatnonzero(mask[starts[rank]:ends[rank]])  # (selected[rank],) ascending
+        out.append(RankPlan(
+            kept_index=mine[:q],
+            send_index=mine[q:],  # the surplus stream runs in local-index order, as do destinations
+            send_counts=_stream_overlap(short_lo, short_hi, sur_lo[rank], sur_hi[rank]),
+            recv_counts=_stream_overlap(sur_lo, sur_hi, short_lo[rank], short_hi[rank]),
+            samples_moved=moved,
+            selected_mask=mask,
+        ))
+    return out
 
 
 # ----------------------------------------------------------------------------- row packing
@@ -409,55 +393,49 @@ def _check_layouts(header: torch.Tensor, rank: int, layout: Layout, dtype: torch
 
 
 def _gather_scores(scores: torch.Tensor, layout: Layout, rank: int,
-                   max_candidates: int | None) -> tuple[np.ndarray, list[int]]:
+                   max_candidates: int) -> tuple[np.ndarray, list[int]]:
     """Every rank's scores, flat and rank-major, with the per-rank counts; checks the layouts.
 
-    Two all-gathers (headers, then scores padded to the largest count), or one when the caller
-    bounds the count with `max_candidates`: header and scores then travel in one float64 row
-    (exact for counts, byte sizes, a 32-bit crc and any float score up to float64).
+    ONE collective: header and scores travel in one float64 row per rank, the scores padded to
+    `max_candidates` (exact for counts, byte sizes, a 32-bit crc and any float score up to
+    float64); an all-gather, or from GATHER_BY_ALL_REDUCE_FROM ranks a zero-padded all-reduce.
     """
     n = scores.shape[0]
     wire = _float_scores(scores)
     # the score dtype joins the layout check: ranks gathering different dtypes would hang
     crc = _layout_crc((*layout, ("scores", wire.dtype, ())))
     head = [n, _row_bytes(layout), crc]
-    if max_candidates is None:
-        header = comm.all_gather_tensor(torch.tensor(head, dtype=torch.int64))  # (W, 3)
-        _check_layouts(header, rank, layout, wire.dtype)
-        counts = header[:, 0].tolist()
-        parts = comm.all_gather_varlen(wire, counts=counts)
-    else:
-        row = torch.full((3 + max_candidates,), math.nan, dtype=torch.float64)  # (3 + cap,)
-        row[:3] = torch.tensor(head, dtype=torch.float64)
-        row[3:3 + min(n, max_candidates)] = wire[:max_candidates].double().cpu()
-        world = comm.get_dist_info()[1]
-        method = "all_reduce" if world >= GATHER_BY_ALL_REDUCE_FROM else "all_gather"
-        rows = comm.all_gather_tensor(row, method=method)  # (W, 3 + cap): ONE collective
-        header = rows[:, :3].long()
-        counts = header[:, 0].tolist()
-        if max(counts) > max_candidates:  # every rank sees it, so every rank raises
-            raise ValueError(f"max_candidates={max_candidates} but ranks hold {counts} candidates")
-        _check_layouts(header, rank, layout, wire.dtype)
-        parts = [rows[r, 3:3 + c].to(wire.dtype) for r, c in enumerate(counts)]  # exact
+    row = torch.full((3 + max_candidates,), math.nan, dtype=torch.float64)  # (3 + cap,)
+    row[:3] = torch.tensor(head, dtype=torch.float64)
+    row[3:3 + min(n, max_candidates)] = wire[:max_candidates].double().cpu()
+    world = comm.get_dist_info()[1]
+    method = "all_reduce" if world >= GATHER_BY_ALL_REDUCE_FROM else "all_gather"
+    rows = comm.all_gather_tensor(row, method=method)  # (W, 3 + cap): ONE collective
+    header = rows[:, :3].long()
+    counts = header[:, 0].tolist()
+    if max(counts) > max_candidates:  # every rank sees it, so every rank raises
+        raise ValueError(f"max_candidates={max_candidates} but ranks hold {counts} candidates")
+    _check_layouts(header, rank, layout, wire.dtype)
+    parts = [rows[r, 3:3 + c].to(wire.dtype) for r, c in enumerate(counts)]  # exact
     # sync point: the plan runs on the host, identically on every rank
     return torch.cat([t.cpu() for t in parts]).numpy(), counts
 
 
 def select_and_exchange(batch: dict[str, torch.Tensor], scores: torch.Tensor, quota: int,
-                        scope: str = "global", *, max_candidates: int | None = None,
+                        scope: str = "global", *, max_candidates: int,
                         ) -> tuple[dict[str, torch.Tensor], SelectorStats]:
     """This rank's training micro-batch: exactly `quota` rows of the selection, in plan order.
 
     batch: dict of tensors, all with dim 0 = candidate (B may differ by rank, 0 included).
     scores: (B,) one score per candidate (any float dtype, any device).
-    scope "global": all-gather scores, every rank computes the same plan (`rank_plan`, its own
-    row of `plan_arrays`), one all_to_all_single moves the surplus rows (skipped when nothing
-    moves). scope "local" (or world size 1 / no process group): this rank's own top `quota`, no
+    scope "global": gather scores, every rank computes the same plan (`rank_plan`, its own share),
+    one all_to_all_single moves the surplus rows (skipped when nothing moves). scope "local" (or world size 1 / no process group): this rank's own top `quota`, no
     communication. In global scope every rank must call this collectively, with tensors of the
     same keys, dtypes and row shapes (checked: a mismatch raises ValueError on every rank rather
     than corrupting rows or hanging).
-    max_candidates: optional bound on B, the same on every rank (e.g. the configured candidate
-    count): saves one all-gather, the latency that dominates at large world sizes.
+    max_candidates: a bound on B, the same on every rank (the configured candidate count): the
+    scores travel padded to it in one collective, whose latency dominates at large world sizes
+    (global scope raises ValueError on every rank when a rank holds more).
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -467,9 +445,9 @@ def select_and_exchange(batch: dict[str, torch.Tensor], scores: torch.Tensor, qu
     if scores.dim() != 1 or scores.shape[0] != n:
         raise ValueError(f"scores must have shape ({n},) to match the batch, "
                          f"got {tuple(scores.shape)}")
-    if max_candidates is not None and (isinstance(max_candidates, bool) or
-                                       not isinstance(max_candidates, int) or max_candidates < 0):
-        raise ValueError(f"max_candidates must be None or an int >= 0, got {max_candidates!r}")
+    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) \
+            or max_candidates < 0:
+        raise ValueError(f"max_candidates must be an int >= 0, got {max_candidates!r}")
     rank, world = comm.get_dist_info()
     if scope == "local" or world == 1:
         # one host sync: the plan is numpy on the CPU

@@ -331,7 +331,7 @@ class Trainer:
                 n_cand: int, totals: "_Totals") -> dict[str, torch.Tensor]:
         """This rank's `quota` rows of the global plan (rows move between ranks as it says)."""
         st = self.state
-        # every rank loads the same n_cand: as the bound it fuses the two score all-gathers
+        # every rank loads the same n_cand: the bound its scores are padded to in one collective
         batch, stats = select_and_exchange(batch, scores, quota, self.cfg.selection.scope,
                                            max_candidates=n_cand)
         totals.add_selection(stats, n_cand, quota)

@@ -2,8 +2,10 @@
 
 Each rank builds its candidate batch from (rank, scenario) alone; the parent builds every rank's
 batch the same way, computes the reference plan in one process, and checks that each rank's
-received micro-batch is byte-identical to the rows the reference assigns it. All scenarios of one
-world size run in one process group (spawning ranks is the slow part).
+received micro-batch is byte-identical to the rows the reference assigns it. The reference is the
+brute-force plan of tests/plan_reference.py (written from the selector's docstring rules, sharing
+no code with it). All scenarios of one world size run in one process group (spawning ranks is the
+slow part).
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import pytest
 import torch
 
 from pipeline import comm, selector
-from pipeline.selector import plan, plan_arrays, select_and_exchange
+from pipeline.selector import select_and_exchange
 from tests._dist import run_distributed
+from tests.plan_reference import reference_plan
 
 pytestmark = pytest.mark.dist
 
@@ -78,14 +81,12 @@ def selector_worker(rank: int, world_size: int, scenarios):
         if name == "layout_mismatch" and rank == 1:
             batch = {k: v[:, :SEQ - 1] if v.dim() == 2 and v.shape[1] == SEQ else v
                      for k, v in batch.items()}
-        # what every rank plans, from its own all-gather (must agree across ranks)
+        # the reference plan from every rank's view of the scores (must agree across ranks)
         gathered = comm.all_gather_varlen(scores.double())
-        src, idx = plan_arrays(torch.cat(gathered).numpy(),
-                               [t.shape[0] for t in gathered], quota)
+        ref = reference_plan([t.tolist() for t in gathered], quota)
         cap = 5 if name == "cap_too_small" else max(counts) + 2  # any common bound >= B works
         try:
-            fused = select_and_exchange(batch, scores, quota, scope=scope, max_candidates=cap)
-            out, stats = select_and_exchange(batch, scores, quota, scope=scope)
+            out, stats = select_and_exchange(batch, scores, quota, scope=scope, max_candidates=cap)
             selector.GATHER_BY_ALL_REDUCE_FROM = 1  # the large-world path, on every rank alike
             try:
                 tree = select_and_exchange(batch, scores, quota, scope=scope, max_candidates=cap)
@@ -94,8 +95,7 @@ def selector_worker(rank: int, world_size: int, scenarios):
         except ValueError as exc:
             results[name] = {"error": str(exc)}
             continue
-        results[name] = {"plan": (src.tolist(), idx.tolist()), "out": _bytes(out),
-                         "stats": stats, "fused_out": _bytes(fused[0]), "fused_stats": fused[1],
+        results[name] = {"plan": ref, "out": _bytes(out), "stats": stats,
                          "tree_out": _bytes(tree[0]), "tree_stats": tree[1]}
     comm.barrier()
     return results
@@ -122,20 +122,18 @@ def test_select_and_exchange_matches_single_process_reference(world):
         assert all("error" not in r for r in per_rank), per_rank
         cands = [make_candidates(r, counts[r], kind, sid) for r in range(world)]
         scores = [s.double().tolist() for _, s in cands]
-        # every rank computed the same plan, and it is the single-process plan
-        ref_plan = plan(scores, quota)
+        # every rank's gathered scores give the single-process reference plan
+        ref_plan = reference_plan(scores, quota)
         for r in per_rank:
-            src, idx = r["plan"]
-            assert [list(zip(a, b)) for a, b in zip(src, idx)] == ref_plan
+            assert r["plan"] == ref_plan
         for rank, r in enumerate(per_rank):
-            # one fused all-gather or all-reduce (max_candidates) or two: same rows and stats
-            for variant in ("fused", "tree"):
-                assert r[f"{variant}_out"].keys() == r["out"].keys()
-                assert all(np.array_equal(r[f"{variant}_out"][k], r["out"][k]) for k in r["out"])
-                assert repr(r[f"{variant}_stats"]) == repr(r["stats"])  # repr: NaN-safe
+            # the score row all-gathered or (large-world path) all-reduced: same rows and stats
+            assert r["tree_out"].keys() == r["out"].keys()
+            assert all(np.array_equal(r["tree_out"][k], r["out"][k]) for k in r["out"])
+            assert repr(r["tree_stats"]) == repr(r["stats"])  # repr: NaN-safe
             stats = r["stats"]
             if scope == "local":
-                own = plan([scores[rank]], quota)[0]
+                own = reference_plan([scores[rank]], quota)[0]
                 expected_pairs = [(rank, i) for _, i in own]
                 assert stats.samples_moved == 0 and stats.bytes_moved == 0
             else:

@@ -1,4 +1,5 @@
-"""The pure selector: plan against a brute-force sorted reference, row packing, exchange lists."""
+"""The pure selector: plan and rank_plan against a brute-force reference (tests/plan_reference.py,
+written from the selector's docstring rules), row packing, exchange lists."""
 from __future__ import annotations
 
 import math
@@ -10,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import comm
-from pipeline.selector import (SelectorStats, min_samples_moved, pack_rows, plan, plan_arrays,
-                               plan_digest, rank_plan, select_and_exchange, select_mask,
-                               selection_means, unpack_rows)
+from pipeline.selector import (SelectorStats, min_samples_moved, pack_rows, plan, plan_digest,
+                               rank_plan, select_and_exchange, select_mask, selection_means,
+                               unpack_rows)
+from tests.plan_reference import reference_plan
 
 NAN, INF = float("nan"), float("inf")
 
@@ -34,9 +36,11 @@ def reference_selection(scores_per_rank, k):
 
 
 def check_plan(scores_per_rank, quota):
-    """Every acceptance property of one plan; returns it."""
+    """Every acceptance property of one plan, and equality with the brute-force plan; returns it."""
     world = len(scores_per_rank)
     result = plan(scores_per_rank, quota)
+    assert result == reference_plan(scores_per_rank, quota)  # pairs, order, ranks: all of it
+    assert all(type(s) is int and type(i) is int for row in result for s, i in row)
     assert len(result) == world
     assert all(len(row) == quota for row in result)  # each rank exactly q
     flat = [pair for row in result for pair in row]
@@ -110,11 +114,21 @@ def test_plan_rejects_bad_input_with_clear_errors():
     with pytest.raises(ValueError, match="rank 1: scores must be 1-D"):
         plan([[1.0], [[1.0]]], 1)
     with pytest.raises(ValueError, match="sum\\(counts\\)=3"):
-        plan_arrays(np.zeros(2), [1, 2], 1)
+        rank_plan(np.zeros(2), [1, 2], 1, 0)
     with pytest.raises(ValueError, match="counts must be >= 0"):
-        plan_arrays(np.zeros(2), [3, -1], 1)
+        rank_plan(np.zeros(2), [3, -1], 1, 0)
+    with pytest.raises(ValueError, match="counts must be integers"):
+        rank_plan(np.zeros(2), [1.0, 1.0], 1, 0)
+    with pytest.raises(ValueError, match="counts must be a non-empty 1-D"):
+        rank_plan(np.zeros(0), [], 1, 0)
+    with pytest.raises(ValueError, match="quota must be a positive int"):
+        rank_plan(np.zeros(2), [1, 1], 0, 0)
+    with pytest.raises(ValueError, match="only 2 candidates.*2 x 2 ranks = 4"):
+        rank_plan(np.zeros(2), [1, 1], 2, 0)
     with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
         rank_plan(np.zeros(4), [2, 2], 1, 2)
+    with pytest.raises(ValueError, match="rank -1 is outside a world of 2"):
+        rank_plan(np.zeros(4), [2, 2], 1, -1)
 
 
 def test_select_mask_matches_a_stable_descending_sort():
@@ -296,19 +310,20 @@ def test_rank_plans_route_every_row_to_its_place_in_the_full_plan(seed):
     flat = rng.integers(0, 4, size=int(counts.sum())).astype(np.float32)  # ties on purpose
     flat[rng.random(flat.shape[0]) < 0.1] = NAN
     quota = int(rng.integers(1, int(counts.sum()) // world + 1))
-    src, idx = plan_arrays(flat, counts, quota)
+    ref = reference_plan(np.split(flat, np.cumsum(counts)[:-1]), quota)
     out, plans = simulate_exchange(counts, flat, quota)
+    moved = sum(1 for d, row in enumerate(ref) for s, _ in row if s != d)
     for d in range(world):
         # sample_index encodes (source rank, local index): rows arrive in plan order
-        assert out[d]["sample_index"].tolist() == [s * 1000 + i for s, i in zip(src[d], idx[d])]
-        assert plans[d].samples_moved == int((src != np.arange(world)[:, None]).sum())
-        assert np.array_equal(plans[d].kept_index, idx[d][src[d] == d])
+        assert out[d]["sample_index"].tolist() == [s * 1000 + i for s, i in ref[d]]
+        assert plans[d].samples_moved == moved
+        assert plans[d].kept_index.tolist() == [i for s, i in ref[d] if s == d]
 
 
 @settings(max_examples=60, deadline=None)
 @given(world=st.integers(1, 300), seed=st.integers(0, 2**32 - 1), q=st.integers(1, 8),
        empty=st.sampled_from(["none", "first", "last", "both"]))
-def test_rank_plan_agrees_with_plan_arrays(world, seed, q, empty):
+def test_rank_plan_agrees_with_the_reference(world, seed, q, empty):
     rng = np.random.default_rng(seed)
     counts = rng.integers(0, 2 * q + 1, size=world)
     if world > 2 and empty in ("first", "both"):
@@ -317,15 +332,18 @@ def test_rank_plan_agrees_with_plan_arrays(world, seed, q, empty):
         counts[-1] = 0
     counts[world // 2] += q * world
     flat = rng.choice([0.0, 1.0, 2.0, NAN, -INF], size=int(counts.sum()))
-    src, idx = plan_arrays(flat, counts, q)
+    ref = reference_plan(np.split(flat, np.cumsum(counts)[:-1]), q)
+    moved = sum(1 for d, row in enumerate(ref) for s, _ in row if s != d)
     for r in sorted({0, world - 1, int(rng.integers(world))}):
         p = rank_plan(flat, counts, q, r)
-        mine = src[r] == r
-        assert np.array_equal(p.kept_index, idx[r][mine])
-        assert p.recv_counts.tolist() == np.bincount(src[r][~mine], minlength=world).tolist()
-        outgoing = (src == r) & (np.arange(world)[:, None] != r)
-        assert p.send_counts.tolist() == outgoing.sum(axis=1).tolist()
-        assert p.send_index.tolist() == idx[outgoing].tolist()
+        assert p.kept_index.tolist() == [i for s, i in ref[r] if s == r]
+        assert p.recv_counts.tolist() == [sum(1 for s, _ in ref[r] if s == src) if src != r else 0
+                                          for src in range(world)]
+        # what r sends: grouped by destination (ascending), each in the destination's plan order
+        outgoing = [[i for s, i in ref[d] if s == r] if d != r else [] for d in range(world)]
+        assert p.send_counts.tolist() == [len(o) for o in outgoing]
+        assert p.send_index.tolist() == [i for o in outgoing for i in o]
+        assert p.samples_moved == moved
 
 
 # ----------------------------------------------------------------------------- no process group
@@ -336,7 +354,7 @@ def test_select_and_exchange_without_a_group_is_the_local_top_k():
     batch = _batch(6, seed=3)
     scores = torch.tensor([0.5, 3.0, NAN, 3.0, -1.0, 2.0])
     for scope in ("global", "local"):
-        out, stats = select_and_exchange(batch, scores, 3, scope=scope)
+        out, stats = select_and_exchange(batch, scores, 3, scope=scope, max_candidates=6)
         assert out["sample_index"].tolist() == [3001, 3003, 3005]  # plan order = local index
         for k, v in batch.items():
             assert torch.equal(out[k].view(torch.uint8), v[[1, 3, 5]].view(torch.uint8))
@@ -356,15 +374,18 @@ def test_plan_digest_tells_plans_apart():
 def test_select_and_exchange_rejects_bad_input():
     batch = _batch(4)
     with pytest.raises(ValueError, match="scope"):
-        select_and_exchange(batch, torch.zeros(4), 2, scope="world")
+        select_and_exchange(batch, torch.zeros(4), 2, scope="world", max_candidates=4)
     with pytest.raises(ValueError, match=r"scores must have shape \(4,\)"):
-        select_and_exchange(batch, torch.zeros(5), 2)
+        select_and_exchange(batch, torch.zeros(5), 2, max_candidates=4)
     with pytest.raises(ValueError, match="quota"):
-        select_and_exchange(batch, torch.zeros(4), 0)
+        select_and_exchange(batch, torch.zeros(4), 0, max_candidates=4)
     with pytest.raises(ValueError, match="only 4 candidates"):
-        select_and_exchange(batch, torch.zeros(4), 5)
-    with pytest.raises(ValueError, match="max_candidates"):
-        select_and_exchange(batch, torch.zeros(4), 2, max_candidates=-1)
+        select_and_exchange(batch, torch.zeros(4), 5, max_candidates=4)
+    for bad in (-1, None, True, 4.0):
+        with pytest.raises(ValueError, match="max_candidates must be an int >= 0"):
+            select_and_exchange(batch, torch.zeros(4), 2, max_candidates=bad)
+    with pytest.raises(TypeError, match="max_candidates"):  # required: one gather path
+        select_and_exchange(batch, torch.zeros(4), 2)
 
 
 def test_selection_means_ignore_non_finite_scores():
