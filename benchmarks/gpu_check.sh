@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 8 minutes on one H200 (each stage's limit is a ceiling, not a
-# forecast: they add up to ~17 min), everything under one results folder.
+# The GPU check: one command, everything under one results folder, each stage with its own time
+# limit (a ceiling, not a forecast) so one that hangs cannot eat the rest.
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR] [OUT_DIR]
 #   SIFT_GPU_ARCHIVE=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh .gpu_carry/data /tmp/gpu   # device tool
+#   SIFT_GPU_CHECK_STAGES="ab" ...                                   # only the stages named
 #
 # DATA_DIR: a sift-prep output (default .gpu_carry/data; see below). OUT_DIR: default
-# benchmarks/results/gpu. Stages, each with its own time limit so one that hangs cannot eat the
-# rest, each leaving its log and JSON in OUT_DIR even when a later one fails:
-#   1. trainer efficiency (benchmarks/trainer_efficiency.py --gpu): bert-medium and bert-base at
-#      micro batch 128 and 256, ZeRO-2 bf16, trainer against a plain torch loop, MFU
-#   1b. the same trainer under the DeepSpeed variants of benchmarks/ds_variants (bert-medium, B 128),
-#      and a torch.profiler table of its step (benchmarks/profile_step.py)
-#   2. a short sift-bench: vanilla / sift-loss / random (expand, f 0.5), bert-medium, B 128
-#   3. sift-train runs: ZeRO-2 bf16 and ZeRO-3 bf16 (a checkpoint at step 10, then a resume
-#      to step 20), and an fp16 run
-#   4. opt-in (SIFT_GPU_CHECK_COMPILE=1): model.compile on bert-medium, B 128
+# benchmarks/results/gpu. SIFT_GPU_CHECK_STAGES picks stages (default "efficiency variants
+# profile train bench", ~8 min on one H200; measured run: benchmarks/results/gpu/2026-12-04):
+#   efficiency  benchmarks/trainer_efficiency.py --gpu: bert-medium and bert-base at micro batch
+#               128 and 256 under zero0_autocast_bf16 (the GPU default) and zero2_bf16, trainer
+#               against a plain torch loop, MFU (~150 s)
+#   variants    the same for bert-medium B 128 under zero0_bf16 and ZeRO-2 with autocast (~35 s)
+#   profile     a torch.profiler table of the default config's step (benchmarks/profile_step.py)
+#   train       sift-train: ZeRO-2 and ZeRO-3 bf16 (a checkpoint at step 10, then a resume to 20),
+#               and an fp16 run (~100 s)
+#   bench       a short sift-bench smoke test: vanilla / sift-loss / random, 25 s per arm (~110 s)
+#   compile     model.compile, bert-medium B 128, uncompiled then compiled (~60 s)
+#   ab          the post-plateau A/B (~9 min, a call of its own): vanilla trains SIFT_GPU_AB_WARM
+#               steps (default 3000: the plain loop at lr 3e-4 left the plateau at ~2400-3000 steps
+#               of B 128), then vanilla / sift-loss / random (expand, f 0.5) each train
+#               SIFT_GPU_AB_BUDGET_S (default 120) seconds from that checkpoint, lr decaying to its
+#               floor over that budget; 2048 validation sequences every 10 s of training.
+#               SIFT_GPU_AB_ARGS adds sift-bench arguments, split on spaces (e.g. --variant ema
+#               selection.normalize="token-ema"), each arm ~2.3 min more
 # A summary of every stage's exit code goes to OUT_DIR/stages.txt. With SIFT_GPU_ARCHIVE=FILE.tgz
 # the results folder (checkpoints left out) is packed into that one file after every stage: the
 # device tool brings back only a handful of files, and a run cut short keeps what it finished.
 #
 # Machines without DeepSpeed (the lent H200 has torch but not DeepSpeed, and no network):
-# `bash benchmarks/gpu_carry.sh` builds what follows. It puts wheels in .gpu_carry/wheels (deepspeed built here with DS_BUILD_OPS=0 `pip wheel --no-deps
-# --no-build-isolation`, plus hjson, pydantic, pydantic-core, annotated-types, typing-inspection,
-# typing-extensions, msgpack, ninja, py-cpuinfo, psutil, nvidia-ml-py, einops, packaging, tqdm for
-# the machine's Python) and a prepared corpus in .gpu_carry/data, then send .gpu_carry along
-# (`carry` of the device tool). This script installs the wheels with --target into a scratch
-# folder when `import deepspeed` fails, and runs the checkout from PYTHONPATH (no pip install -e).
+# `bash benchmarks/gpu_carry.sh` builds what follows. It puts wheels in .gpu_carry/wheels (deepspeed
+# built here with DS_BUILD_OPS=0 `pip wheel --no-deps --no-build-isolation`, plus hjson, pydantic,
+# pydantic-core, annotated-types, typing-inspection, typing-extensions, msgpack, ninja, py-cpuinfo,
+# psutil, nvidia-ml-py, einops, packaging, tqdm for the machine's Python) and a prepared corpus in
+# .gpu_carry/data, then send .gpu_carry along (`carry` of the device tool). This script installs
+# the wheels with --target into a scratch folder when `import deepspeed` fails, and runs the
+# checkout from PYTHONPATH (no pip install -e); the benchmarks run as modules (`python -m`).
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -70,20 +80,22 @@ archive() {
         && mv "$SIFT_GPU_ARCHIVE.tmp" "$SIFT_GPU_ARCHIVE"
 }
 
-preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # stages 2-3 (bert-tiny: a CPU smoke test of this script)
+preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # train/bench/ab stages (bert-tiny: a CPU smoke test)
+stages=" ${SIFT_GPU_CHECK_STAGES:-efficiency variants profile train bench} "
+want() { [[ "$stages" == *" $1 "* ]]; }
 
 # 1. trainer efficiency: the trainer against a plain loop, 4 cases, under the GPU default
 #    (zero0_autocast_bf16: fp32 weights, torch.autocast, the client's fused AdamW) and under
 #    ZeRO-2 with bf16 weights
-stage efficiency 300 "$py" -m benchmarks.trainer_efficiency --gpu --data "$data" \
+want efficiency && stage efficiency 300 "$py" -m benchmarks.trainer_efficiency --gpu --data "$data" \
     --out "$out/trainer_efficiency.json" --ds-config ds_configs/zero0_autocast_bf16.json \
     --ds-config ds_configs/zero2_bf16.json ${SIFT_GPU_EFFICIENCY_ARGS:-}
 
 # 1b. where the rest of the step goes: more DeepSpeed variants side by side, and the profiler's table
-stage efficiency_variants 120 "$py" -m benchmarks.trainer_efficiency --case bert-medium:128 \
+want variants && stage efficiency_variants 120 "$py" -m benchmarks.trainer_efficiency --case bert-medium:128 \
     --data "$data" --rounds 3 --out "$out/trainer_efficiency_variants.json" \
     --ds-config ds_configs/zero0_bf16.json --ds-config benchmarks/ds_variants/zero2_autocast_bf16.json
-stage profile 90 "$py" -m benchmarks.profile_step --case bert-medium:128 --data "$data" \
+want profile && stage profile 90 "$py" -m benchmarks.profile_step --case bert-medium:128 --data "$data" \
     --ds-config ds_configs/zero0_autocast_bf16.json --out "$out/profile_step.txt"
 
 # the GPU ds_configs of the runs below, at micro batch 128
@@ -97,8 +109,8 @@ json.dump(cfg, open(sys.argv[2], "w"), indent=1)
 EOF
 done
 
-if [ -z "${SIFT_GPU_CHECK_ONLY_EFFICIENCY:-}" ]; then
-# 2. sift-train: ZeRO-2 and ZeRO-3 bf16 with a checkpoint and a resume, and fp16
+if want train; then
+# sift-train: ZeRO-2 and ZeRO-3 bf16 with a checkpoint and a resume, and fp16
 common=(--set data.data_dir="$data" model.preset=$preset optim.decay=constant
         optim.warmup_steps=5 eval.every_steps=0 eval.max_samples=256 logging.every_steps=5
         logging.progress_bar=false selection.policy=sift-loss run.overwrite=true)
@@ -112,22 +124,33 @@ for z in zero2_bf16 zero3_bf16; do
 done
 stage train_zero2_fp16 90 "$py" -m pipeline.train "${common[@]}" \
     run.ds_config="$out/ds_zero2_fp16.json" run.output_dir="$out/train_zero2_fp16" budget.steps=20
-# 3. a short sift-bench (last: it is a smoke test that passed before): vanilla / sift-loss / random on bert-medium (lr 3e-4, the GPU note's
+fi
+# a short sift-bench (last: it is a smoke test that passed before): vanilla / sift-loss / random on bert-medium (lr 3e-4, the GPU note's
 #    recipe that leaves the plateau soonest); the step-time split of each arm is in its report
-stage sift_bench 140 "$py" -m benchmarks.sift_bench.cli --data "$data" --world-size 1 \
+want bench && stage sift_bench 140 "$py" -m benchmarks.sift_bench.cli --data "$data" --world-size 1 \
     --policies sift-loss,random --fractions 0.5 --pools expand --exit-layers 1 --exit-heads shared \
     --no-hf-baseline --budget-s 25 --eval-interval-s 8 --out "$out" --name sift_bench \
     --work-dir "$out/sift_bench_runs" \
     --set model.preset=$preset run.ds_config="$out/ds_zero0_autocast_bf16.json" optim.lr=3e-4 \
           optim.warmup_steps=200 optim.decay=constant eval.max_samples=512
 
-fi
-# opt-in (about 3 more minutes): model.compile, the same case uncompiled then compiled
-if [ -n "${SIFT_GPU_CHECK_COMPILE:-}" ]; then
+# model.compile, the same case uncompiled then compiled
+if want compile; then
     stage efficiency_compile 150 "$py" -m benchmarks.trainer_efficiency --case bert-medium:128 \
         --data "$data" --rounds 3 --compile both --out "$out/trainer_efficiency_compiled.json"
 fi
+# the post-plateau A/B: every arm forks from one vanilla run past the plateau, lr 3e-4 decaying
+# linearly to its floor over each arm's own budget
+if want ab; then
+    stage sift_ab 580 "$py" -m benchmarks.sift_bench.cli --data "$data" --world-size 1 \
+        --policies sift-loss,random --fractions 0.5 --pools expand --exit-layers 1 \
+        --exit-heads shared --no-hf-baseline ${SIFT_GPU_AB_ARGS:-} \
+        --warm-start "${SIFT_GPU_AB_WARM:-3000}" --budget-s "${SIFT_GPU_AB_BUDGET_S:-120}" \
+        --eval-interval-s 10 --out "$out" --name sift_ab --work-dir "$out/sift_ab_runs" \
+        --set model.preset=$preset run.ds_config="$out/ds_zero0_autocast_bf16.json" optim.lr=3e-4 \
+              optim.warmup_steps=500 'optim.decay="linear"' eval.max_samples=2048
+fi
 # checkpoints are large and rebuilt in seconds: keep the logs, summaries and metrics
-rm -rf "$out"/train_*/checkpoints "$out"/sift_bench_runs/*/arms/*/checkpoints 2>/dev/null
+rm -rf "$out"/train_*/checkpoints "$out"/sift_*_runs/*/arms/*/checkpoints 2>/dev/null
 log "done: $out"
 archive

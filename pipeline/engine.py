@@ -41,6 +41,27 @@ class EngineFacts:
     torch_autocast: fp32 weights, 16-bit matmuls)."""
     gradient_clipping: float
     world_size: int
+    clip_in_trainer: bool = False
+    """True when the trainer clips (`clip_gradients`) instead of DeepSpeed: see `build_engine`."""
+
+
+def trainer_clips(ds_config: dict[str, Any]) -> bool:
+    """Whether the trainer, not DeepSpeed, should clip: ZeRO-0 with fp32 weights (fp32 or
+    torch_autocast) and clipping on. There DeepSpeed's clip takes one norm and one scale per
+    parameter tensor (~280 kernel launches for BERT's 138 tensors, host-bound on a GPU) and an
+    all-reduce of a norm every rank already shares (the gradients were all-reduced in backward);
+    torch's foreach clip does the same arithmetic in a handful of launches. With 16-bit weights or
+    ZeRO >= 1 the gradients live in DeepSpeed's own (partitioned) buffers, so it keeps clipping."""
+    zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    half = any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16", "bfloat16"))
+    return zero == 0 and not half and float(ds_config.get("gradient_clipping", 0.0) or 0.0) > 0
+
+
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a total 2-norm of at most `max_norm`; returns the norm before
+    clipping (a device tensor: reading it would sync). Same rule as DeepSpeed's clip:
+    coefficient min(1, max_norm / (norm + 1e-6))."""
+    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, foreach=True)
 
 
 def load_ds_config(path: str | Path, world_size: int) -> dict[str, Any]:
@@ -134,6 +155,10 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str
     fused = get_accelerator().device_name() == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                   betas=optim.betas, eps=optim.eps, fused=fused)
+    own_clip = trainer_clips(ds_config)
+    clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
+    if own_clip:  # DeepSpeed must not clip a second time
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     if precision == "fp32" and engine.torch_autocast_enabled():
@@ -146,7 +171,8 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str
         train_batch=int(engine.train_batch_size()),
         zero_stage=int(engine.zero_optimization_stage()),
         precision=precision,
-        gradient_clipping=float(engine.gradient_clipping() or 0.0),
+        gradient_clipping=clip,
         world_size=int(engine.world_size),
+        clip_in_trainer=own_clip,
     )
     return engine, facts

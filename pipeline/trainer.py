@@ -42,8 +42,8 @@ from pipeline import checkpoint, comm, rundir
 from pipeline.config import ConfigError, TrainConfig, resolve_path, to_toml
 from pipeline.data import (MASKING_VERSION, DataError, GlobalSampler, ShardDataset, token_counts,
                            train_batch, validation_batches, verify_prepared)
-from pipeline.engine import (EngineFacts, build_engine, load_ds_config, lr_at, set_lr,
-                             time_progress)
+from pipeline.engine import (EngineFacts, build_engine, clip_gradients, load_ds_config, lr_at,
+                             set_lr, time_progress)
 from pipeline.evaluation import evaluate_local, summarize
 from pipeline.faults import FaultInjector, Watchdog, hang_report, register_rank
 from pipeline.flops import forward_flops, peak_flops, train_flops
@@ -134,6 +134,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, facts.precision)
         self.throughput = _Throughput()
         self._last_loss = float("nan")  # the progress bar shows the last logged loss: no sync
+        self._clipped_norm: torch.Tensor | None = None  # facts.clip_in_trainer: this step's norm
         self.plain_progress = False  # a line per log window, for logs that are not a terminal
         self.faults = FaultInjector.from_env()  # no-ops unless a test installed faults
         self.beat = lambda: None  # progress for the hang watchdog (run() installs it)
@@ -259,7 +260,10 @@ class Trainer:
         done = 0
         while done < self.facts.grad_accum:
             done += self.micro_step(totals)
-        grad_norm = self.engine.get_global_grad_norm()  # a float or a device tensor: not read yet
+        # a float or a device tensor, not read yet (DeepSpeed has none when the trainer clips)
+        grad_norm = (self._clipped_norm if self.facts.clip_in_trainer
+                     else self.engine.get_global_grad_norm())
+        self._clipped_norm = None
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.detach().clone()  # DeepSpeed may reuse its tensor next step
         return {
@@ -296,6 +300,7 @@ class Trainer:
             totals.time(t1 - t0, t2 - t1, t3 - t2, self._clock() - t3, 0.0)
             return 0
         self.engine.backward(loss)
+        self._clip()
         t4 = self._clock()
         self.engine.step()  # DeepSpeed updates only at the accumulation boundary
         t5 = self._clock()
@@ -326,6 +331,13 @@ class Trainer:
             scores, batch["sample_weight"] = self._sampling_keys(scores)
         totals.flops += self._scoring_flops(batch)
         return scores
+
+    def _clip(self) -> None:
+        """facts.clip_in_trainer: clip at the accumulation boundary, where backward has
+        all-reduced the gradients and DeepSpeed's step comes next (`engine.trainer_clips`)."""
+        if self.facts.clip_in_trainer and self.engine.is_gradient_accumulation_boundary():
+            self._clipped_norm = clip_gradients(self.engine.module.parameters(),
+                                                self.facts.gradient_clipping)
 
     def _select(self, batch: dict[str, torch.Tensor], scores: torch.Tensor, quota: int,
                 n_cand: int, totals: "_Totals") -> dict[str, torch.Tensor]:
