@@ -128,3 +128,15 @@ def checkpoint_at_step_3(run: Path, tmp_path: Path) -> Path:
 def zero_run(runs, stage: int) -> Path:
     """6 steps on 2 ranks at ZeRO `stage`, checkpoints at steps 3 and 6."""
     return runs(f"zero{stage}", 2, f"run.ds_config=ds_configs/cpu_zero{stage}_fp32.json")
+
+
+def run_engine_worker(code: str, what: str, timeout: int = 240) -> dict:
+    """Run `code` as a 1-rank DeepSpeed process (CPU, gloo, fresh port) and return the JSON it
+    printed on its last `RESULT ` line."""
+    env = {**job_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):])

@@ -4,14 +4,11 @@ engine runs in its own subprocess with a fresh port (real DeepSpeed, CPU, gloo).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.training import run_engine_worker
 
 STEPS = 4
 CLIP = 0.05  # far below bert-tiny's gradient norms at init, so every step clips
@@ -63,16 +60,8 @@ def _worker(mode: str) -> None:
 
 
 def run(mode: str) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions")),
-           "PYTHONPATH": str(REPO_ROOT)}
-    code = f"from tests.unit.test_engine_clip import _worker; _worker({mode!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_engine_worker(f"from tests.unit.test_engine_clip import _worker; _worker({mode!r})",
+                             f"{mode} run")
 
 
 def test_trainer_clipping_trains_exactly_like_deepspeeds():

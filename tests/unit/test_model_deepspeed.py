@@ -5,13 +5,10 @@ train exactly as under ZeRO-0. Each engine runs in its own subprocess with a fre
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.training import run_engine_worker
 
 STEPS = 3
 
@@ -51,16 +48,8 @@ def _worker(stage: int, exit_head: str, detach: bool) -> None:
 
 
 def run_engine(stage: int, exit_head: str, detach: bool) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions")),
-           "PYTHONPATH": str(REPO_ROOT)}
     code = f"from tests.unit.test_model_deepspeed import _worker; _worker({stage}, {exit_head!r}, {detach})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"ZeRO-{stage} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_engine_worker(code, f"ZeRO-{stage} run")
 
 
 def test_zero3_trains_and_scores_like_zero0():
