@@ -44,6 +44,14 @@ data=$(realpath -m "${1:-.gpu_carry/data}")
 out=$(realpath -m "${2:-benchmarks/results/gpu}")
 mkdir -p "$out"
 py=${PYTHON:-python3}
+preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # train/bench/ab stages (bert-tiny: a CPU smoke test)
+stages=" ${SIFT_GPU_CHECK_STAGES:-efficiency variants profile train bench} "
+want() { [[ "$stages" == *" $1 "* ]]; }
+for s in $stages; do  # a misspelt stage would otherwise run nothing, silently
+    case $s in efficiency|variants|profile|train|bench|compile|ab) ;;
+        *) echo "gpu_check: unknown stage '$s' in SIFT_GPU_CHECK_STAGES (efficiency variants profile train bench compile ab)" >&2; exit 2 ;;
+    esac
+done
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$out/stages.txt"; }
 
 if ! "$py" -c "import deepspeed" 2>/dev/null; then
@@ -80,9 +88,6 @@ archive() {
         && mv "$SIFT_GPU_ARCHIVE.tmp" "$SIFT_GPU_ARCHIVE"
 }
 
-preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # train/bench/ab stages (bert-tiny: a CPU smoke test)
-stages=" ${SIFT_GPU_CHECK_STAGES:-efficiency variants profile train bench} "
-want() { [[ "$stages" == *" $1 "* ]]; }
 
 # 1. trainer efficiency: the trainer against a plain loop, 4 cases, under the GPU default
 #    (zero0_autocast_bf16: fp32 weights, torch.autocast, the client's fused AdamW) and under
