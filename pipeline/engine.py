@@ -54,7 +54,12 @@ def trainer_clips(ds_config: dict[str, Any]) -> bool:
     ZeRO >= 1 the gradients live in DeepSpeed's own (partitioned) buffers, so it keeps clipping."""
     zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     half = any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16", "bfloat16"))
-    return zero == 0 and not half and float(ds_config.get("gradient_clipping", 0.0) or 0.0) > 0
+    return zero == 0 and not half and _clipping(ds_config) > 0
+
+
+def _clipping(ds_config: dict[str, Any]) -> float:
+    """The max gradient norm a DeepSpeed config asks for (0: no clipping)."""
+    return float(ds_config.get("gradient_clipping", 0.0) or 0.0)
 
 
 def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
@@ -156,7 +161,7 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                   betas=optim.betas, eps=optim.eps, fused=fused)
     own_clip = trainer_clips(ds_config)
-    clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
+    clip = _clipping(ds_config)
     if own_clip:  # DeepSpeed must not clip a second time
         ds_config = {**ds_config, "gradient_clipping": 0.0}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
