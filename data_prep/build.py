@@ -33,6 +33,16 @@ from data_prep import tokenizer as tk
 from data_prep.errors import PrepError
 from data_prep.io_util import write_atomic, write_json_atomic
 
+# For the tests of a kill mid-run (tests/e2e/test_prep.py): the run SIGKILLs itself after writing
+# this many shard files in this process, before the last one's journal record. A kill point that
+# does not depend on how fast the machine is; unset, nothing happens.
+KILL_AT_SHARD_ENV = "SIFT_PREP_KILL_AT_SHARD"
+
+
+def _kill_at_shard() -> int | None:
+    text = os.environ.get(KILL_AT_SHARD_ENV)
+    return int(text) if text else None
+
 
 @dataclass(frozen=True)
 class PrepConfig:
@@ -375,6 +385,7 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
             done = sum(len(s["shards"]) for s in state["splits"].values())
             log(f"sift-prep: resuming {out} ({done} shards already written)")
 
+        kill_at, written = _kill_at_shard(), [0]
         packers = {}
         for name in mf.SPLITS:
             s = state["splits"][name]
@@ -387,6 +398,9 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
                       "num_tokens": 0 if rows is None else sh.count_tokens(rows, layout.pad_id),
                       "next": s["next"] if after is None else [after.doc, after.skip]}
             if entry is not None:
+                written[0] += 1
+                if written[0] == kill_at:
+                    os.kill(os.getpid(), 9)  # the shard is on disk, its journal record is not
                 s["shards"].append(entry)
             s["num_tokens"] += record["num_tokens"]
             s["next"], s["complete"] = record["next"], complete

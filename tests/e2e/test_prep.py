@@ -8,11 +8,12 @@ import signal
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from data_prep import build
 
 pytestmark = pytest.mark.e2e
 
@@ -222,21 +223,19 @@ def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path):
     ref = tmp_path / "ref"
     prep("--output", ref, *args)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--output", str(out), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.monotonic() + 120
-    while not (out / "train" / "shard_000001.npy").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before any shard appeared"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists(), "killed too late to test anything"
+    # The run kills itself once its 5th shard file is on disk and before the journal names it
+    # (the worst moment): a kill point that does not depend on the machine's speed.
+    killed = subprocess.run([sys.executable, "-m", "data_prep", "--output", str(out), *args],
+                            capture_output=True, text=True, timeout=600,
+                            env={**ENV, build.KILL_AT_SHARD_ENV: "5"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "manifest.json").exists()
     assert (out / ".sift-prep-state.json").exists() and (out / ".sift-prep-journal.jsonl").exists()
-    done = len(list((out / "train").glob("shard_*.npy")))
+    done = len(list((out / "train").glob("shard_*.npy"))) + len(list((out / "valid").glob("shard_*.npy")))
     total = len(list((ref / "train").glob("shard_*.npy")))
-    assert 0 < done < total
+    assert done == 5 and total > 5
     rerun = prep("--output", out, *args)
-    assert "resuming" in rerun.stderr
+    assert "(4 shards already written)" in rerun.stderr  # the 5th is rewritten
     assert tree_bytes(out).keys() == tree_bytes(ref).keys()
     assert {k: v for k, v in tree_bytes(out).items() if k != "manifest.json"} == \
            {k: v for k, v in tree_bytes(ref).items() if k != "manifest.json"}
