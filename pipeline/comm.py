@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 __all__ = [
     "get_dist_info", "is_distributed", "wire_device", "barrier", "all_gather_tensor",
-    "all_gather_varlen", "all_to_all_rows", "all_reduce", "broadcast_object",
+    "all_to_all_rows", "all_reduce", "broadcast_object",
     "all_gather_object", "discover_env", "init_distributed", "destroy_process_group",
 ]
 
@@ -84,32 +84,6 @@ def all_gather_tensor(tensor: torch.Tensor, method: str = "all_gather") -> torch
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t)
     return torch.stack(parts).to(tensor.device)  # (W, *shape)
-
-
-def all_gather_varlen(tensor: torch.Tensor,
-                      counts: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """Gather tensors whose dim 0 differs by rank; returns one tensor per rank, in rank order.
-
-    All dims but 0 (and the dtype) must match across ranks. `counts`, when the caller already
-    knows every rank's dim 0, saves the collective that would learn them. Implementation: gather
-    counts, pad to the max, all_gather, trim; a rank with zero rows contributes an empty tensor.
-    """
-    if not is_distributed():
-        return [tensor]
-    n = tensor.shape[0]
-    if counts is None:
-        counts = all_gather_tensor(torch.tensor([n], dtype=torch.int64)).view(-1).tolist()
-    counts = [int(c) for c in counts]
-    rank, _ = get_dist_info()
-    if counts[rank] != n:
-        raise ValueError(f"rank {rank}: counts[{rank}]={counts[rank]} but the tensor has {n} rows")
-    max_n = max(counts)
-    t = tensor.detach().to(wire_device())
-    padded = torch.zeros((max_n, *t.shape[1:]), dtype=t.dtype, device=t.device)  # (max_n, ...)
-    padded[:n] = t
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return [p[:c].to(tensor.device) for p, c in zip(parts, counts)]
 
 
 def all_to_all_rows(rows: torch.Tensor, send_counts: Sequence[int],

@@ -82,8 +82,7 @@ def selector_worker(rank: int, world_size: int, scenarios):
             batch = {k: v[:, :SEQ - 1] if v.dim() == 2 and v.shape[1] == SEQ else v
                      for k, v in batch.items()}
         # the reference plan from every rank's view of the scores (must agree across ranks)
-        gathered = comm.all_gather_varlen(scores.double())
-        ref = reference_plan([t.tolist() for t in gathered], quota)
+        ref = reference_plan(comm.all_gather_object(scores.double().tolist()), quota)
         cap = 5 if name == "cap_too_small" else max(counts) + 2  # any common bound >= B works
         try:
             out, stats = select_and_exchange(batch, scores, quota, scope=scope, max_candidates=cap)
