@@ -92,6 +92,7 @@ def test_fingerprint_ignores_budgets_but_not_model():
 def test_every_recipe_loads():
     recipes = sorted((REPO / "launch" / "recipes").glob("*.toml"))
     assert recipes, "launch/recipes/ holds no recipe"
+    recipes += sorted((REPO / "benchmarks").glob("*.toml"))  # the benchmarks' recipes too
     for recipe in recipes:
         cfg = load_config(recipe, ["data.data_dir=d"])
         assert Path(REPO / cfg.run.ds_config).is_file(), f"{recipe.name}: {cfg.run.ds_config} missing"
