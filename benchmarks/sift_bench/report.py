@@ -275,6 +275,16 @@ def compare_seeds(per_seed: dict[Any, dict[str, Curve]], budget_s: float,
             if controls.get(name) in names:
                 row[f"vs_control_{metric}"] = ratio_intervals(
                     curves, name, controls[name], budget_s, reference, levels, increasing, n_boot)
+    # Sample efficiency, the gain of the break-even condition (time speedup = this gain x vanilla's
+    # time per sequence backpropagated / the arm's): vanilla's sequences backpropagated to each
+    # accuracy target / the arm's. A miss counts at the most any arm backpropagated (an upper bound).
+    samples = {s: {n: points(arms[n]["evals"], "samples_backpropagated", "accuracy") for n in names}
+               for s, arms in per_seed.items()}
+    if all(len(c) >= 2 for by_arm in samples.values() for c in by_arm.values()):
+        most = max(x for by_arm in samples.values() for c in by_arm.values() for x, _ in c)
+        for name in names:
+            out["arms"][name]["samples_vs_vanilla_accuracy"] = ratio_intervals(
+                samples, name, reference, most, reference, levels, True, n_boot)
     return out
 
 
@@ -282,6 +292,12 @@ def _ci_text(row: dict[str, Any]) -> str:
     lo, hi = row["ci95"]
     star = "" if row["excludes_1"] else " (noise)"
     return f"{row['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]{star}"
+
+
+def _cells(rows: Sequence[dict[str, Any]]) -> str:
+    """One table cell per level: the ratio, its interval and, if not every seed got there, how many."""
+    return " | ".join(_ci_text(r) + ("" if r["arm_reached"] == r["seeds"] else
+                                     f" {r['arm_reached']}/{r['seeds']} reached") for r in rows)
 
 
 def intervals_table(cmp: dict[str, Any], metric: str = "accuracy") -> str:
@@ -298,10 +314,16 @@ def intervals_table(cmp: dict[str, Any], metric: str = "accuracy") -> str:
             if rows is None or (vs == "vanilla" and name == cmp["reference"]):
                 continue
             label = vs if vs == "vanilla" else f"control ({row['control']})"
-            cells = " | ".join(_ci_text(r) + ("" if r["arm_reached"] == r["seeds"] else
-                                              f" {r['arm_reached']}/{r['seeds']} reached")
-                               for r in rows)
-            lines.append(f"| {name} | {label} | {cells} |")
+            lines.append(f"| {name} | {label} | {_cells(rows)} |")
+    efficiency = {n: row["samples_vs_vanilla_accuracy"] for n, row in cmp["arms"].items()
+                  if n != cmp["reference"] and row.get("samples_vs_vanilla_accuracy")}
+    if metric == "accuracy" and efficiency:
+        lines += ["", "Sample efficiency: vanilla's sequences backpropagated / the arm's, to the same "
+                  "targets (the time speedup is this times vanilla's time per sequence / the arm's: to "
+                  "save time it must exceed the arm's step time over vanilla's):",
+                  "", f"| arm | {head} |", "|---|" + "---|" * len(levels)]
+        for name, rows in efficiency.items():
+            lines.append(f"| {name} | {_cells(rows)} |")
     return "\n".join(lines) + "\n"
 
 

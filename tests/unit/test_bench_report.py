@@ -319,12 +319,15 @@ def test_a_target_met_at_the_start_gives_a_bounded_ratio():
 def test_compare_seeds_reports_vanilla_and_control_ratios_with_intervals():
     from benchmarks.sift_bench.report import compare_seeds, intervals_table
 
-    def evals(pts):
-        return {"evals": [{"elapsed_s": t, "accuracy": a, "loss": 8.0 - 10 * a} for t, a in pts]}
+    def evals(pts, samples_per_s):
+        return {"evals": [{"elapsed_s": t, "accuracy": a, "loss": 8.0 - 10 * a,
+                           "samples_backpropagated": samples_per_s * t} for t, a in pts]}
 
-    per_seed = {s: {"vanilla": evals(_noisy_curve(1.0, s, 0.003)),
-                    "sift": evals(_noisy_curve(1.5, s + 100, 0.003)),
-                    "random": evals(_noisy_curve(1.0, s + 200, 0.003))} for s in (42, 43)}
+    # sift learns 1.5x faster in time while backpropagating half as many sequences per second:
+    # 3x vanilla's learning per sequence; random learns like vanilla per second and per sequence
+    per_seed = {s: {"vanilla": evals(_noisy_curve(1.0, s, 0.003), 100.0),
+                    "sift": evals(_noisy_curve(1.5, s + 100, 0.003), 50.0),
+                    "random": evals(_noisy_curve(1.0, s + 200, 0.003), 100.0)} for s in (42, 43)}
     cmp = compare_seeds(per_seed, 100.0, {"sift": "random"}, n_boot=200)
     assert cmp["seeds"] == ["42", "43"] and len(cmp["targets_accuracy"]["42"]) == 4
     row = cmp["arms"]["sift"]
@@ -332,9 +335,16 @@ def test_compare_seeds_reports_vanilla_and_control_ratios_with_intervals():
     for key in ("vs_vanilla_accuracy", "vs_control_accuracy", "vs_vanilla_loss", "vs_control_loss"):
         assert [r["level"] for r in row[key]] == [0.25, 0.5, 0.75, 1.0]
         assert row[key][1]["ratio"] > 1.2
+    efficiency = row["samples_vs_vanilla_accuracy"]
+    assert all(2.4 < r["ratio"] < 3.6 and r["excludes_1"] for r in efficiency[:3]), efficiency
+    same = cmp["arms"]["random"]["samples_vs_vanilla_accuracy"][1]
+    assert same["ci95"][0] < 1.0 < same["ci95"][1], same
     table = intervals_table(cmp)
     assert "| sift | vanilla |" in table and "| sift | control (random) |" in table
     assert "[" in table and "vanilla | vanilla" not in table
+    efficiency_rows = table.split("Sample efficiency")[1].splitlines()
+    assert [r.split(" | ")[0] for r in efficiency_rows if r.startswith("| ") and "---" not in r] == \
+        ["| arm", "| sift", "| random"]
 
 
 def test_noise_sd_sees_the_noise_not_the_trend():
