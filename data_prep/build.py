@@ -17,6 +17,7 @@ import hashlib
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -385,22 +386,23 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
             done = sum(len(s["shards"]) for s in state["splits"].values())
             log(f"sift-prep: resuming {out} ({done} shards already written)")
 
-        kill_at, written = _kill_at_shard(), [0]
+        kill_at, written = _kill_at_shard(), 0  # shard files this process wrote (the test hook)
         packers = {}
         for name in mf.SPLITS:
             s = state["splits"][name]
             packers[name] = sh.Packer(layout, cfg.shard_rows, dtype, sh.Position(*s["next"]))
 
         def flush(name: str, rows: np.ndarray | None, after: sh.Position | None, complete: bool = False) -> None:
+            nonlocal written
             s = state["splits"][name]
             entry = None if rows is None else sh.write_shard(out, name, len(s["shards"]), rows)
             record = {"split": name, "shard": entry, "complete": complete,
                       "num_tokens": 0 if rows is None else sh.count_tokens(rows, layout.pad_id),
                       "next": s["next"] if after is None else [after.doc, after.skip]}
             if entry is not None:
-                written[0] += 1
-                if written[0] == kill_at:
-                    os.kill(os.getpid(), 9)  # the shard is on disk, its journal record is not
+                written += 1
+                if written == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)  # the shard is on disk, its record is not
                 s["shards"].append(entry)
             s["num_tokens"] += record["num_tokens"]
             s["next"], s["complete"] = record["next"], complete

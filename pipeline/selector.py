@@ -430,9 +430,10 @@ def select_and_exchange(batch: dict[str, torch.Tensor], scores: torch.Tensor, qu
     scores: (B,) one score per candidate (any float dtype, any device).
     scope "global": gather scores, every rank computes the same plan (`rank_plan`, its own share),
     one all_to_all_single moves the surplus rows (skipped when nothing moves). scope "local" (or
-    world size 1 / no process group): this rank's own top `quota`, no communication. In global scope every rank must call this collectively, with tensors of the
-    same keys, dtypes and row shapes (checked: a mismatch raises ValueError on every rank rather
-    than corrupting rows or hanging).
+    world size 1 / no process group): this rank's own top `quota`, no communication. In global
+    scope every rank must call this collectively, with tensors of the same keys, dtypes and row
+    shapes (checked: a mismatch raises ValueError on every rank rather than corrupting rows or
+    hanging).
     max_candidates: a bound on B, the same on every rank (the configured candidate count): the
     scores travel padded to it in one collective, whose latency dominates at large world sizes
     (global scope raises ValueError on every rank when a rank holds more).
