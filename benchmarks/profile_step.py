@@ -1,4 +1,4 @@
-"""Where a trainer step's time goes: torch.profiler over a few real `Trainer.train_step` calls.
+"""Where a trainer step's time goes: torch.profiler over a few real `Trainer.step` calls.
 
 For one case (model preset, micro batch, DeepSpeed config; 1 rank), after warm-up steps it
 profiles `--steps` steps of vanilla and of sift-loss (expand, f 0.5) and writes, per arm, the
@@ -65,14 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             for name, t in trainers.items():
                 for _ in range(args.warmup):
-                    t.train_step()
-                    t.state.step += 1
+                    t.step()
                 if cuda:
                     torch.cuda.synchronize()
                 with profile(activities=activities) as prof:
                     for _ in range(args.steps):
-                        t.train_step()
-                        t.state.step += 1
+                        t.step()
                     if cuda:
                         torch.cuda.synchronize()
                 t.close()

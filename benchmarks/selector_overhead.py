@@ -67,14 +67,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from data_prep.io_util import free_port  # noqa: E402
 from pipeline import comm  # noqa: E402
+from pipeline.local_ranks import run_on_local_ranks  # noqa: E402
 from pipeline.selector import (plan, rank_plan, select_and_exchange,  # noqa: E402
                                selection_means)
 
@@ -110,64 +109,35 @@ def make_candidates(rank: int, count: int, seq: int, pattern: str,
     return batch, scores
 
 
-def _exchange_worker(rank: int, world: int, port: int, grid: list, repeats: int, queue) -> None:
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
-                      DS_ACCELERATOR="cpu")
+def _exchange_worker(rank: int, world: int, grid: list, repeats: int) -> list[dict]:
+    """One rank of `pipeline.local_ranks`: time select_and_exchange over the grid."""
     torch.set_num_threads(1)
-    try:
-        comm.init_distributed(backend="gloo", auto_mpi_discovery=False, timeout_s=300)
-        rows = []
-        for cand, seq, pattern, variant in grid:
-            quota = cand // 2
-            cap = cand  # the trainer's bound: every rank loads the same candidate count
-            times, stats = [], None
-            for it in range(repeats + 2):  # two warm-ups
-                batch, scores = make_candidates(rank, cand, seq, pattern, seed=it)
-                comm.barrier()
-                t0 = time.perf_counter()
-                out, stats = select_and_exchange(batch, scores, quota, scope="global",
-                                                 max_candidates=cap)
-                dt = time.perf_counter() - t0
-                if it >= 2:
-                    times.append(dt)
-                assert out["input_ids"].shape == (quota, seq)
-            per_rank = comm.all_gather_object(times)
-            slowest = [max(ts) for ts in zip(*per_rank)]  # the step waits for the slowest rank
-            rows.append({"world": world, "candidates": cand, "seq": seq, "pattern": pattern,
-                         "gather": variant, "quota": quota, "median_ms": 1e3 * statistics.median(slowest),
-                         "p90_ms": 1e3 * sorted(slowest)[int(0.9 * (len(slowest) - 1))],
-                         "samples_moved": stats.samples_moved, "bytes_moved": stats.bytes_moved})
-        queue.put((rank, rows))
-    except BaseException as exc:  # report, then fail
-        queue.put((rank, f"{type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        comm.destroy_process_group()
+    rows = []
+    for cand, seq, pattern, variant in grid:
+        quota = cand // 2
+        cap = cand  # the trainer's bound: every rank loads the same candidate count
+        times, stats = [], None
+        for it in range(repeats + 2):  # two warm-ups
+            batch, scores = make_candidates(rank, cand, seq, pattern, seed=it)
+            comm.barrier()
+            t0 = time.perf_counter()
+            out, stats = select_and_exchange(batch, scores, quota, scope="global",
+                                             max_candidates=cap)
+            dt = time.perf_counter() - t0
+            if it >= 2:
+                times.append(dt)
+            assert out["input_ids"].shape == (quota, seq)
+        per_rank = comm.all_gather_object(times)
+        slowest = [max(ts) for ts in zip(*per_rank)]  # the step waits for the slowest rank
+        rows.append({"world": world, "candidates": cand, "seq": seq, "pattern": pattern,
+                     "gather": variant, "quota": quota, "median_ms": 1e3 * statistics.median(slowest),
+                     "p90_ms": 1e3 * sorted(slowest)[int(0.9 * (len(slowest) - 1))],
+                     "samples_moved": stats.samples_moved, "bytes_moved": stats.bytes_moved})
+    return rows
 
 
 def measure_exchange(world: int, grid: list, repeats: int) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_exchange_worker, args=(r, world, port, grid, repeats, queue))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(world):
-            rank, rows = queue.get(timeout=900)
-            if isinstance(rows, str):
-                raise RuntimeError(f"rank {rank} failed: {rows}")
-            results[rank] = rows
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return results[0]
+    return run_on_local_ranks(_exchange_worker, world, grid, repeats, timeout=900)[0]
 
 
 def _times(fn, repeats: int) -> list[float]:

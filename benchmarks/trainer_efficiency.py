@@ -3,7 +3,7 @@
 In one process (1 rank), for each case (model preset x micro batch x DeepSpeed config), it times
 side by side, in interleaved rounds so drift hits every arm alike:
 
-  trainer_vanilla   `Trainer.train_step` of the project (DeepSpeed engine built from the user's
+  trainer_vanilla   `Trainer.step` of the project (DeepSpeed engine built from the user's
                     ds_config, prefetching loader, selection.policy = none), micro batch B
   plain_vanilla     a plain torch loop over the same model class and batch, with the data already
                     on the device: autocast in the engine's precision, clipping as the ds_config
@@ -246,8 +246,7 @@ def run_case(args: argparse.Namespace, compile_: bool, data: Path, preset: str, 
         t = trainers[name]
 
         def step(_: int) -> None:
-            records[name].append(t.train_step())
-            t.state.step += 1
+            records[name].append(t.step())
         return step
 
     # the plain loop's data: built by the same loader, already on the device

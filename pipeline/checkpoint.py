@@ -348,6 +348,49 @@ def _disk_full(exc: BaseException, where: Path) -> bool:
         return False
 
 
+def restore(engine: Any, load_dir: Path, tag: str, rank: int, world_size: int, zero_stage: int,
+            universal: bool, say: Callable[[str], None], masking_version: int) -> dict[str, Any]:
+    """Collective: load (load_dir, tag) into the engine; returns its client state. `universal`:
+    the checkpoint holds ZeRO partitions of another world size; the engine was built with
+    load_universal and loads rank 0's universal conversion of it (made here unless there).
+    A checkpoint of another `masking_version` loads with a warning (`say`)."""
+    saved = read_client_state(load_dir, tag)
+    engine_tag = tag
+    if universal:
+        engine_tag = _universal_engine_tag(Path(load_dir), tag, saved["world_size"], world_size,
+                                           say)
+    elif saved["world_size"] != world_size and zero_stage > 0:
+        # A ZeRO-0 checkpoint has no partitions to convert, and DeepSpeed's ZeRO load
+        # refuses another data-parallel size.
+        raise CheckpointError(
+            f"{load_dir / tag} was saved by {saved['world_size']} ranks without ZeRO "
+            f"partitions; resuming it under ZeRO-{zero_stage} on {world_size} "
+            "ranks is not supported (resume it under ZeRO-0, or on the same world size)")
+    client = load(engine, load_dir, tag, rank, engine_tag=engine_tag)
+    if client.get("masking_version", 1) != masking_version:
+        say(f"warning: {load_dir / tag} was trained with masking version "
+            f"{client.get('masking_version', 1)}, this version masks with {masking_version}: "
+            "training continues on other masks, and its validation accuracy is not comparable "
+            "to the earlier evaluations")
+    return client
+
+
+def _universal_engine_tag(load_dir: Path, tag: str, saved_world: int, world_size: int,
+                          say: Callable[[str], None]) -> str:
+    """Collective: rank 0 converts (or finds) the universal checkpoint; every rank gets its
+    tag, or the same CheckpointError when the conversion failed."""
+    def convert() -> str:
+        say(f"{load_dir / tag} holds ZeRO partitions of {saved_world} ranks: loading its "
+            f"universal checkpoint on {world_size}")
+        try:
+            return convert_to_universal(load_dir, tag)
+        except Exception as exc:
+            raise CheckpointError(f"{load_dir / tag}: universal conversion failed: "
+                                  f"{type(exc).__name__}: {exc}") from None
+
+    return comm.rank0_decides(convert, CheckpointError, expected=(CheckpointError,))
+
+
 def load(engine: Any, load_dir: Path, tag: str, rank: int, engine_tag: str | None = None
          ) -> dict[str, Any]:
     """Collective: restore the engine (from `engine_tag`, default `tag`: the universal conversion

@@ -21,15 +21,15 @@ import datetime
 import os
 import socket
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "get_dist_info", "is_distributed", "wire_device", "barrier", "all_gather_tensor",
-    "all_to_all_rows", "all_reduce", "broadcast_object",
-    "all_gather_object", "discover_env", "init_distributed", "destroy_process_group",
+    "all_to_all_rows", "all_reduce", "broadcast_object", "rank0_decides",
+    "all_gather_object", "discover_env", "init_distributed", "init_gloo", "destroy_process_group",
 ]
 
 SHM_DIR = Path("/dev/shm")
@@ -136,6 +136,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def rank0_decides(decide: Callable[[], Any], fail: Callable[[str], Exception],
+                  expected: tuple[type[BaseException], ...] = ()) -> Any:
+    """Collective: rank 0 runs `decide()` and every rank returns its result; when it raises,
+    every rank raises `fail(message)` instead, so no rank is left waiting for one that failed
+    alone. The message is the exception's text for the `expected` types, "Type: text" for any
+    other (a surprise keeps its name)."""
+    result: tuple[bool, Any] | None = None
+    if get_dist_info()[0] == 0:
+        try:
+            result = (True, decide())
+        except Exception as exc:  # any failure must reach the ranks waiting below
+            result = (False, str(exc) if isinstance(exc, expected) else
+                      f"{type(exc).__name__}: {exc}")
+    ok, payload = broadcast_object(result, src=0)
+    if not ok:
+        raise fail(payload)
+    return payload
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's picklable `obj`, in rank order (pickled; for small control data only)."""
     if not is_distributed():
@@ -190,6 +209,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
         ds_comm.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery,
                                  timeout=datetime.timedelta(seconds=timeout_s))
         release_shm_segment()
+    return get_dist_info()
+
+
+def init_gloo(timeout_s: float = 300.0) -> tuple[int, int]:
+    """Join a plain gloo group from the env:// variables, without DeepSpeed (the local-rank
+    harness: a second faster than DeepSpeed's init); a no-op when a group exists."""
+    if not is_distributed():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return get_dist_info()
 
 

@@ -37,6 +37,8 @@ IGNORE_INDEX = -100
 """Label of a position that is not masked (what torch's cross_entropy ignores)."""
 
 VALID_MASK_SEED = 0x5EED_BA5E
+RETEST_MASK_SEED = VALID_MASK_SEED + 1
+"""The second, independent validation masking: the same rows re-scored (pipeline.evaluation)."""
 """The fixed masking seed of validation: independent of the training seed, so runs compare."""
 
 MASKING_VERSION = 2
@@ -151,6 +153,28 @@ class ShardDataset:
     def fingerprint(self) -> str:
         """The tokenizer fingerprint: checkpoints record it so a resume on other data is caught."""
         return str(self.manifest["tokenizer_fingerprint"])
+
+    @property
+    def row_sources(self) -> list[tuple[str, int]]:
+        """(name, rows) of each data source, in row order: the manifest's `row_sources` for the
+        split (a pool assembled from several sources), else one source named "all"."""
+        sources = self.manifest["splits"][self.split].get("row_sources")
+        if not sources:
+            return [("all", len(self))]
+        if sum(int(s["rows"]) for s in sources) != len(self):
+            raise DataError(f"{self.data_dir}: row_sources of split {self.split!r} cover "
+                            f"{sum(int(s['rows']) for s in sources)} rows, the split has {len(self)}")
+        return [(str(s["name"]), int(s["rows"])) for s in sources]
+
+    @property
+    def row_source_names(self) -> list[str]:
+        return [name for name, _ in self.row_sources]
+
+    @property
+    def row_source_starts(self) -> np.ndarray:
+        """(S,) int64: the global index of each source's first row."""
+        rows = [n for _, n in self.row_sources]
+        return np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -407,13 +431,14 @@ def validation_indices(num_samples: int, rank: int, world_size: int,
 
 
 def validation_batches(dataset: ShardDataset, batch_size: int, masking: MaskingConfig,
-                       rank: int = 0, world_size: int = 1,
-                       max_samples: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """The validation rows of this rank in batches, under the one fixed validation masking."""
+                       rank: int = 0, world_size: int = 1, max_samples: int | None = None,
+                       mask_seed: int = VALID_MASK_SEED) -> Iterator[dict[str, torch.Tensor]]:
+    """The validation rows of this rank in batches, under the one fixed validation masking
+    (`mask_seed`: another fixed masking of the same rows, e.g. RETEST_MASK_SEED)."""
     indices = validation_indices(len(dataset), rank, world_size, max_samples)
     for start in range(0, indices.size, batch_size):
         chunk = indices[start:start + batch_size]
-        yield make_batch(dataset, chunk, np.zeros_like(chunk), VALID_MASK_SEED, masking)
+        yield make_batch(dataset, chunk, np.zeros_like(chunk), mask_seed, masking)
 
 
 def num_validation_batches(num_samples: int, batch_size: int, rank: int, world_size: int,

@@ -2,7 +2,6 @@
 
 Owns: reading and checking a `ds_configs/*.json` file (it owns precision, ZeRO stage, clipping and
 the batch-size triplet; our TOML never repeats them), AdamW with no decay on biases and LayerNorm,
-the learning-rate schedule (a pure function of the step, so a resume needs no scheduler state),
 and `EngineFacts`: micro batch, accumulation, ZeRO stage and precision as the *engine* reports
 them after initialize (academic-budget-bert's lesson: read them back, never trust a second copy).
 
@@ -13,7 +12,6 @@ optimizer or scheduler is rejected instead of silently overriding it.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,35 +110,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, cfg: OptimConfig, horizon: int, progress: float | None = None) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then decay to the floor.
-
-    The decay runs from the end of warmup to step `horizon`, or, when the schedule runs on time,
-    follows `progress` (0 at the end of warmup, 1 at the time horizon: `time_progress`)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.decay == "constant":
-        return cfg.lr
-    floor = cfg.lr * cfg.min_lr_ratio
-    if progress is None:
-        span = max(horizon - cfg.warmup_steps, 1)
-        progress = max(step - cfg.warmup_steps, 0) / span
-    t = min(max(progress, 0.0), 1.0)  # 0 -> 1 over the decay
-    if cfg.decay == "linear":
-        return floor + (cfg.lr - floor) * (1.0 - t)
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def time_progress(clock_s: float, warmup_end_s: float | None, horizon_s: float) -> float:
-    """How far a time-based decay has run: 0 until warmup ends (at `warmup_end_s` of training
-    time; None: not yet), 1 at `horizon_s`."""
-    if warmup_end_s is None:
-        return 0.0
-    if horizon_s <= warmup_end_s:
-        return 1.0
-    return (clock_s - warmup_end_s) / (horizon_s - warmup_end_s)
 
 
 def set_lr(engine: Any, lr: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -135,14 +136,14 @@ class FaultInjector:
 
     def step_started(self, step: int, rank: int) -> None:
         if rank == self.kill_rank and step == self.kill_at_step:
-            os.kill(os.getpid(), 9)  # a rank dies without a word
+            os.kill(os.getpid(), signal.SIGKILL)  # a rank dies without a word
 
     def loss(self, micro_index: int, loss):
         return loss * float("nan") if micro_index in self.nan_at else loss
 
     def before_latest(self, step: int, rank: int) -> None:
         if rank == 0 and step == self.crash_at:
-            os.kill(os.getpid(), 9)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Watchdog:
@@ -179,15 +180,30 @@ class Watchdog:
                 return
 
 
+def lost_peers(output_dir: str, world_size: int, rank: int, error_text: str | None = None,
+               patience_s: float = 0.0) -> str:
+    """The clause naming the peers a failed rank lost: " (rank(s) 1 of 2 no longer running)",
+    "... unreachable" (hosts the broken socket named, when `error_text` is given), "... stopped,
+    not dead: ...", or "" when none is found. `patience_s`: how long to wait for a dying peer."""
+    def clause(ranks: list[int], what: str) -> str:
+        return f" (rank(s) {', '.join(map(str, ranks))} of {world_size} {what})"
+
+    dead = (wait_for_dead_ranks(output_dir, world_size, patience_s) if patience_s
+            else dead_ranks(output_dir, world_size))
+    if dead:
+        return clause(dead, "no longer running")
+    if error_text is not None:
+        gone = unreachable_ranks(output_dir, world_size, error_text, rank)
+        if gone:
+            return clause(gone, "unreachable")
+    stopped = stopped_ranks(output_dir, world_size)
+    if stopped:
+        return clause(stopped, "stopped, not dead: SIGSTOP, a debugger or a suspended job")
+    return ""
+
+
 def hang_report(output_dir: str, world_size: int, rank: int, idle_s: float) -> str:
     """The one line for a rank that waited `idle_s` for its peers: who is dead or stopped."""
-    dead = dead_ranks(output_dir, world_size)
-    stopped = stopped_ranks(output_dir, world_size)
-    who = ""
-    if dead:
-        who = f" (rank(s) {', '.join(map(str, dead))} of {world_size} no longer running)"
-    elif stopped:
-        who = (f" (rank(s) {', '.join(map(str, stopped))} of {world_size} stopped, not dead: "
-               "SIGSTOP, a debugger or a suspended job)")
-    return (f"sift-train: rank {rank} failed{who}: no progress for {idle_s:.0f} s "
-            "(run.dist_timeout_s): a peer is not taking part in the collectives")
+    return (f"sift-train: rank {rank} failed{lost_peers(output_dir, world_size, rank)}: no "
+            f"progress for {idle_s:.0f} s (run.dist_timeout_s): a peer is not taking part in the "
+            "collectives")

@@ -65,3 +65,8 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         if key in name:
             return peak
     return None
+
+
+def mfu(flops: float, seconds: float, peak: float, world_size: int = 1) -> float:
+    """Model FLOPs utilization: achieved FLOP/s over the peak of `world_size` devices."""
+    return flops / seconds / (peak * world_size)

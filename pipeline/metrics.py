@@ -42,6 +42,7 @@ TRAIN_SCALARS = (
     "time/data_s", "time/score_s", "time/select_s", "time/forward_backward_s", "time/optimizer_s",
 )
 EVAL_SCALARS = ("eval/accuracy", "eval/loss", "eval/spearman_exit_vs_full",
+                "eval/spearman_exit_vs_full_independent", "eval/retest_exit", "eval/retest_full",
                 "eval/samples_backpropagated", "eval/elapsed_s")
 
 

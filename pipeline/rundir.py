@@ -1,6 +1,7 @@
 """The run directory's guard: one run at a time, and no fresh start over an earlier run's work.
 
-Owns `claim` (called by rank 0 before anything is written) and `release`:
+Owns `acquire` / `release` and `check_fresh_start` (rank 0 calls them before anything is
+written: `pipeline.run.claim_output_dir`):
 - a lock file `<output_dir>/.lock` (host, pid, start time), created atomically (O_EXCL). A second
   run into the same directory is refused with a line naming the holder. A lock whose process is
   gone (same host, pid not running: a kill -9, a power cut) is taken over with a message; a lock
@@ -11,7 +12,7 @@ Owns `claim` (called by rank 0 before anything is written) and `release`:
   checkpoint never deletes logs either. With overwrite, the earlier checkpoints are removed
   first, so `latest` and `keep_last` never mix two runs.
 
-File-system only: no torch, no process group (the trainer broadcasts rank 0's answer).
+File-system only: no torch, no process group (`pipeline.run` shares rank 0's answer).
 """
 from __future__ import annotations
 

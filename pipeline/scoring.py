@@ -26,6 +26,7 @@ rank, the selector gathers.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -104,10 +105,22 @@ def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[to
     return ids, mask, labels, types
 
 
-def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exit_only: bool,
-           token_baseline: torch.Tensor | None = None,
-           token_sums: list[torch.Tensor] | None = None,
-           reference: nn.Module | None = None) -> torch.Tensor:
+@dataclass
+class MaskedTokenScores:
+    """One no-grad pass over a batch: a value per masked token and where the tokens are."""
+
+    values: torch.Tensor
+    """(N,) float32: the metric of each masked token, in the row-major order of `masked`."""
+    targets: torch.Tensor
+    """(N,) the true token ids."""
+    masked: torch.Tensor
+    """(B, L) bool: labels != -100."""
+
+
+def token_pass(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str,
+               exit_only: bool) -> MaskedTokenScores:
+    """The exit pass (`exit_only`) or the full model over `batch`, no grad, dropout off (the
+    model's train/eval mode is restored): one value per masked token."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     net = unwrap_model(model)
@@ -123,37 +136,51 @@ def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exi
                 logits = net(ids, attention_mask=mask, labels=labels, token_type_ids=types).logits  # (N, V)
             masked = labels.ne(IGNORE_INDEX)  # (B, L)
             targets = labels[masked]  # (N,)
-            values = token_scores(logits, targets, metric)  # (N,)
-            if token_sums is not None:  # the raw per-token losses, for a running baseline
-                token_sums.append(token_loss_sums(targets, values, logits.shape[-1]))
-            if token_baseline is not None:
-                values = values - token_baseline.to(values.device)[targets]
-            if reference is not None:  # (N, V) at the same masked positions, same order
-                ref_logits = reference(ids, attention_mask=mask, labels=labels,
-                                       token_type_ids=types).logits
-                values = values - token_scores(ref_logits, targets, "loss")
-            scores = per_sample_mean(values, masked)  # (B,)
+            return MaskedTokenScores(token_scores(logits, targets, metric), targets, masked)
     finally:
         net.train(was_training)
-    return scores.to(batch["input_ids"].device)
+
+
+def minus_baseline(t: MaskedTokenScores, token_baseline: torch.Tensor) -> torch.Tensor:
+    """(N,) each token's value minus its id's baseline (unigram surprisal or running loss)."""
+    return t.values - token_baseline.to(t.values.device)[t.targets]
+
+
+@torch.no_grad()
+def minus_reference(t: MaskedTokenScores, reference: nn.Module,
+                    batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) each token's loss minus a reference model's loss on the same masked token (its
+    logits come back at the same masked positions, in the same order)."""
+    ids, mask, labels, types = _inputs(batch, t.values.device)
+    ref_logits = reference(ids, attention_mask=mask, labels=labels, token_type_ids=types).logits
+    return t.values - token_scores(ref_logits, t.targets, "loss")
+
+
+def _score(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str, exit_only: bool,
+           token_baseline: torch.Tensor | None = None,
+           reference: nn.Module | None = None) -> torch.Tensor:
+    t = token_pass(model, batch, metric, exit_only)
+    values = t.values
+    if token_baseline is not None:
+        values = minus_baseline(t, token_baseline)
+    if reference is not None:
+        values = minus_reference(t, reference, batch)
+    return per_sample_mean(values, t.masked).to(batch["input_ids"].device)  # (B,)
 
 
 def score_exit(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss",
                token_baseline: torch.Tensor | None = None,
-               token_sums: list[torch.Tensor] | None = None,
                reference: nn.Module | None = None) -> torch.Tensor:
-    """(B,) float32 early-exit scores: embeddings + layers 1..exit_layer + exit head only.
-    `token_sums`, if given, gets the pass's `token_loss_sums` appended; a `reference` model's
-    loss is subtracted per token."""
-    return _score(model, batch, metric, True, token_baseline, token_sums, reference)
+    """(B,) float32 early-exit scores: embeddings + layers 1..exit_layer + exit head only; a
+    `token_baseline` (V,) or a `reference` model's loss is subtracted per token."""
+    return _score(model, batch, metric, True, token_baseline, reference)
 
 
 def score_full(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str = "loss",
                token_baseline: torch.Tensor | None = None,
-               token_sums: list[torch.Tensor] | None = None,
                reference: nn.Module | None = None) -> torch.Tensor:
     """(B,) float32 scores from the whole model (full-loss policy; Spearman against score_exit)."""
-    return _score(model, batch, metric, False, token_baseline, token_sums, reference)
+    return _score(model, batch, metric, False, token_baseline, reference)
 
 
 def score_candidates(
@@ -165,28 +192,17 @@ def score_candidates(
     step: int,
     rank: int,
     token_baseline: torch.Tensor | None = None,
-    token_sums: list[torch.Tensor] | None = None,
     reference: nn.Module | None = None,
 ) -> torch.Tensor | None:
     """Scores for `cfg.policy` (the policy table applied): None for 'none', else (B,) float32.
 
-    `token_baseline` (V,) is required when cfg.normalize is 'unigram' or 'token-ema' and ignored
-    otherwise; `token_sums` (a list) receives the pass's per-token loss sums (model scorers);
-    `reference` is required when cfg.normalize is 'reference'."""
+    A model scorer subtracts `token_baseline` (V,) or the `reference` model's loss when given
+    (which one, if any, `pipeline.selection_step.make_normalizer` decides from the config)."""
     plan = scoring_for(cfg.policy)
-    if cfg.normalize in ("none", "reference"):
-        token_baseline = None
-    elif token_baseline is None:
-        raise ValueError(f"selection.normalize = {cfg.normalize!r} needs a token_baseline")
-    if cfg.normalize != "reference":
-        reference = None
-    elif reference is None:
-        raise ValueError("selection.normalize = 'reference' needs the reference model")
     if plan.scorer == "none":
         return None
     if plan.scorer == "random":
         n = batch["input_ids"].shape[0]
         return random_scores(n, seed, step, rank).to(batch["input_ids"].device)
-    if plan.scorer == "exit":
-        return score_exit(model, batch, plan.metric, token_baseline, token_sums, reference)
-    return score_full(model, batch, plan.metric, token_baseline, token_sums, reference)
+    exit_only = plan.scorer == "exit"
+    return _score(model, batch, plan.metric, exit_only, token_baseline, reference)

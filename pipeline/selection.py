@@ -42,6 +42,7 @@ POLICIES = tuple(_SCORING)
 POOLS = ("expand", "shrink")
 SCOPES = ("global", "local")
 NORMALIZATIONS = ("none", "unigram", "token-ema", "reference")
+HISTORIES = ("none", "mean")
 DRAWS = ("top-k", "sample")
 
 
@@ -105,6 +106,20 @@ class SelectionConfig:
     """token-ema: how far each scoring pass moves a seen token id's running loss toward the
     pass's mean loss of that id."""
 
+    history: str = "none"
+    """none: select by this visit's score; mean: by the row's mean score over its visits, this one
+    included (`pipeline.loss_history`: each visit draws a new mask, so the mean belongs to the
+    text more than one score does; a row seen for the first time has only this visit's). For
+    multi-epoch runs: a single pass sees every row once and gains nothing. Model scores only."""
+
+    history_size: int = 1 << 20
+    """mean: rows the loss history remembers (16 bytes each, the same table on every rank; a row
+    hashed onto an occupied entry replaces the row there). Size it at or above the training rows."""
+
+    history_visits: int = 8
+    """mean: the mean is over the last visits: arithmetic up to this many, then exponential with
+    this window (a row the model learns drifts down rather than staying at its first losses)."""
+
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"selection.policy must be one of {POLICIES}, got {self.policy!r}")
@@ -130,6 +145,15 @@ class SelectionConfig:
             raise ValueError(f"selection.epsilon must be in (0, 1], got {self.epsilon!r}")
         if not 0.0 < self.token_ema_rate <= 1.0:
             raise ValueError(f"selection.token_ema_rate must be in (0, 1], got {self.token_ema_rate!r}")
+        if self.history not in HISTORIES:
+            raise ValueError(f"selection.history must be one of {HISTORIES}, got {self.history!r}")
+        for name in ("history_size", "history_visits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"selection.{name} must be an int >= 1, got {v!r}")
+        if self.history != "none" and scoring_for(self.policy).scorer not in ("exit", "full"):
+            raise ValueError(f"selection.history = {self.history!r} averages model scores; policy "
+                             f"{self.policy!r} has none")
         if (self.normalize == "reference") != (self.reference_model is not None):
             raise ValueError("selection.normalize = 'reference' and selection.reference_model go "
                              "together: set both or neither")

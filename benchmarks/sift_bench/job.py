@@ -3,7 +3,7 @@
 `python -m benchmarks.sift_bench.job --plan PLAN.json` (one process), or the same under
 `deepspeed --num_gpus W --module benchmarks.sift_bench.job ...`. The plan (written by
 `benchmarks.sift_bench.cli`) lists arms, each a set of `--set` overrides on one recipe; every arm
-is `pipeline.trainer.run` exactly as users call it, with a training-time budget, evaluation every
+is `pipeline.run.run` exactly as users call it, with a training-time budget, evaluation every
 `eval_interval_s` of training time (`eval.every_s`: the trainer's clock stops while evaluating)
 and, when the recipe decays the LR without a step horizon, a decay that ends at the budget. Each
 arm writes `<out>/arms/<name>/summary.json` and `metrics.jsonl`. Running the arms in one job saves
@@ -66,8 +66,8 @@ def warm_start_config(plan: dict[str, Any]) -> TrainConfig:
 
 
 def run_arm(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
-    """One arm: `pipeline.trainer.run` on a clean output directory; returns its summary."""
-    from pipeline.trainer import run  # after init: importing deepspeed's engine is slow
+    """One arm: `pipeline.run.run` on a clean output directory; returns its summary."""
+    from pipeline.run import run  # after init: importing deepspeed's engine is slow
 
     if rank == 0:
         # a (re)started arm starts clean: a summary must never sit beside another run's config
@@ -120,8 +120,7 @@ def _run_once(plan: dict[str, Any], cfg: TrainConfig, label: str, rank: int, wor
     """Run `cfg` unless --resume finds it finished with the same settings (every rank follows
     rank 0's answer: only it writes the outputs)."""
     if plan.get("resume"):
-        done = arm_finished(cfg, world_size) if rank == 0 else None
-        if comm.broadcast_object(done):
+        if comm.rank0_decides(lambda: arm_finished(cfg, world_size), RuntimeError):
             if rank == 0:
                 print(f"sift-bench: {label} finished earlier with the same settings: kept", flush=True)
             return

@@ -1,7 +1,8 @@
-"""The README's RHO-LOSS chain run as written (training with a short budget appended): two
-`sift-prep` runs on the shared corpora, a reference model trained with `launch/single_node.sh` on
-the held-out text, and its `sift-export`. tests/unit/test_readme.py parses every README command;
-this runs the ones that fit, so a renamed flag, path or default breaks a test, not a reader.
+"""The documented RHO-LOSS chain (benchmarks/README.md) run as written (training with a short
+budget appended): two `sift-prep` runs on the shared corpora, a reference model trained with
+`launch/single_node.sh` on the held-out text, and its `sift-export`. tests/unit/test_readme.py
+parses every command of the README and the other guides; this runs the ones that fit, so a renamed
+flag, path or default breaks a test, not a reader.
 
 The commands run in a scratch folder laid out like a clone (its top-level entries are links to this
 checkout, `../shared` a link to the shared corpora), so their relative `runs/...` paths land there
@@ -24,10 +25,14 @@ pytestmark = pytest.mark.e2e
 MODULES = {"sift-prep": "data_prep.cli", "sift-export": "pipeline.export_cli", "sift-train": "pipeline.train"}
 
 
+GUIDES = (REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md")
+
+
 def rho_chain() -> list[str]:
-    """The README's bash block that builds a RHO-LOSS reference, up to its sift-export."""
-    text = (REPO_ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "runs/holdout" in b)
+    """The documented bash block that builds a RHO-LOSS reference, up to its sift-export."""
+    blocks = [b for doc in GUIDES if doc.is_file()
+              for b in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S)]
+    block = next(b for b in blocks if "runs/holdout" in b)
     lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     start = next(i for i, ln in enumerate(lines) if "--output runs/bench_data_rho" in ln)
     return lines[start:next(i for i, ln in enumerate(lines) if ln.startswith("sift-export")) + 1]
@@ -73,6 +78,6 @@ def test_the_readme_rho_reference_chain_runs_as_written(shared_data, tmp_path):
     assert (runs / "reference" / "summary.json").is_file()
     export = runs / "reference" / "export"
     assert (export / "config.json").is_file() and any(export.glob("*.safetensors"))
-    # the reference shares the training tokenizer (the README's point)
+    # the reference shares the training tokenizer (the documented point)
     assert ((runs / "holdout" / "tokenizer" / "tokenizer.json").read_bytes()
             == (runs / "bench_data_rho" / "tokenizer" / "tokenizer.json").read_bytes())

@@ -43,6 +43,21 @@ RULES = [
       "pipeline.rundir", "pipeline.faults"], ("pipeline.trainer", "pipeline.train"),
      "the trainer uses them, not the other way round"),
     (list(PIPELINE), ("benchmarks",), "the library knows nothing of its benchmarks"),
+    (["pipeline.rundir", "pipeline.faults"], ("pipeline.comm", "torch"),
+     "the run-dir guard and fault forensics work when the process group is broken"),
+    (["pipeline.engine"], ("pipeline.trainer", "pipeline.run", "pipeline.train"),
+     "engine setup knows no trainer"),
+    (["pipeline.selection_step", "pipeline.schedule", "pipeline.step_metrics"],
+     ("pipeline.trainer", "pipeline.run", "pipeline.train", "pipeline.checkpoint", "deepspeed"),
+     "the trainer's components know no trainer, no checkpoint and no engine"),
+    ([m for m in PIPELINE if m not in ("pipeline.selection_step",)],
+     ("pipeline.selector", "pipeline.scoring.score_candidates"),
+     "the selection step is one unit: only it plans and exchanges"),
+    (["pipeline.trainer"], ("pipeline.scoring", "pipeline.selector", "pipeline.run",
+                            "pipeline.train", "pipeline.rundir"),
+     "the trainer loops: scoring is the selection step's, launch is pipeline.run's"),
+    ([m for m in PIPELINE if m not in ("pipeline.train",)], ("pipeline.run",),
+     "only the entry point launches a run"),
 ]
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, TrainConfig, load_config, parse_override
-from pipeline.engine import check_batch_triplet, load_ds_config, lr_at, time_progress
+from pipeline.engine import check_batch_triplet, load_ds_config
+from pipeline.schedule import lr_at, time_progress
 from pipeline.config import OptimConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from pipeline.model import ModelConfig, build_model
 from pipeline.scoring import (per_sample_mean, score_candidates, score_exit, score_full, token_scores,
                               unigram_surprisal)
 from pipeline.selection import SelectionConfig, random_scores
+from pipeline.selection_step import SelectionStep, TokenBaseline, make_normalizer
 from tests.unit.test_model_support import VOCAB, real_batch
 
 SEQ = 48
@@ -170,6 +173,12 @@ def test_unigram_surprisal_is_the_smoothed_negative_log_frequency():
         unigram_surprisal([])
 
 
+def selection_step(cfg, normalizer):
+    """The trainer's selection unit on one rank (bert-tiny's exit after layer 1)."""
+    return SelectionStep(cfg, normalizer, model_config=model().config, exit_layer=1, seed=7,
+                         rank=1, world_size=1)
+
+
 @pytest.mark.parametrize("exit_only", [True, False])
 def test_unigram_normalization_subtracts_the_mean_surprisal_of_each_sample(batch, exit_only):
     m = model()
@@ -184,11 +193,14 @@ def test_unigram_normalization_subtracts_the_mean_surprisal_of_each_sample(batch
     kw = {"seed": 7, "step": 3, "rank": 1}
     cfg = SelectionConfig(policy=policy, normalize="unigram")
     assert torch.equal(score_candidates(m, batch, cfg, token_baseline=baseline, **kw), normalized)
-    with pytest.raises(ValueError, match="token_baseline"):
-        score_candidates(m, batch, cfg, **kw)
-    # without normalize a baseline is ignored
-    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy=policy),
-                                        token_baseline=baseline, **kw), raw)
+    assert torch.equal(selection_step(cfg, TokenBaseline(baseline)).scores(m, batch, 3), normalized)
+    # the config decides (make_normalizer): unigram reads the token counts, none ignores them
+    counts = np.arange(VOCAB)
+    unigram = make_normalizer(cfg, torch.device("cpu"), lambda: counts, None)
+    assert torch.equal(selection_step(cfg, unigram).scores(m, batch, 3),
+                       scorer(m, batch, "loss", unigram_surprisal(counts)))
+    none = make_normalizer(SelectionConfig(policy=policy), torch.device("cpu"), None, None)
+    assert torch.equal(selection_step(SelectionConfig(policy=policy), none).scores(m, batch, 3), raw)
 
 
 @pytest.mark.parametrize("policy", ["random", "sift-entropy"])
@@ -218,16 +230,24 @@ def test_token_ema_moves_seen_ids_toward_this_pass_and_keeps_the_rest():
 def test_token_ema_scores_collect_the_raw_per_token_losses(batch):
     m = model()
     baseline = torch.linspace(0.0, 9.0, VOCAB)
-    cfg = SelectionConfig(policy="sift-loss", normalize="token-ema")
-    sums: list[torch.Tensor] = []
-    kw = {"seed": 7, "step": 3, "rank": 1}
-    scores = score_candidates(m, batch, cfg, token_baseline=baseline, token_sums=sums, **kw)
-    assert torch.equal(scores, score_exit(m, batch, "loss", baseline))
-    (s,) = sums
+    cfg = SelectionConfig(policy="sift-loss", normalize="token-ema", token_ema_rate=0.5)
+    normalizer = TokenBaseline(baseline, rate=0.5)
+    scores = selection_step(cfg, normalizer).scores(m, batch, 3)
+    assert torch.equal(scores, score_exit(m, batch, "loss", baseline))  # the table before the pass
+    moved = normalizer.baseline - baseline  # = 0.5 (pass mean - baseline) on the seen ids
     masked = batch["labels"].ne(-100)
-    assert s.shape == (2, VOCAB) and int(s[1].sum()) == int(masked.sum())
-    raw_mean = float((score_exit(m, batch) * masked.sum(1)).sum() / masked.sum())
-    assert float(s[0].sum() / s[1].sum()) == pytest.approx(raw_mean, rel=1e-5)  # raw, not normalized
+    seen = torch.zeros(VOCAB, dtype=torch.bool)
+    seen[batch["labels"][masked]] = True
+    assert bool((moved[~seen] == 0).all()) and bool((moved[seen] != 0).any())
+    # the pass's per-token means are of the raw losses, not the normalized ones
+    raw_tokens = float((score_exit(m, batch) * masked.sum(1)).sum())
+    counts = torch.bincount(batch["labels"][masked], minlength=VOCAB).float()
+    pass_means = (2.0 * moved + baseline)[seen]  # baseline + 2 x moved = the pass's mean
+    assert float((pass_means * counts[seen]).sum()) == pytest.approx(raw_tokens, rel=1e-4)
+    state = normalizer.state_dict()
+    fresh = TokenBaseline(baseline.clone(), rate=0.5)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.baseline, normalizer.baseline)  # a resume scores identically
     with pytest.raises(ValueError, match="token_ema_rate"):
         SelectionConfig(policy="sift-loss", normalize="token-ema", token_ema_rate=0.0)
 
@@ -257,8 +277,8 @@ def test_reference_normalization_subtracts_the_reference_models_token_loss(batch
                           reference_model=str(tmp_path / "ref"))
     kw = {"seed": 7, "step": 3, "rank": 1}
     assert torch.equal(score_candidates(m, batch, cfg, reference=ref, **kw), reduced)
-    with pytest.raises(ValueError, match="reference model"):
-        score_candidates(m, batch, cfg, **kw)
+    normalizer = make_normalizer(cfg, torch.device("cpu"), None, lambda: ref)
+    assert torch.equal(selection_step(cfg, normalizer).scores(m, batch, 3), reduced)
     with pytest.raises(ValueError, match="vocabulary"):
         load_reference(tmp_path / "ref", VOCAB + 1)
     with pytest.raises(FileNotFoundError, match="config.json"):
