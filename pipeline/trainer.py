@@ -322,6 +322,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation on all ranks, the training clock stopped meanwhile."""
         self.beat()
+        spent = [0.0]
         try:
             with self.clock.stopped() as spent:
                 return self._evaluate()

@@ -344,8 +344,8 @@ def test_gated_token_ema_sampling_plans_alike_on_every_rank_and_resumes_exactly(
     plans = [[json.loads(x)["digest"] for x in (full / "plans" / f"rank{r}.jsonl").read_text().splitlines()]
              for r in (0, 1)]
     assert len(plans[0]) == 6 - opened and plans[0] == plans[1] and len(set(plans[0])) == len(plans[0])
-    ema = {s: json.loads((full / "checkpoints" / f"step_0000000{s}" / "sift_state.json").read_text())["token_ema"]
-           for s in (3, 6)}
+    ema = {s: json.loads((full / "checkpoints" / f"step_0000000{s}" / "sift_state.json").read_text())
+           ["selection"]["normalizer"]["token_ema"] for s in (3, 6)}
     vocab = json.loads((data_dir / "manifest.json").read_text())["vocab_size"]
     assert len(ema[6]) == vocab and ema[3] != ema[6]
     # not a terminal: no bar redraws, a plain line per log window instead
@@ -364,5 +364,6 @@ def test_gated_token_ema_sampling_plans_alike_on_every_rank_and_resumes_exactly(
     run_train(2, recipe, data_dir, out, *sets, f"checkpoint.dir={ckpt}", resume="auto")
     ref, got = train_losses(full), train_losses(out)
     assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
-    resumed_ema = json.loads((ckpt / "step_00000006" / "sift_state.json").read_text())["token_ema"]
+    resumed_ema = json.loads((ckpt / "step_00000006" / "sift_state.json").read_text())[
+        "selection"]["normalizer"]["token_ema"]
     assert resumed_ema == ema[6]
