@@ -4,17 +4,16 @@ kept rows in the metrics, and the `check` of the copies' accuracy from the check
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.positive_control import copies_layout, make_pool, pick_rows
+from benchmarks.positive_control import check, copies_layout, make_pool, pick_rows
+from benchmarks.score_reliability import main as reliability_main
 from pipeline.data import ShardDataset, verify_prepared
 from pipeline.loss_history import LossHistory
-from tests.training import REPO, job_env, read_metrics, run_train
+from tests.training import REPO, read_metrics, run_train
 
 pytestmark = pytest.mark.e2e
 
@@ -64,19 +63,13 @@ def test_the_recipe_trains_on_the_pool_and_reports_the_kept_share_of_copies(pool
         # summed over both ranks: a share of the 2 x 16 kept rows (and 2 x 32 candidates)
         assert kept * 32 == pytest.approx(round(kept * 32)) and 0.0 <= kept <= 1.0
         assert cand * 64 == pytest.approx(round(cand * 64)) and 0.2 < cand < 0.8
-    check = subprocess.run([sys.executable, "-m", "benchmarks.positive_control", "check",
-                            str(out / "checkpoints"), str(pool_dir)], cwd=REPO, env=job_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert check.returncode == 0, check.stderr[-3000:]
-    result = json.loads(check.stdout[check.stdout.index("{"):])
+    # in this process (a subprocess would pay the imports again): the check and the benchmark
+    result = check(out / "checkpoints", pool_dir)
     assert result["checkpoint"]["step"] == 4
     for split in ("learned", "fresh", "valid"):
         assert 0.0 <= result[split]["accuracy"] <= 1.0 and result[split]["masked_tokens"] > 0
-    reliability = subprocess.run([sys.executable, "-m", "benchmarks.score_reliability",
-                                  str(out / "checkpoints"), str(pool_dir), "--rows", "128",
-                                  "--draws", "4", "--rates", "0.15", "--out", str(tmp_path / "r.json")],
-                                 cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
-    assert reliability.returncode == 0, reliability.stderr[-3000:]
+    assert reliability_main([str(out / "checkpoints"), str(pool_dir), "--rows", "128", "--draws",
+                             "4", "--rates", "0.15", "--out", str(tmp_path / "r.json")]) == 0
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert {(r["normalize"], r["scorer"]) for r in rows} == {(n, s) for n in ("none", "unigram")
                                                              for s in ("exit", "full")}
