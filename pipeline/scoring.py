@@ -20,8 +20,8 @@ the same masked tokens and its loss is subtracted: RHO-LOSS's reducible loss.
 `score_full` the whole model; both run under no_grad with dropout off and restore the model's
 train/eval mode. Scores come back as float32 (B,) on the device of `batch["input_ids"]`.
 
-Depends on pipeline.model (the passes) and pipeline.selection (the policy table); scoring is per
-rank, the selector gathers.
+Depends on pipeline.model (the passes) only; which pass a policy runs, and which normalization,
+`pipeline.selection_step` decides. Scoring is per rank, the selector gathers.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model import IGNORE_INDEX, unwrap_model
-from pipeline.selection import SelectionConfig, random_scores, scoring_for
 
 METRICS = ("loss", "entropy")
 
@@ -181,28 +180,3 @@ def score_full(model: nn.Module, batch: Mapping[str, torch.Tensor], metric: str 
                reference: nn.Module | None = None) -> torch.Tensor:
     """(B,) float32 scores from the whole model (full-loss policy; Spearman against score_exit)."""
     return _score(model, batch, metric, False, token_baseline, reference)
-
-
-def score_candidates(
-    model: nn.Module,
-    batch: Mapping[str, torch.Tensor],
-    cfg: SelectionConfig,
-    *,
-    seed: int,
-    step: int,
-    rank: int,
-    token_baseline: torch.Tensor | None = None,
-    reference: nn.Module | None = None,
-) -> torch.Tensor | None:
-    """Scores for `cfg.policy` (the policy table applied): None for 'none', else (B,) float32.
-
-    A model scorer subtracts `token_baseline` (V,) or the `reference` model's loss when given
-    (which one, if any, `pipeline.selection_step.make_normalizer` decides from the config)."""
-    plan = scoring_for(cfg.policy)
-    if plan.scorer == "none":
-        return None
-    if plan.scorer == "random":
-        n = batch["input_ids"].shape[0]
-        return random_scores(n, seed, step, rank).to(batch["input_ids"].device)
-    exit_only = plan.scorer == "exit"
-    return _score(model, batch, plan.metric, exit_only, token_baseline, reference)

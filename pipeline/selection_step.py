@@ -181,8 +181,11 @@ class SelectionStep:
                                       by_source)
 
     def scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-               micro_index: int) -> torch.Tensor:
-        """(n_cand,) float32 selection scores of this rank's candidates, normalized."""
+               micro_index: int) -> torch.Tensor | None:
+        """(n_cand,) float32 selection scores of this rank's candidates, normalized (the policy
+        table applied: None for policy none, which never selects)."""
+        if self.scoring.scorer == "none":
+            return None
         if self.scoring.scorer == "random":
             n = batch["input_ids"].shape[0]
             return random_scores(n, self.seed, micro_index, self.rank).to(batch["input_ids"].device)

@@ -309,10 +309,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ budgets, eval, checkpoints
 
-    def elapsed(self) -> float:
-        """Training time so far (this rank's clock; stopped while evaluating)."""
-        return self.clock.elapsed()
-
     def budget_reached(self) -> str | None:
         """The name of the first budget reached, else None (identical on every rank)."""
         last = self.evals[-1]["accuracy"] if self.evals else None

@@ -51,7 +51,7 @@ RULES = [
      ("pipeline.trainer", "pipeline.run", "pipeline.train", "pipeline.checkpoint", "deepspeed"),
      "the trainer's components know no trainer, no checkpoint and no engine"),
     ([m for m in PIPELINE if m not in ("pipeline.selection_step",)],
-     ("pipeline.selector", "pipeline.scoring.score_candidates"),
+     ("pipeline.selector",),
      "the selection step is one unit: only it plans and exchanges"),
     (["pipeline.trainer"], ("pipeline.scoring", "pipeline.selector", "pipeline.run",
                             "pipeline.train", "pipeline.rundir"),

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pipeline.model import ModelConfig, build_model
-from pipeline.scoring import (per_sample_mean, score_candidates, score_exit, score_full, token_scores,
+from pipeline.scoring import (per_sample_mean, score_exit, score_full, token_scores,
                               unigram_surprisal)
 from pipeline.selection import SelectionConfig, random_scores
-from pipeline.selection_step import SelectionStep, TokenBaseline, make_normalizer
+from pipeline.selection_step import RawScores, SelectionStep, TokenBaseline, make_normalizer
 from tests.unit.test_model_support import VOCAB, real_batch
 
 SEQ = 48
@@ -144,15 +144,17 @@ def test_per_sample_mean_and_token_scores_by_hand():
         token_scores(logits, torch.tensor([0, 1]), "margin")
 
 
-def test_score_candidates_applies_the_policy_table(batch):
+def test_the_selection_step_applies_the_policy_table(batch):
     m = model()
-    kw = {"seed": 7, "step": 3, "rank": 1}
-    assert score_candidates(m, batch, SelectionConfig(policy="none"), **kw) is None
-    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy="random"), **kw), random_scores(5, 7, 3, 1))
-    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy="sift-loss"), **kw), score_exit(m, batch))
-    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy="sift-entropy"), **kw),
-                       score_exit(m, batch, "entropy"))
-    assert torch.equal(score_candidates(m, batch, SelectionConfig(policy="full-loss"), **kw), score_full(m, batch))
+
+    def scores(policy):  # seed 7, micro-batch 3, rank 1 (`selection_step`)
+        return selection_step(SelectionConfig(policy=policy), RawScores()).scores(m, batch, 3)
+
+    assert scores("none") is None
+    assert torch.equal(scores("random"), random_scores(5, 7, 3, 1))
+    assert torch.equal(scores("sift-loss"), score_exit(m, batch))
+    assert torch.equal(scores("sift-entropy"), score_exit(m, batch, "entropy"))
+    assert torch.equal(scores("full-loss"), score_full(m, batch))
 
 
 def test_bad_inputs_are_clear_errors(batch):
@@ -190,9 +192,7 @@ def test_unigram_normalization_subtracts_the_mean_surprisal_of_each_sample(batch
     raw, normalized = scorer(m, batch), scorer(m, batch, "loss", baseline)
     torch.testing.assert_close(raw - normalized, torch.tensor(expected_shift), rtol=1e-5, atol=1e-5)
     policy = "sift-loss" if exit_only else "full-loss"
-    kw = {"seed": 7, "step": 3, "rank": 1}
     cfg = SelectionConfig(policy=policy, normalize="unigram")
-    assert torch.equal(score_candidates(m, batch, cfg, token_baseline=baseline, **kw), normalized)
     assert torch.equal(selection_step(cfg, TokenBaseline(baseline)).scores(m, batch, 3), normalized)
     # the config decides (make_normalizer): unigram reads the token counts, none ignores them
     counts = np.arange(VOCAB)
@@ -275,8 +275,6 @@ def test_reference_normalization_subtracts_the_reference_models_token_loss(batch
     torch.testing.assert_close(raw - reduced, expected_shift, rtol=1e-4, atol=1e-4)
     cfg = SelectionConfig(policy="sift-loss" if exit_only else "full-loss", normalize="reference",
                           reference_model=str(tmp_path / "ref"))
-    kw = {"seed": 7, "step": 3, "rank": 1}
-    assert torch.equal(score_candidates(m, batch, cfg, reference=ref, **kw), reduced)
     normalizer = make_normalizer(cfg, torch.device("cpu"), None, lambda: ref)
     assert torch.equal(selection_step(cfg, normalizer).scores(m, batch, 3), reduced)
     with pytest.raises(ValueError, match="vocabulary"):
