@@ -147,11 +147,24 @@ def run_facts(vocab_size: int, max_seq_len: int, tokenizer_fingerprint: str, arc
             "zero_stage": zero_stage}
 
 
-def incompatibilities(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def saved_positions(load_dir: Path, tag: str) -> int | None:
+    """The position embeddings of the model that wrote (load_dir, tag); None when unrecorded or
+    unreadable (preflight then reports the unreadable state)."""
+    try:
+        arch = (read_client_state(load_dir, tag).get("facts") or {}).get("architecture") or {}
+    except (OSError, ValueError):
+        return None
+    positions = arch.get("max_position_embeddings")
+    return int(positions) if isinstance(positions, int) else None
+
+
+def incompatibilities(saved: dict[str, Any], now: dict[str, Any], fork: bool = False) -> list[str]:
     """One line per way the checkpoint's client state `saved` cannot load into a run with
     `run_facts` `now` (each naming both values); [] when it can. Checkpoints written before a
     fact was recorded are not judged on it. The ZeRO stage must match: each stage saves its own
-    layout of the optimizer state (DeepSpeed fails on another with an empty AssertionError)."""
+    layout of the optimizer state (DeepSpeed fails on another with an empty AssertionError).
+    A `fork` (checkpoint.init_from) may change the sequence length (phase 2 at 512 tokens from a
+    phase 1 at 128) as long as the position embeddings hold it (checked by `model.bert_config`)."""
     facts = saved.get("facts") or {}
     model = saved.get("model") or {}
     old = {"vocab_size": facts.get("vocab_size", model.get("vocab_size")),
@@ -161,6 +174,8 @@ def incompatibilities(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
            "architecture": facts.get("architecture"), "zero_stage": facts.get("zero_stage")}
     out = []
     for key, label in (("vocab_size", "vocabulary size"), ("max_seq_len", "sequence length")):
+        if key == "max_seq_len" and fork:
+            continue
         if old[key] is not None and old[key] != now[key]:
             out.append(f"{label}: checkpoint {old[key]}, this run {now[key]}")
     if old["tokenizer_fingerprint"] is not None and old["tokenizer_fingerprint"] != now["tokenizer_fingerprint"]:

@@ -262,6 +262,9 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
+        _check(self.model.init_from is None or self.checkpoint.init_from is None,
+               "model.init_from and checkpoint.init_from are both set: a run starts from a "
+               "Hugging Face model or from a checkpoint of this trainer, not both")
         _check(self.optim.decay == "constant" or self.decay_time_s() is not None
                or self.optim.decay_steps is not None or self.budget.steps is not None,
                "optim.decay needs a horizon: set optim.decay_steps, optim.decay_time_s, "

@@ -64,6 +64,8 @@ def save_hf_directory(model: nn.Module, tokenizer_dir: str | Path, out_dir: str 
             f"tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocabulary is "
             f"{config.vocab_size}: they do not belong together"
         )
+    # the tokenizer was saved with the prepared sequence length; the export takes all positions
+    tokenizer.model_max_length = config.max_position_embeddings
     hf = BertForMaskedLM(config)
     hf.load_state_dict(hf_state_dict(model), strict=True)  # names and shapes checked here
     hf.tie_weights()

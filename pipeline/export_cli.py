@@ -42,6 +42,8 @@ def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
     tag directory exported, its optimizer step)."""
     from pipeline.checkpoint import CheckpointError, read_client_state, resolve_resume
     from pipeline.export import save_hf_directory
+    from transformers import BertConfig
+
     from pipeline.model import ModelConfig, build_model
 
     if not Path(checkpoint).exists():
@@ -56,8 +58,12 @@ def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
         raise CheckpointError(f"{load_dir / tag}: unreadable client state ({exc}); export an "
                               "earlier complete checkpoint (its tag directory)") from None
     meta = state["model"]
-    model = build_model(ModelConfig(**state["config"]["model"]), meta["vocab_size"],
-                        meta["max_seq_len"], meta["pad_token_id"])
+    model_cfg = ModelConfig(**state["config"]["model"])
+    if "bert_config" in meta:  # the recorded architecture
+        model = build_model(model_cfg, 0, 0, 0, config=BertConfig.from_dict(meta["bert_config"]))
+    else:  # checkpoints written before it was recorded: positions were the sequence length
+        model = build_model(model_cfg, meta["vocab_size"], meta["max_seq_len"], meta["pad_token_id"],
+                            checkpoint_positions=meta["max_seq_len"])
     missing, unexpected = model.load_state_dict(fp32_state_dict(load_dir, tag), strict=False)
     model.tie_weights()
     tied = set(model.all_tied_weights_keys)  # decoders tied to the embeddings, both head kinds

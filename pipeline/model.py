@@ -68,12 +68,31 @@ SIFT_CONFIG_KEYS = ("sift_exit_layer", "sift_exit_head", "sift_exit_loss_weight"
 class ModelConfig:
     """The model section: architecture preset (or BertConfig file) and the exit head."""
 
-    preset: str = "bert-mini"
-    """One of PRESETS (bert-tiny 2L/128H ... bert-large 24L/1024H). Ignored when config_file is set."""
+    preset: str | None = None
+    """One of PRESETS (bert-tiny 2L/128H ... bert-large 24L/1024H); none: bert-mini (unless
+    init_from or config_file gives the architecture). Ignored when config_file is set."""
 
     config_file: str | None = None
     """Optional path to a BertConfig JSON; overrides the preset's architecture. vocab_size and
     pad_token_id always come from the data (build_model arguments); dropout from the fields below."""
+
+    init_from: str | None = None
+    """Start from an existing Hugging Face BERT: a directory written by save_pretrained or
+    sift-export (BertForMaskedLM, BertForPreTraining or BertModel weights), or a hub name when the
+    hub is reachable. Architecture and weights come from it (preset, config_file and max_positions
+    must stay unset); the optimizer starts fresh at step 0. Prepare the data with its tokenizer
+    (sift-prep --tokenizer MODEL): preflight refuses another vocabulary. A resume of this run's
+    own checkpoints wins over it."""
+
+    max_positions: int | None = None
+    """Position embeddings of a preset or config_file model: the longest input the model (and its
+    export) can take. None: 512 (or the data's sequence length when longer) for a new model; a
+    resume or fork keeps its checkpoint's."""
+
+    gradient_checkpointing: bool = False
+    """Recompute each encoder layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing): less activation memory (bert-large at 512 tokens),
+    about one more forward pass of time. The same losses."""
 
     exit_layer: int = 1
     """k: the exit head reads the hidden states after encoder layer k (1-based, 1..num layers)."""
@@ -101,8 +120,16 @@ class ModelConfig:
     hardware: benchmarks/trainer_efficiency.py --compile."""
 
     def __post_init__(self) -> None:
-        if self.config_file is None and self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.init_from is not None:
+            given = [k for k in ("preset", "config_file", "max_positions") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"model.init_from takes the architecture from the model: unset "
+                                 f"model.{' and model.'.join(given)}")
+        if self.max_positions is not None and (not isinstance(self.max_positions, int)
+                                               or self.max_positions < 1):
+            raise ValueError(f"model.max_positions must be an int >= 1, got {self.max_positions!r}")
         if not isinstance(self.exit_layer, int) or self.exit_layer < 1:
             raise ValueError(f"model.exit_layer must be an int >= 1, got {self.exit_layer!r}")
         if self.exit_head not in EXIT_HEADS:
@@ -115,15 +142,29 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be in [0, 1), got {p!r}")
 
 
-def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_id: int) -> BertConfig:
-    """The BertConfig for `cfg` (preset or file) with the data's vocab and the SIFT exit settings."""
+DEFAULT_PRESET = "bert-mini"
+DEFAULT_POSITIONS = 512  # what BERT checkpoints and fine-tuning scripts (SQuAD at 384) expect
+
+
+def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_id: int,
+                checkpoint_positions: int | None = None) -> BertConfig:
+    """The BertConfig for `cfg` (init_from, config file or preset) with the data's vocab and the
+    SIFT exit settings. `checkpoint_positions`: the position embeddings of the checkpoint this
+    run resumes or forks, kept when model.max_positions is unset."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
     if not 0 <= pad_token_id < vocab_size:
         raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary (size {vocab_size})")
-    if cfg.config_file is not None:
+    if cfg.init_from is not None:
+        from pipeline.pretrained import pretrained_config
+
+        config = pretrained_config(cfg.init_from)
+        # its own vocabulary (the data's tokenizer may be a prefix of it: padded vocabularies)
+        vocab_size = max(vocab_size, config.vocab_size)
+        where = f"model.init_from {cfg.init_from}"
+    elif cfg.config_file is not None:
         path = Path(cfg.config_file)
         if not path.is_file():
             raise FileNotFoundError(f"model.config_file not found: {path}")
@@ -131,20 +172,24 @@ def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_i
             config = BertConfig.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"model.config_file {path} is not a valid JSON BertConfig: {exc}") from exc
-        if config.max_position_embeddings < max_seq_len:
-            raise ValueError(
-                f"model.config_file {path}: max_position_embeddings {config.max_position_embeddings} "
-                f"< sequence length {max_seq_len}"
-            )
+        if cfg.max_positions is not None:
+            config.max_position_embeddings = cfg.max_positions
+        where = f"model.config_file {path}"
     else:
-        layers, hidden = PRESETS[cfg.preset]
+        layers, hidden = PRESETS[cfg.preset or DEFAULT_PRESET]
+        positions = cfg.max_positions or checkpoint_positions or max(DEFAULT_POSITIONS, max_seq_len)
         config = BertConfig(
             num_hidden_layers=layers,
             hidden_size=hidden,
             num_attention_heads=hidden // 64,
             intermediate_size=4 * hidden,
-            max_position_embeddings=max_seq_len,
+            max_position_embeddings=positions,
         )
+        where = "model.max_positions" if cfg.max_positions else (
+            "the checkpoint" if checkpoint_positions else "the model")
+    if config.max_position_embeddings < max_seq_len:
+        raise ValueError(f"{where}: {config.max_position_embeddings} position embeddings, fewer "
+                         f"than the data's sequence length {max_seq_len}")
     if not 1 <= cfg.exit_layer <= config.num_hidden_layers:
         raise ValueError(
             f"model.exit_layer must be in 1..{config.num_hidden_layers} for this model, got {cfg.exit_layer}"
@@ -162,10 +207,18 @@ def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_i
     return config
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_id: int) -> "SiftBertForMaskedLM":
-    """A freshly initialised SiftBertForMaskedLM (fp32, CPU, train mode)."""
-    model = SiftBertForMaskedLM(bert_config(cfg, vocab_size, max_seq_len, pad_token_id))
+def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_id: int,
+                checkpoint_positions: int | None = None,
+                config: BertConfig | None = None) -> "SiftBertForMaskedLM":
+    """A freshly initialised SiftBertForMaskedLM (fp32, CPU, train mode): of `config` when given
+    (a checkpoint's recorded architecture), else `bert_config(...)`. model.init_from's weights are
+    loaded by the caller (`pipeline.pretrained`): a resume does not need them."""
+    if config is None:
+        config = bert_config(cfg, vocab_size, max_seq_len, pad_token_id, checkpoint_positions)
+    model = SiftBertForMaskedLM(config)
     model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         for layer in model.bert.encoder.layer:
             layer.compile()  # in place: parameter names and state dicts are unchanged

@@ -28,6 +28,8 @@ from pipeline.engine import build_engine, load_ds_config
 from pipeline.faults import Watchdog, hang_report, register_rank
 from pipeline.metrics import MetricsWriter
 from pipeline.model import bert_config, build_model
+from pipeline.pretrained import (PretrainedError, check_fits_data, load_pretrained_weights,
+                                 pretrained_config)
 from pipeline.trainer import Trainer
 
 
@@ -38,8 +40,10 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
     preflight(lambda: load_ds_config(resolve_path(cfg.run.ds_config), world_size))
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
-    preflight(lambda: bert_config(cfg.model, train_set.vocab_size, train_set.seq_len,
-                                        train_set.special_ids["pad"]))
+    if cfg.model.init_from is not None:
+        preflight(lambda: check_fits_data(cfg.model.init_from, pretrained_config(cfg.model.init_from),
+                                          train_set.tokenizer_dir, train_set.vocab_size,
+                                          train_set.special_ids, train_set.seq_len))
     if cfg.selection.reference_model is not None:
         preflight(lambda: check_reference(cfg.selection.reference_model, train_set.vocab_size))
     try:  # every rank reads the same files, so every rank gets the same answer
@@ -51,8 +55,12 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     except checkpoint.CheckpointError as exc:
         raise rundir.PreflightError(str(exc)) from None
     source = resume_from or fork_from
+    positions = None if source is None else checkpoint.saved_positions(*source)
+    preflight(lambda: bert_config(cfg.model, train_set.vocab_size, train_set.seq_len,
+                                  train_set.special_ids["pad"], positions))
     if source is not None:
-        preflight(lambda: check_checkpoint(cfg, source, train_set, ds_config))
+        preflight(lambda: check_checkpoint(cfg, source, train_set, ds_config, positions,
+                                           fork=resume_from is None))
     universal = source is not None and checkpoint.needs_universal(*source, world_size)
     if universal:  # ZeRO partitions of another world size: the engine loads them re-partitioned
         ds_config = checkpoint.with_universal_load(ds_config)
@@ -65,7 +73,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
             watchdog = Watchdog(cfg.run.dist_timeout_s, lambda idle: _hung(cfg, rank, world_size,
                                                                           idle)).start()
         return _build_and_train(cfg, rank, world_size, train_set, valid_set, ds_config,
-                                resume_from, fork_from, universal, watchdog)
+                                resume_from, fork_from, universal, watchdog, positions)
     finally:
         if watchdog is not None:
             watchdog.stop()
@@ -106,10 +114,11 @@ def check_reference(path: str, vocab_size: int) -> None:
 
 
 def check_checkpoint(cfg: TrainConfig, source: tuple[Path, str], train_set: ShardDataset,
-                     ds_config: dict[str, Any]) -> None:
+                     ds_config: dict[str, Any], positions: int | None, fork: bool) -> None:
     """Before any engine is built: the checkpoint fits this run (`checkpoint.incompatibilities`:
-    vocabulary, sequence length, tokenizer, architecture, ZeRO stage), else a PreflightError with
-    one clause per mismatch. Every rank reads the same file and so raises the same error."""
+    vocabulary, sequence length (a fork may change it within the positions), tokenizer,
+    architecture, ZeRO stage), else a PreflightError with one clause per mismatch. Every rank
+    reads the same file and so raises the same error."""
     load_dir, tag = source
     prev = checkpoint.previous_complete(load_dir, tag)
     earlier = (f"the previous complete checkpoint is {Path(load_dir) / prev} (--resume it)" if prev
@@ -124,11 +133,11 @@ def check_checkpoint(cfg: TrainConfig, source: tuple[Path, str], train_set: Shar
         raise rundir.PreflightError(f"{Path(load_dir) / tag}: damaged file(s) {', '.join(damaged)} "
                                     f"(truncated or overwritten); {earlier}")
     arch = bert_config(cfg.model, train_set.vocab_size, train_set.seq_len,
-                       train_set.special_ids["pad"]).to_dict()
+                       train_set.special_ids["pad"], positions).to_dict()
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     now = checkpoint.run_facts(train_set.vocab_size, train_set.seq_len, train_set.fingerprint, arch,
                                stage)
-    problems = checkpoint.incompatibilities(saved, now)
+    problems = checkpoint.incompatibilities(saved, now, fork=fork)
     if problems:
         raise rundir.PreflightError(f"{Path(load_dir) / tag} does not fit this run: "
                                     + "; ".join(problems))
@@ -163,9 +172,18 @@ def claim_output_dir(cfg: TrainConfig, rank: int, fresh: bool) -> None:
 def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: ShardDataset,
                      valid_set: ShardDataset, ds_config: dict[str, Any],
                      resume_from: tuple[Path, str] | None, fork_from: tuple[Path, str] | None,
-                     universal: bool, watchdog: Watchdog | None) -> dict[str, Any]:
+                     universal: bool, watchdog: Watchdog | None,
+                     positions: int | None) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, train_set.vocab_size, train_set.seq_len, train_set.special_ids["pad"])
+    model = build_model(cfg.model, train_set.vocab_size, train_set.seq_len,
+                        train_set.special_ids["pad"], positions)
+    # a resume or fork loads its checkpoint's weights instead (checkpoint.init_from is refused
+    # beside model.init_from by the config)
+    pretrained = cfg.model.init_from is not None and resume_from is None and fork_from is None
+    try:  # every rank reads the same files, so every rank gets the same answer
+        notices = load_pretrained_weights(model, cfg.model.init_from) if pretrained else []
+    except PretrainedError as exc:  # a damaged weights file is found only when read
+        raise rundir.PreflightError(str(exc)) from None
     engine, facts = build_engine(model, cfg.optim, ds_config)
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
@@ -182,6 +200,11 @@ def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: Sh
         writer.message(f"engine: {world_size} rank(s), ZeRO-{facts.zero_stage}, {facts.precision}, "
                        f"micro batch {facts.micro_batch} x accumulation {facts.grad_accum}, "
                        f"policy {cfg.selection.policy} ({cfg.selection.scope}, f={cfg.selection.fraction})")
+        for notice in notices:
+            writer.message(f"model.init_from: {notice}")
+        if pretrained:
+            writer.message(f"started from the weights of {cfg.model.init_from} (optimizer fresh, "
+                           "step 0)")
         if resume_from is not None:
             trainer.resume(*resume_from, universal=universal)
         elif fork_from is not None:

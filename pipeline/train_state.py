@@ -59,7 +59,10 @@ def client_state(state: TrainState, clock_s: float, world_size: int, cfg: Any, t
         "tokenizer_fingerprint": train_set.fingerprint,
         "masking_version": MASKING_VERSION,
         "model": {"vocab_size": train_set.vocab_size, "max_seq_len": train_set.seq_len,
-                  "pad_token_id": train_set.special_ids["pad"]},
+                  "pad_token_id": train_set.special_ids["pad"],
+                  # the whole architecture: sift-export rebuilds the model from it alone (an
+                  # init_from directory or hub need not exist any more)
+                  "bert_config": bert_config.to_dict()},
         "facts": checkpoint.run_facts(train_set.vocab_size, train_set.seq_len,
                                       train_set.fingerprint, bert_config.to_dict(), zero_stage),
         "evals": evals,

@@ -51,8 +51,29 @@ def test_presets_follow_the_bert_shape_rules(preset):
     c = bert_config(ModelConfig(preset=preset), vocab_size=1000, max_seq_len=128, pad_token_id=0)
     assert (c.num_hidden_layers, c.hidden_size) == (layers, hidden)
     assert c.num_attention_heads == hidden // 64 and c.intermediate_size == 4 * hidden
-    assert c.vocab_size == 1000 and c.max_position_embeddings == 128
+    assert c.vocab_size == 1000 and c.max_position_embeddings == 512  # fine-tunes at 512
     assert c.hidden_dropout_prob == 0.1 and c.attention_probs_dropout_prob == 0.1
+
+
+def test_positions_default_to_512_and_follow_the_setting_or_the_checkpoint():
+    build = lambda seq, **kw: bert_config(ModelConfig(preset="bert-tiny", **kw), 100, seq, 0)  # noqa: E731
+    assert build(128).max_position_embeddings == 512
+    assert build(1024).max_position_embeddings == 1024  # longer data: as long as the data
+    assert build(64, max_positions=64).max_position_embeddings == 64
+    assert bert_config(ModelConfig(preset="bert-tiny"), 100, 64, 0,
+                       checkpoint_positions=128).max_position_embeddings == 128
+    with pytest.raises(ValueError, match="128 position embeddings, fewer than the data's sequence length 512"):
+        bert_config(ModelConfig(preset="bert-tiny"), 100, 512, 0, checkpoint_positions=128)
+    with pytest.raises(ValueError, match="model.max_positions: 64 position"):
+        build(128, max_positions=64)
+
+
+@pytest.mark.parametrize("kw", [{"preset": "bert-base"}, {"config_file": "x.json"},
+                                {"max_positions": 512}])
+def test_init_from_refuses_an_explicit_architecture(kw):
+    with pytest.raises(ValueError, match="model.init_from takes the architecture from the model: "
+                                         f"unset model.{next(iter(kw))}"):
+        ModelConfig(init_from="some/dir", **kw)
 
 
 @pytest.mark.parametrize("preset, reference", [
@@ -81,7 +102,7 @@ def test_config_file_overrides_the_preset(tmp_path):
     m = build_model(ModelConfig(preset="bert-large", config_file=str(path), exit_layer=3), VOCAB, SEQ, 0)
     assert m.num_layers == 3 and m.config.hidden_size == 64 and m.config.intermediate_size == 96
     assert m.config.vocab_size == VOCAB
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+    with pytest.raises(ValueError, match="64 position embeddings"):
         build_model(ModelConfig(config_file=str(path)), VOCAB, 128, 0)
     with pytest.raises(FileNotFoundError, match="config_file"):
         build_model(ModelConfig(config_file=str(tmp_path / "absent.json")), VOCAB, SEQ, 0)
