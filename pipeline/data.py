@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -124,6 +124,7 @@ class ShardDataset:
         if len(self) == 0:
             raise DataError(f"{self.data_dir}: split {split!r} holds no sequences")
         self._shards: list[np.ndarray] | None = None
+        self._continues_word: np.ndarray | None = None
 
     # Pickle only the location: each process (DataLoader worker, spawned rank) maps on its own.
     def __getstate__(self):
@@ -175,6 +176,21 @@ class ShardDataset:
         """(S,) int64: the global index of each source's first row."""
         rows = [n for _, n in self.row_sources]
         return np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+
+    @property
+    def continues_word(self) -> np.ndarray:
+        """(V,) bool: the tokenizer's "##" continuation pieces (masking.whole_word); read once.
+        A DataError when the tokenizer is not WordPiece."""
+        if self._continues_word is None:
+            path = self.tokenizer_dir / "tokenizer.json"
+            try:
+                self._continues_word = word_continuation_table(json.loads(path.read_text()),
+                                                               self.vocab_size)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise DataError(f"{path}: cannot read the tokenizer ({exc})") from None
+            except ValueError as exc:
+                raise DataError(f"{self.data_dir}: {exc}") from None
+        return self._continues_word
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -288,6 +304,11 @@ class MaskingConfig:
     """Of the targets, the share replaced by [MASK]."""
     random_prob: float = 0.1
     """Of the targets, the share replaced by a random non-special token (the rest stay as they are)."""
+    whole_word: bool = False
+    """Mask whole words: every WordPiece of a word ("##" continuations with the piece before them)
+    is a target together or not at all, words drawn at random until they cover about `rate` of
+    the row's tokens (the same expected share). Needs a WordPiece tokenizer. As deterministic as
+    token masking: a function of (seed, epoch, index) on any rank, world size or resume."""
 
     def __post_init__(self):
         if not 0.0 < self.rate < 1.0:
@@ -304,7 +325,7 @@ class MaskingConfig:
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-_STREAM_TARGETS, _STREAM_KIND, _STREAM_TOKEN = 1, 2, 3
+_STREAM_TARGETS, _STREAM_KIND, _STREAM_TOKEN, _STREAM_WORDS = 1, 2, 3, 4
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -337,13 +358,15 @@ def _uniform(keys: np.ndarray, stream: int, length: int) -> np.ndarray:
 
 
 def mask_rows(rows: np.ndarray, keys: np.ndarray, cfg: MaskingConfig, special_ids: np.ndarray,
-              mask_id: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+              mask_id: int, vocab_size: int,
+              continues_word: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Corrupt a batch of rows (B, L); return (input_ids, labels) as int64 (B, L) arrays.
 
     Row b is masked by keys[b] alone. Its targets are a uniform random subset of its non-special
     tokens of size round(rate * candidates), at least one when the row has any (a Bernoulli draw
-    would leave some samples without a loss); of the targets, mask_prob become [MASK],
-    random_prob a uniform non-special token, the rest stay.
+    would leave some samples without a loss); with `cfg.whole_word`, whole words instead
+    (`whole_word_targets`; `continues_word` (V,) bool marks the "##" pieces). Of the targets,
+    mask_prob become [MASK], random_prob a uniform non-special token, the rest stay.
     """
     rows = np.asarray(rows)
     b, length = rows.shape
@@ -352,12 +375,18 @@ def mask_rows(rows: np.ndarray, keys: np.ndarray, cfg: MaskingConfig, special_id
     n_candidates = candidate.sum(axis=1)  # (B,)
     n_targets = np.where(n_candidates > 0,
                          np.maximum(1, np.round(cfg.rate * n_candidates)), 0).astype(np.int64)
-    # A uniform subset of size n: the n candidates with the smallest random keys.
-    u = np.where(candidate, _uniform(keys, _STREAM_TARGETS, length), 2.0)  # non-candidates last
-    order = np.argsort(u, axis=1, kind="stable")  # (B, L)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(length), (b, length)), axis=1)
-    targets = rank < n_targets[:, None]  # (B, L)
+    if cfg.whole_word:
+        if continues_word is None:
+            raise ValueError("masking.whole_word needs the tokenizer's word-continuation table")
+        targets = whole_word_targets(candidate, continues_word[rows], n_targets,
+                                     _uniform(keys, _STREAM_WORDS, length))
+    else:
+        # A uniform subset of size n: the n candidates with the smallest random keys.
+        u = np.where(candidate, _uniform(keys, _STREAM_TARGETS, length), 2.0)  # non-candidates last
+        order = np.argsort(u, axis=1, kind="stable")  # (B, L)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(length), (b, length)), axis=1)
+        targets = rank < n_targets[:, None]  # (B, L)
     labels = np.where(targets, inputs, IGNORE_INDEX)
     kind = _uniform(keys, _STREAM_KIND, length)  # (B, L)
     to_mask = targets & (kind < cfg.mask_prob)
@@ -367,6 +396,51 @@ def mask_rows(rows: np.ndarray, keys: np.ndarray, cfg: MaskingConfig, special_id
         random_ids = _non_special_ids(_bits(keys, _STREAM_TOKEN, length), special_ids, vocab_size)
         inputs[to_random] = random_ids[to_random]
     return inputs, labels
+
+
+def whole_word_targets(candidate: np.ndarray, continuation: np.ndarray, n_targets: np.ndarray,
+                       u: np.ndarray) -> np.ndarray:
+    """(B, L) bool: whole words of each row, in a random order (word w's key: `u` at its first
+    piece), taken while they cover about n_targets tokens.
+
+    A word is a candidate token that does not continue a word, with the "##" pieces right after
+    it (a continuation after a special token or at the row's start begins a word of its own: the
+    row was cut mid-word). Words are taken in key order while the middle of the next word still
+    falls within n_targets (so the covered count is n_targets rounded to whole words, unbiased),
+    and always at least one word when the row has any. Vectorized over (B, L), no Python loop.
+    """
+    b, length = candidate.shape
+    prev_candidate = np.zeros_like(candidate)
+    prev_candidate[:, 1:] = candidate[:, :-1]
+    starts = candidate & ~(continuation & prev_candidate)  # (B, L) first piece of each word
+    word = np.cumsum(starts, axis=1) - 1  # (B, L) index of the word within its row
+    flat = (np.arange(b)[:, None] * length + word)  # (B, L) word slot in a (B, L) table
+    sizes = np.bincount(flat[candidate], minlength=b * length).reshape(b, length)  # pieces per word
+    word_u = np.full(b * length, 2.0)  # empty slots sort last
+    word_u[flat[starts]] = u[starts]
+    order = np.argsort(word_u.reshape(b, length), axis=1, kind="stable")  # (B, W) by key
+    size_sorted = np.take_along_axis(sizes, order, axis=1)
+    after = np.cumsum(size_sorted, axis=1)
+    take_sorted = (2 * after - size_sorted) < 2 * n_targets[:, None]  # middle within the target
+    take_sorted[:, 0] |= size_sorted[:, 0] > 0  # at least one word
+    take = np.zeros_like(take_sorted)
+    np.put_along_axis(take, order, take_sorted, axis=1)  # (B, W) by word index
+    return candidate & np.take_along_axis(take, np.maximum(word, 0), axis=1)
+
+
+def word_continuation_table(tokenizer_json: dict[str, Any], vocab_size: int) -> np.ndarray:
+    """(V,) bool: which ids continue a word ("##" pieces) in a WordPiece tokenizer.json;
+    ValueError for another kind of tokenizer (BPE and Unigram mark word starts instead)."""
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "WordPiece":
+        raise ValueError(f"masking.whole_word needs a WordPiece tokenizer (BERT's), this data's is "
+                         f"{model.get('type') or 'of unknown type'}")
+    prefix = model.get("continuing_subword_prefix") or "##"
+    table = np.zeros(vocab_size, dtype=bool)
+    for token, i in model.get("vocab", {}).items():
+        if token.startswith(prefix) and len(token) > len(prefix) and 0 <= i < vocab_size:
+            table[i] = True
+    return table
 
 
 def _non_special_ids(bits: np.ndarray, special_ids: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -389,7 +463,8 @@ def make_batch(dataset: ShardDataset, indices: np.ndarray, epochs: np.ndarray, s
     special_arr = np.array(sorted(set(special.values())), dtype=np.int64)
     rows = dataset.rows(indices)  # (B, L)
     input_ids, labels = mask_rows(rows, sample_keys(seed, epochs, indices), masking, special_arr,
-                                  special["mask"], dataset.vocab_size)
+                                  special["mask"], dataset.vocab_size,
+                                  dataset.continues_word if masking.whole_word else None)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),

@@ -40,6 +40,8 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
     preflight(lambda: load_ds_config(resolve_path(cfg.run.ds_config), world_size))
     ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
+    if cfg.masking.whole_word:  # the tokenizer must mark word pieces ("##")
+        preflight(lambda: train_set.continues_word)
     if cfg.model.init_from is not None:
         preflight(lambda: check_fits_data(cfg.model.init_from, pretrained_config(cfg.model.init_from),
                                           train_set.tokenizer_dir, train_set.vocab_size,

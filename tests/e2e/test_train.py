@@ -112,6 +112,19 @@ def test_exact_resume(runs, recipe, data_dir, tmp_path, stage):
     assert summary(out)["global_sample_position"] == summary(full)["global_sample_position"]
 
 
+def test_whole_word_masking_trains_and_resumes_exactly(runs, recipe, data_dir, tmp_path):
+    """masking.whole_word on 2 ranks: steps 4-6 after a resume from step 3 repeat the
+    uninterrupted run's losses exactly (the word masks are a function of seed, epoch and index)."""
+    sets = ("run.ds_config=ds_configs/cpu_zero2_fp32.json", "masking.whole_word=true")
+    full = runs("whole_word", 2, *sets)
+    assert train_losses(full) != train_losses(zero_run(runs, 2))  # other targets than token masking
+    out = tmp_path / "resumed"
+    run_train(2, recipe, data_dir, out, *sets, f"checkpoint.dir={checkpoint_at_step_3(full, tmp_path)}",
+              resume="auto")
+    ref, got = train_losses(full), train_losses(out)
+    assert sorted(got) == [4, 5, 6] and [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
+
+
 def test_resume_on_another_world_size_continues_the_global_position(runs, recipe, data_dir, tmp_path):
     """A 2-rank ZeRO-0 checkpoint at step 3, resumed by 1 process: the data position carries on."""
     two = zero_run(runs, 0)
