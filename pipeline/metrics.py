@@ -17,6 +17,10 @@ host times unless logging.profile synchronizes the device), except select/sample
 select/bytes_moved, which are totals over the window. perf/* are rates over the steps' own time
 (evaluation and checkpoints between steps excluded).
 
+DeepSpeed's own monitors (`csv_monitor`, `wandb`, `comet` in the DeepSpeed JSON) receive the same
+scalars when enabled (`monitor_sinks`): the trainer hands them the engine's monitor. Its
+`tensorboard` monitor is left to DeepSpeed (ours writes TensorBoard already).
+
 Nothing is written before `begin(resumed_at)`, which the trainer calls once the run's start is
 settled (after a successful resume): a resumed run first drops what the interrupted run logged
 after its checkpoint's step, since it is about to log those steps again (metrics.jsonl and the
@@ -79,12 +83,42 @@ def trim_tensorboard(log_dir: str | Path, max_step: int) -> None:
         write_atomic(path, buf.getvalue())
 
 
+def trim_monitor_csv(log_dir: Path, resumed_at: int | None) -> list[str]:
+    """DeepSpeed's csv_monitor appends to one file per tag: a fresh run removes our tags' files,
+    a resume drops their rows after its checkpoint's step (it logs those steps again). Returns
+    the names (without .csv) of our files left, which already have their header row."""
+    ours = {tag.replace("/", "_") for tag in TRAIN_SCALARS + EVAL_SCALARS}
+    left = []
+    for path in sorted(log_dir.glob("*.csv")) if log_dir.is_dir() else ():
+        if path.stem not in ours:
+            continue  # DeepSpeed's own (Train_Samples_lr is stepped by samples, not steps)
+        if resumed_at is None:
+            path.unlink()
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= resumed_at]
+        write_atomic(path, "".join(keep).encode())
+        left.append(path.stem)
+    return left
+
+
+def monitor_sinks(monitor: Any) -> list[Any]:
+    """The enabled CSV / W&B / Comet monitors of DeepSpeed's MonitorMaster (engine.monitor;
+    created on rank 0 only), each with write_events([(tag, value, step), ...])."""
+    if monitor is None or not getattr(monitor, "enabled", False):
+        return []
+    return [m for m in (getattr(monitor, name, None)
+                        for name in ("csv_monitor", "wandb_monitor", "comet_monitor")) if m is not None]
+
+
 class MetricsWriter:
-    """TensorBoard + JSONL + tqdm on rank 0; no-ops elsewhere."""
+    """TensorBoard + JSONL + tqdm (+ DeepSpeed's enabled monitors) on rank 0; no-ops elsewhere."""
 
     def __init__(self, output_dir: str | Path, rank: int, tensorboard: bool = True,
-                 progress_bar: bool = True, total_steps: int | None = None):
+                 progress_bar: bool = True, total_steps: int | None = None,
+                 monitors: list[Any] | None = None):
         self.active = rank == 0
+        self.monitors = list(monitors or [])
         self.output_dir = Path(output_dir)
         self.tensorboard = tensorboard
         self.progress_bar = progress_bar
@@ -107,6 +141,10 @@ class MetricsWriter:
         else:
             trim_jsonl(jsonl, lambda r: r.get("step", 0) <= resumed_at)
             trim_tensorboard(tb_dir, resumed_at)
+        for monitor in self.monitors:
+            if isinstance(getattr(monitor, "filenames", None), list) and getattr(monitor, "log_dir", None):
+                # DeepSpeed's csvMonitor: files it finds are continued without a second header
+                monitor.filenames.extend(trim_monitor_csv(Path(monitor.log_dir), resumed_at))
         self._jsonl = open(jsonl, "a", buffering=1)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -132,10 +170,13 @@ class MetricsWriter:
             raise RuntimeError("MetricsWriter.log before begin() (or after close())")
         record = {"kind": kind, "step": step, **{k: jsonable(float(v)) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
+        finite = [(k, float(v)) for k, v in scalars.items() if v is not None and math.isfinite(float(v))]
         if self._tb is not None:
-            for k, v in scalars.items():
-                if v is not None and math.isfinite(float(v)):
-                    self._tb.add_scalar(k, float(v), step)
+            for k, v in finite:
+                self._tb.add_scalar(k, v, step)
+        events = [(k, v, step) for k, v in finite]
+        for monitor in self.monitors:
+            monitor.write_events(events)
 
     def text(self, tag: str, text: str) -> None:
         """A text record in TensorBoard (its TEXT tab), e.g. the resolved configuration."""

@@ -89,9 +89,9 @@ class ModelConfig:
     export) can take. None: 512 (or the data's sequence length when longer) for a new model; a
     resume or fork keeps its checkpoint's."""
 
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
     """Recompute each encoder layer's activations in the backward pass instead of keeping them
-    (transformers' gradient checkpointing): less activation memory (bert-large at 512 tokens),
+    (transformers' activation checkpointing): less activation memory (bert-large at 512 tokens),
     about one more forward pass of time. The same losses."""
 
     exit_layer: int = 1
@@ -217,8 +217,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_i
         config = bert_config(cfg, vocab_size, max_seq_len, pad_token_id, checkpoint_positions)
     model = SiftBertForMaskedLM(config)
     model.train()
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.activation_checkpointing:
+        # non-reentrant: the exit pass and the sparse head call layers directly, with kwargs
+        model.activation_checkpointing_enable({"use_reentrant": False})
     if cfg.compile:
         for layer in model.bert.encoder.layer:
             layer.compile()  # in place: parameter names and state dicts are unchanged

@@ -26,7 +26,7 @@ from pipeline.config import ConfigError, TrainConfig, resolve_path, to_toml
 from pipeline.data import DataError, ShardDataset, verify_prepared
 from pipeline.engine import build_engine, load_ds_config
 from pipeline.faults import Watchdog, hang_report, register_rank
-from pipeline.metrics import MetricsWriter
+from pipeline.metrics import MetricsWriter, monitor_sinks
 from pipeline.model import bert_config, build_model
 from pipeline.pretrained import (PretrainedError, check_fits_data, load_pretrained_weights,
                                  pretrained_config)
@@ -39,7 +39,8 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     train_set = ShardDataset(cfg.data.data_dir, cfg.data.train_split)
     valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
     preflight(lambda: load_ds_config(resolve_path(cfg.run.ds_config), world_size))
-    ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
+    ds_config = with_monitor_paths(load_ds_config(resolve_path(cfg.run.ds_config), world_size),
+                                   Path(cfg.run.output_dir))
     if cfg.masking.whole_word:  # the tokenizer must mark word pieces ("##")
         preflight(lambda: train_set.continues_word)
     if cfg.model.init_from is not None:
@@ -81,6 +82,17 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
             watchdog.stop()
         if rank == 0:
             rundir.release(out_dir)
+
+
+def with_monitor_paths(ds_config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """DeepSpeed's csv_monitor / tensorboard monitors without an output_path write under the
+    current directory (or ~/csv_monitor); ours put them under <output_dir>/monitor."""
+    out = dict(ds_config)
+    for name in ("csv_monitor", "tensorboard"):
+        section = out.get(name)
+        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+            out[name] = {**section, "output_path": str(out_dir / "monitor")}
+    return out
 
 
 def _hung(cfg: TrainConfig, rank: int, world_size: int, idle_s: float) -> None:
@@ -194,7 +206,7 @@ def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: Sh
     # a bar only on a terminal: in a log file its redraws are noise; plain lines go there instead
     bar = cfg.logging.progress_bar and sys.stderr.isatty()
     writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, bar,
-                           total_steps=cfg.budget.steps)
+                           total_steps=cfg.budget.steps, monitors=monitor_sinks(engine.monitor))
     trainer = Trainer(cfg, engine, facts, train_set, valid_set, writer, rank, world_size)
     if watchdog is not None:
         trainer.beat = watchdog.beat

@@ -109,3 +109,36 @@ def test_phase_two_forks_into_longer_sequences_when_the_positions_hold_them(data
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "64 position embeddings, fewer than the data's sequence length 128" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_deepspeeds_csv_monitor_receives_the_same_scalars_and_a_resume_does_not_repeat_rows(
+        data_dir, recipe, tmp_path):
+    """csv_monitor enabled in the DeepSpeed JSON (no output_path: it goes to <output_dir>/monitor):
+    every train/eval scalar of metrics.jsonl, once per step, also after a resume that re-logs the
+    steps after its checkpoint."""
+    import csv
+
+    from tests.training import read_metrics
+
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero0_fp32.json").read_text())
+    ds["csv_monitor"] = {"enabled": True, "job_name": "job"}
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    sets = (f"run.ds_config={ds_file}", 'selection.policy="none"', "checkpoint.every_steps=3",
+            "eval.every_steps=3")
+    run_train(1, recipe, data_dir, out, *sets, "budget.steps=6")
+    (out / "checkpoints" / "latest").write_text("step_00000003\n")  # as if killed after step 5
+    run_train(1, recipe, data_dir, out, *sets, "budget.steps=6", resume="auto")
+
+    def column(tag):
+        with open(out / "monitor" / "job" / (tag.replace("/", "_") + ".csv")) as f:
+            rows = list(csv.reader(f))
+        assert rows[0][0] == "step" and all(r[0] != "step" for r in rows[1:])  # one header
+        return [(int(r[0]), float(r[1])) for r in rows[1:]]
+
+    train = read_metrics(out)
+    assert column("train/loss") == [(r["step"], pytest.approx(r["train/loss"])) for r in train]
+    assert [s for s, _ in column("train/loss")] == [1, 2, 3, 4, 5, 6]
+    evals = read_metrics(out, "eval")
+    assert column("eval/accuracy") == [(r["step"], pytest.approx(r["eval/accuracy"])) for r in evals]

@@ -255,3 +255,22 @@ def test_sample_weights_scale_each_samples_share_of_the_mlm_loss():
     w = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
     ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     torch.testing.assert_close(masked_mean_ce(logits, targets, w), ce[3:].sum() / 6)
+
+
+def test_activation_checkpointing_keeps_less_and_computes_the_same(batch):
+    """model.activation_checkpointing: the same loss and gradients, far fewer saved activations."""
+    def run(checkpointing: bool):
+        m = tiny(activation_checkpointing=checkpointing, hidden_dropout=0.0, attention_dropout=0.0)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = m(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in m.named_parameters()}, sum(saved)
+
+    loss_off, grads_off, saved_off = run(False)
+    loss_on, grads_on, saved_on = run(True)
+    torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=1e-6)
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert saved_on < 0.6 * saved_off, (saved_on, saved_off)
