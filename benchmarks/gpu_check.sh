@@ -18,6 +18,8 @@
 #               and an fp16 run (~100 s)
 #   bench       a short sift-bench smoke test: vanilla / sift-loss / random, 25 s per arm (~110 s)
 #   compile     model.compile, bert-medium B 128, uncompiled then compiled (~60 s)
+#   memory      model.activation_checkpointing off and on: bert-base, 32 x 512 tokens, fp32, peak
+#               torch.cuda.max_memory_allocated and step time (benchmarks/activation_checkpointing.py)
 #   ab          the post-plateau A/B (~9 min, a call of its own): vanilla trains SIFT_GPU_AB_WARM
 #               steps (default 3000: the plain loop at lr 3e-4 left the plateau at ~2400-3000 steps
 #               of B 128), then vanilla / sift-loss / random (expand, f 0.5) each train
@@ -48,8 +50,8 @@ preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # train/bench/ab stages (bert-tiny
 stages=" ${SIFT_GPU_CHECK_STAGES:-efficiency variants profile train bench} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 for s in $stages; do  # a misspelt stage would otherwise run nothing, silently
-    case $s in efficiency|variants|profile|train|bench|compile|ab) ;;
-        *) echo "gpu_check: unknown stage '$s' in SIFT_GPU_CHECK_STAGES (efficiency variants profile train bench compile ab)" >&2; exit 2 ;;
+    case $s in efficiency|variants|profile|train|bench|compile|memory|ab) ;;
+        *) echo "gpu_check: unknown stage '$s' in SIFT_GPU_CHECK_STAGES (efficiency variants profile train bench compile memory ab)" >&2; exit 2 ;;
     esac
 done
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$out/stages.txt"; }
@@ -143,6 +145,12 @@ want bench && stage sift_bench 140 "$py" -m benchmarks.sift_bench.cli --data "$d
 if want compile; then
     stage efficiency_compile 150 "$py" -m benchmarks.trainer_efficiency --case bert-medium:128 \
         --data "$data" --rounds 3 --compile both --out "$out/trainer_efficiency_compiled.json"
+fi
+# activation checkpointing: peak GPU memory and step time with and without, bert-base at 512
+if want memory; then
+    stage activation_checkpointing 120 "$py" -m benchmarks.activation_checkpointing \
+        --preset bert-base --seq-len 512 --batch 32 --steps 5 \
+        --out "$out/activation_checkpointing.json"
 fi
 # the post-plateau A/B: every arm forks from one vanilla run past the plateau, lr 3e-4 decaying
 # linearly to its floor over each arm's own budget

@@ -81,7 +81,7 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
         if watchdog is not None:
             watchdog.stop()
         if rank == 0:
-            rundir.release(out_dir)
+            release_run_dirs(cfg)
 
 
 def with_monitor_paths(ds_config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -162,16 +162,23 @@ def claim_output_dir(cfg: TrainConfig, rank: int, fresh: bool) -> None:
     run (`pipeline.rundir`); every rank raises the same RunDirError when it may not be used."""
     out = Path(cfg.run.output_dir)
 
+    ckpt = cfg.checkpoint_dir()
+    separate = rundir.separate_checkpoint_dir(out, ckpt)
+
     def claim() -> list[str]:
         try:
             out.mkdir(parents=True, exist_ok=True)
             notes = [rundir.acquire(out)]
             try:
+                if separate is not None:  # another run may name it as its checkpoint.dir
+                    rundir.check_writable(separate, "checkpoints")
+                    notes.append(rundir.acquire(separate))
+                rundir.check_writable(ckpt, "checkpoints")
                 if fresh:
-                    notes.append(rundir.check_fresh_start(out, cfg.checkpoint_dir(),
-                                                          cfg.run.overwrite, cfg.checkpoint.resume))
+                    notes.append(rundir.check_fresh_start(out, ckpt, cfg.run.overwrite,
+                                                          cfg.checkpoint.resume))
             except BaseException:
-                rundir.release(out)
+                release_run_dirs(cfg)
                 raise
         except OSError as exc:
             raise rundir.RunDirError(f"{out}: cannot use it as the output directory: {exc}") from None
@@ -181,6 +188,14 @@ def claim_output_dir(cfg: TrainConfig, rank: int, fresh: bool) -> None:
     if rank == 0:
         for note in notes:
             print(note, flush=True)
+
+
+def release_run_dirs(cfg: TrainConfig) -> None:
+    """Release the locks `claim_output_dir` took (rank 0; a lock not ours is left alone)."""
+    separate = rundir.separate_checkpoint_dir(cfg.run.output_dir, cfg.checkpoint_dir())
+    if separate is not None:
+        rundir.release(separate)
+    rundir.release(Path(cfg.run.output_dir))
 
 
 def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: ShardDataset,
@@ -200,9 +215,6 @@ def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: Sh
         raise rundir.PreflightError(str(exc)) from None
     engine, facts = build_engine(model, cfg.optim, ds_config)
     out_dir = Path(cfg.run.output_dir)
-    if rank == 0:
-        write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config,
-                                                    "engine": dataclasses.asdict(facts)})
     # a bar only on a terminal: in a log file its redraws are noise; plain lines go there instead
     bar = cfg.logging.progress_bar and sys.stderr.isatty()
     writer = MetricsWriter(out_dir, rank, cfg.logging.tensorboard, bar,
@@ -223,6 +235,14 @@ def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: Sh
             trainer.resume(*resume_from, universal=universal)
         elif fork_from is not None:
             trainer.fork(*fork_from, universal=universal)
+        # only now, every check passed and the start loaded: what --overwrite replaces goes, and
+        # the run's config.json describes this attempt (a failed resume leaves the old one)
+        if rank == 0:
+            if resume_from is None and cfg.run.overwrite:
+                rundir.remove_earlier_checkpoints(cfg.checkpoint_dir())
+            write_json_atomic(out_dir / "config.json", {"train": cfg.to_dict(),
+                                                        "deepspeed": ds_config,
+                                                        "engine": dataclasses.asdict(facts)})
         # only now: a resume that fails must leave the interrupted run's logs as they were
         writer.begin(None if resume_from is None else trainer.state.step)
         writer.text("config", to_toml(cfg))

@@ -10,7 +10,10 @@ written: `pipeline.run.claim_output_dir`):
   checkpoints or logs is refused unless `run.overwrite` (`--overwrite`) says so: Hugging Face's
   scripts refuse a non-empty output directory the same way. `--resume auto` that finds no
   checkpoint never deletes logs either. With overwrite, the earlier checkpoints are removed
-  first, so `latest` and `keep_last` never mix two runs.
+  (`remove_earlier_checkpoints`) once every check that can still refuse the run has passed (the
+  engine is built), and before the first save, so `latest` and `keep_last` never mix two runs.
+- a checkpoint directory outside the output directory is locked too (two runs with their own
+  output directories must not share one), and both must be writable before anything starts.
 
 File-system only: no torch, no process group (`pipeline.run` shares rank 0's answer).
 """
@@ -116,10 +119,37 @@ def check_fresh_start(output_dir: str | Path, ckpt_dir: str | Path, overwrite: b
         raise RunDirError(f"{output_dir} holds an earlier run ({', '.join(found)}) and {why}: "
                           "resume it (--resume auto), choose another run.output_dir, or pass "
                           "--overwrite to replace it")
+    return f"--overwrite: replacing the earlier run in {output_dir} ({', '.join(found)})"
+
+
+def remove_earlier_checkpoints(ckpt_dir: str | Path) -> None:
+    """--overwrite, once the new run has passed every check: the earlier run's checkpoints go
+    (`latest` first, so a reader never follows it into a half-deleted directory)."""
     ckpt = Path(ckpt_dir)
     if ckpt.is_dir():
+        (ckpt / "latest").unlink(missing_ok=True)
         for p in ckpt.iterdir():
             if p.name.startswith("step_"):
                 shutil.rmtree(p, ignore_errors=True)
-        (ckpt / "latest").unlink(missing_ok=True)
-    return f"--overwrite: replacing the earlier run in {output_dir} ({', '.join(found)})"
+
+
+def separate_checkpoint_dir(output_dir: str | Path, ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint directory when it lies outside the output directory (it then needs a lock
+    of its own), else None."""
+    out, ckpt = Path(output_dir).resolve(), Path(ckpt_dir).resolve()
+    return None if ckpt == out or out in ckpt.parents else ckpt
+
+
+def check_writable(directory: str | Path, what: str) -> None:
+    """Create `directory` and a file in it (removed again): an unwritable checkpoint directory
+    found at the first save would lose everything trained before it."""
+    d = Path(directory)
+    probe = d / f".write_test.{os.getpid()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"{d}: cannot write the {what} there ({exc.strerror or exc}); "
+                          "choose a writable directory") from None

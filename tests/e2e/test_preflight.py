@@ -61,10 +61,43 @@ def test_a_fresh_start_over_a_finished_run_refuses_unless_overwrite(runs, recipe
         assert "pass --overwrite to replace it" in proc.stderr and "Traceback" not in proc.stderr
         assert {p: p.read_bytes() for p in before} == before  # nothing deleted, nothing moved
         assert (out / "checkpoints" / "step_00000006").is_dir()
+    # --overwrite deletes nothing before every check passed: DeepSpeed rejects this JSON
+    bad_ds = tmp_path / "both_precisions.json"
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    bad_ds.write_text(json.dumps({**ds, "bf16": {"enabled": True}, "fp16": {"enabled": True}}))
+    config_before = (out / "config.json").read_bytes()
+    proc = run_train(2, recipe, data_dir, out, "budget.steps=2", "run.overwrite=true",
+                     f"run.ds_config={bad_ds}", expect_ok=False)
+    assert proc.returncode != 0
+    assert {p: p.read_bytes() for p in before} == before and (out / "checkpoints" / "step_00000006").is_dir()
+    assert (out / "config.json").read_bytes() == config_before
     proc = run_train(2, recipe, data_dir, out, "budget.steps=2", "run.overwrite=true")
     assert "--overwrite: replacing the earlier run" in proc.stdout
     assert summary(out)["steps"] == 2 and [r["step"] for r in read_metrics(out)] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002"]
+
+
+def test_a_checkpoint_dir_is_locked_and_checked_writable_like_the_output_dir(recipe, data_dir,
+                                                                            tmp_path):
+    """Two runs with their own output directories and one checkpoint.dir: the second is refused
+    (the lock of a live process, ours, stands in for the first run); an unwritable
+    checkpoint.dir is refused before training, not at the first save."""
+    import socket
+
+    shared = tmp_path / "shared_ckpt"
+    shared.mkdir()
+    (shared / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                              "started": "earlier"}))
+    proc = run_train(2, recipe, data_dir, tmp_path / "run_b", "budget.steps=2",
+                     f"checkpoint.dir={shared}", expect_ok=False)
+    _refused(proc, f"{shared.resolve()} is in use by another run (pid {os.getpid()}")
+    assert not (tmp_path / "run_b" / ".lock").exists()  # the output dir's lock was let go
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_train(2, recipe, data_dir, tmp_path / "run_c", "budget.steps=2",
+                     f"checkpoint.dir={blocker / 'ckpt'}", expect_ok=False)
+    _refused(proc, "cannot write the checkpoints there")
+    assert not (tmp_path / "run_c" / "metrics.jsonl").exists()
 
 
 @pytest.fixture

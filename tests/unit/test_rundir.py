@@ -56,8 +56,27 @@ def test_a_fresh_start_over_an_earlier_run_needs_overwrite(tmp_path):
     assert (ckpt / "step_00000005").is_dir() and (tmp_path / "metrics.jsonl").is_file()  # untouched
     note = rundir.check_fresh_start(tmp_path, ckpt, overwrite=True, resume="none")
     assert note.startswith("--overwrite: replacing the earlier run")
+    assert (ckpt / "step_00000005").is_dir()  # deleted only once the new run passed every check
+    rundir.remove_earlier_checkpoints(ckpt)
     assert not (ckpt / "step_00000005").exists() and not (ckpt / "latest").exists()
     assert (ckpt / "tokenizer").is_dir()
+
+
+def test_a_checkpoint_dir_outside_the_output_dir_needs_its_own_lock(tmp_path):
+    out = tmp_path / "run"
+    assert rundir.separate_checkpoint_dir(out, out / "checkpoints") is None
+    assert rundir.separate_checkpoint_dir(out, out) is None
+    assert rundir.separate_checkpoint_dir(out, tmp_path / "ckpt") == (tmp_path / "ckpt").resolve()
+    assert rundir.separate_checkpoint_dir(out, tmp_path / "run2" / "c") is not None
+
+
+def test_an_unwritable_checkpoint_dir_is_refused_before_the_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RunDirError, match="cannot write the checkpoints there"):
+        rundir.check_writable(blocker / "checkpoints", "checkpoints")
+    rundir.check_writable(tmp_path / "ok" / "checkpoints", "checkpoints")
+    assert list((tmp_path / "ok" / "checkpoints").iterdir()) == []  # the probe is gone
 
 
 def test_checkpoint_incompatibilities_name_both_values():
