@@ -10,6 +10,8 @@ checkpoints. Runs in one process, no process group, no GPU needed.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -37,13 +39,37 @@ def fp32_state_dict(load_dir: Path, tag: str) -> "dict[str, torch.Tensor]":
     return {k: v.float() for k, v in sd.items()}
 
 
-def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
+def check_target(out: Path, load_dir: Path, overwrite: bool) -> None:
+    """The export goes to an empty (or new) directory outside the checkpoints, unless
+    --overwrite replaces a directory's contents: a user's files are never written over silently."""
+    from pipeline.checkpoint import CheckpointError
+
+    resolved, ckpt = out.resolve(), Path(load_dir).resolve()
+    if resolved == ckpt or ckpt in resolved.parents or resolved in ckpt.parents:
+        raise CheckpointError(f"{out}: inside (or holding) the checkpoint directory {load_dir}: "
+                              "export to a directory of its own")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: not empty ({len(list(out.iterdir()))} entries); choose a new "
+                              "directory or pass --overwrite to replace its contents")
+
+
+def nonfinite_tensors(state_dict: "dict[str, torch.Tensor]") -> list[str]:
+    """Names of the tensors holding NaN or Inf (a diverged run, or a damaged checkpoint)."""
+    import torch
+
+    return [k for k, v in state_dict.items() if not bool(torch.isfinite(v).all())]
+
+
+def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, Path, int]:
     """Write the Hugging Face directory `out` from `checkpoint`; returns (out, the checkpoint
-    tag directory exported, its optimizer step)."""
-    from pipeline.checkpoint import CheckpointError, read_client_state, resolve_resume
-    from pipeline.export import save_hf_directory
+    tag directory exported, its optimizer step). The files are written to a new directory beside
+    `out` and moved into place at the end: an export that fails leaves `out` as it was."""
     from transformers import BertConfig
 
+    from pipeline.checkpoint import CheckpointError, previous_complete, read_client_state, resolve_resume
+    from pipeline.export import save_hf_directory
     from pipeline.model import ModelConfig, build_model
 
     if not Path(checkpoint).exists():
@@ -52,6 +78,8 @@ def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
     if found is None:
         raise CheckpointError(f"{checkpoint}: no checkpoint found")
     load_dir, tag = found
+    out = Path(out)
+    check_target(out, load_dir, overwrite)
     try:
         state = read_client_state(load_dir, tag)
     except (OSError, ValueError) as exc:
@@ -64,21 +92,51 @@ def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
     else:  # checkpoints written before it was recorded: positions were the sequence length
         model = build_model(model_cfg, meta["vocab_size"], meta["max_seq_len"], meta["pad_token_id"],
                             checkpoint_positions=meta["max_seq_len"])
-    missing, unexpected = model.load_state_dict(fp32_state_dict(load_dir, tag), strict=False)
+    weights = fp32_state_dict(load_dir, tag)
+    bad = nonfinite_tensors(weights)
+    if bad:
+        prev = previous_complete(load_dir, tag)
+        raise CheckpointError(f"{load_dir / tag}: non-finite weights in {len(bad)} tensor(s) "
+                              f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                              + (f"export an earlier checkpoint: {load_dir / prev}" if prev else
+                                 "no earlier complete checkpoint is there"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     model.tie_weights()
     tied = set(model.all_tied_weights_keys)  # decoders tied to the embeddings, both head kinds
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{load_dir / tag}: weights do not match the recorded model "
                               f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
     tokenizer_dir = load_dir / "tokenizer"
-    return (save_hf_directory(model, tokenizer_dir, out), load_dir / tag,
-            int(state.get("train_state", {}).get("step", -1)))
+    staging = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_hf_directory(model, tokenizer_dir, staging)
+        replace_directory(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out, load_dir / tag, int(state.get("train_state", {}).get("step", -1))
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is moved aside first and removed only after."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    try:
+        new.rename(target)
+    except OSError:
+        if old.exists():
+            old.rename(target)  # put the user's directory back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sift-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory (uses `latest`) or a tag directory")
     p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the contents of a non-empty output directory")
     p.add_argument("--version", action="version", version=f"sift-export {__version__}")
     return p
 
@@ -88,10 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError
 
     try:
-        out, source, step = export(args.checkpoint, args.out)
-    except (CheckpointError, OSError, ValueError, KeyError) as exc:
+        out, source, step = export(args.checkpoint, args.out, overwrite=args.overwrite)
+    except (CheckpointError, ValueError, KeyError) as exc:  # the input: exit 2, as usage errors
         what = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
         print(f"sift-export: {what}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine: a full disk, a permission
+        print(f"sift-export: {exc}", file=sys.stderr)
         return 1
     print(f"sift-export: wrote {out} from {source} (step {step})")
     return 0
