@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the arms (and HF baseline) a previous run of this --work-dir "
                         "finished with the same settings; run only the others")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the arms and results of an earlier benchmark of this --name / "
+                        "--work-dir (without it, or --resume, an earlier one is refused)")
     p.add_argument("--target-fraction", type=float, default=0.8,
                    help="target = vanilla's accuracy at this fraction of its budget")
     p.add_argument("--hf-baseline", action=argparse.BooleanOptionalAction, default=True,
@@ -454,6 +457,34 @@ def build_report(args: argparse.Namespace, argv: Sequence[str], overrides: list[
     }
 
 
+def earlier_benchmark(work: Path, out: Path, name: str, allowed: bool) -> str | None:
+    """Why this run would silently replace an earlier benchmark's arms or results (None: it
+    would not, or --resume / --overwrite says to)."""
+    if allowed:
+        return None
+    candidates = [work / "arms", *sorted(work.glob("seed*/arms")), out / f"{name}.json",
+                  *sorted(out.glob(f"{name}_seed*.json"))]  # one run, or one per seed
+    found = [str(p) for p in candidates if (p.is_dir() and any(p.iterdir())) or p.is_file()]
+    if not found:
+        return None
+    return (f"an earlier benchmark named {name} is there ({', '.join(found)}): --resume keeps "
+            "its finished arms, --overwrite replaces them, or give this one another --name / "
+            "--work-dir")
+
+
+def bad_warm_start(warm: str | None) -> str | None:
+    """A --warm-start CHECKPOINT_DIR that no arm could fork from, said before any job starts."""
+    if warm is None or isinstance(warm, int):  # a step count: the warm start is ours
+        return None
+    from pipeline.checkpoint import CheckpointError, resolve_resume
+
+    try:
+        found = resolve_resume(warm, Path(warm), what="--warm-start")
+    except CheckpointError as exc:
+        return str(exc)
+    return None if found is not None else f"--warm-start {warm}: no checkpoint found there"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -473,6 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     work = Path(args.work_dir or REPO / "runs" / "bench" / args.name).resolve()
     args.work_dir = str(work)
+    problem = earlier_benchmark(work, out, args.name, args.resume or args.overwrite) or \
+        bad_warm_start(args.warm_start)
+    if problem:
+        print(f"sift-bench: error: {problem}", file=sys.stderr)
+        return 2
     overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),
                  *args.overrides, f"data.data_dir={Path(args.data).resolve()}"]
     seeds = args.seeds or []

@@ -27,6 +27,9 @@ HARNESS_OVERRIDES = (
     "eval.every_steps=0", "eval.at_start=true", "eval.at_end=true", "checkpoint.resume=none",
     "checkpoint.every_steps=0", "checkpoint.at_end=false", "logging.progress_bar=false",
     "run.overwrite=true",  # a (re)started arm replaces whatever an interrupted attempt left
+    # ... in its own directory: a recipe's checkpoint.dir (a user's run, maybe the warm start
+    # itself) is never an arm's, or the overwrite would delete the checkpoints there
+    "checkpoint.dir=none",
 )
 
 

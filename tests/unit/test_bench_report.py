@@ -377,3 +377,34 @@ def test_warm_start_forks_every_arm_from_one_vanilla_run(tmp_path):
     assert own.checkpoint.init_from == "/ckpts/mine"
     cold = arm_config({**plan, "warm_start": None}, {"name": "v", "overrides": []})
     assert cold.checkpoint.init_from is None and cold.optim.warmup_steps == 50
+
+
+def test_an_arm_never_uses_the_recipes_checkpoint_dir(tmp_path):
+    """The arms start with run.overwrite: in a user's checkpoint.dir (their warm start, say) that
+    would delete the checkpoints there."""
+    from benchmarks.sift_bench.job import arm_config
+
+    plan = {"recipe": None, "overrides": [f"data.data_dir={tmp_path}", "checkpoint.dir=/ckpts/mine"],
+            "out_dir": str(tmp_path), "budget_s": 60.0, "eval_interval_s": 6.0,
+            "warm_start": "/ckpts/mine"}
+    arm = arm_config(plan, {"name": "v", "overrides": []})
+    assert arm.checkpoint_dir() == tmp_path / "arms" / "v" / "checkpoints"
+    assert arm.checkpoint.init_from == "/ckpts/mine" and arm.run.overwrite
+
+
+def test_an_earlier_benchmark_or_a_bad_warm_start_is_refused_before_any_job(tiny_corpus, tmp_path,
+                                                                            capsys):
+    from benchmarks.sift_bench.cli import main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "arms" / "vanilla").mkdir(parents=True)
+    base = ["--data", str(tiny_corpus), "--no-hf-baseline", "--name", "mine", "--work-dir", str(work),
+            "--out", str(out), "--policies", "random", "--fractions", "0.5", "--pools", "expand"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "an earlier benchmark named mine is there" in err and "--resume keeps" in err
+    assert (work / "arms" / "vanilla").is_dir()  # nothing touched
+    empty = tmp_path / "not_a_checkpoint"
+    empty.mkdir()
+    assert main([*base, "--work-dir", str(tmp_path / "fresh"), "--warm-start", str(empty)]) == 2
+    assert "--warm-start" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
