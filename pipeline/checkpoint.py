@@ -4,6 +4,7 @@ Layout under the checkpoint directory:
 
   step_00000020/            engine.save_checkpoint output (model, ZeRO partitions, optimizer)
       sift_state.json       our client state, also readable without torch (resume, export)
+      checksums.json        size and sha256 (whole and sampled) of every file, by rank 0
       rng_rank{r}.pt        each rank's Python / numpy / torch RNG states
   step_00000020_universal/  made on demand: the same checkpoint as a DeepSpeed universal
                             checkpoint, for a ZeRO resume on another world size
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from data_prep.io_util import fsync_dir, write_json_atomic, write_text_atomic
-from pipeline import comm
+from pipeline import checksums, comm
 
 LATEST = "latest"
 STATE_FILE = "sift_state.json"
@@ -193,12 +194,16 @@ def incompatibilities(saved: dict[str, Any], now: dict[str, Any], fork: bool = F
     return out
 
 
-def damaged_files(tag_dir: Path) -> list[str]:
-    """The .pt files of a checkpoint that are not whole: torch saves zip archives, and a
-    truncated or overwritten one has no readable central directory (found without reading the
-    tensors)."""
+def damaged_files(tag_dir: Path, full: bool = False) -> list[str]:
+    """The files of a checkpoint that are not as written: against its checksums.json (sampled,
+    or every byte with `full`), else (checkpoints older than checksums) the .pt files that are
+    not whole zip archives (torch saves zip archives: a truncated or overwritten one has no
+    readable central directory)."""
     import zipfile
 
+    listed = checksums.damaged(tag_dir, full)
+    if listed is not None:
+        return listed
     bad = []
     for path in sorted(Path(tag_dir).glob("*.pt")):
         try:
@@ -335,6 +340,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any],
             f"removed and {'the last complete checkpoint ' + prev + ' is intact' if prev else 'no earlier checkpoint exists'}: "
             "free space (or lower checkpoint.keep_last), then --resume auto") from None
     comm.barrier()  # every rank's files are written ...
+    if rank == 0:  # ... hashed (resume, fork and export check them: pipeline/checksums.py) ...
+        checksums.write_manifest(ckpt_dir / tag)
     fsync_tree(ckpt_dir / tag)  # ... and durable (each node syncs what it sees: node-local disks)
     comm.barrier()  # ... before `latest` moves
     if before_latest is not None:  # the fault tests die here: files written, `latest` not moved
@@ -382,6 +389,13 @@ def restore(engine: Any, load_dir: Path, tag: str, rank: int, world_size: int, z
             f"partitions; resuming it under ZeRO-{zero_stage} on {world_size} "
             "ranks is not supported (resume it under ZeRO-0, or on the same world size)")
     client = load(engine, load_dir, tag, rank, engine_tag=engine_tag)
+    ok = torch.tensor([1.0 if params_finite(engine) else 0.0])
+    if comm.all_reduce(ok, "min").item() < 1.0:  # damage the checksums' sample missed
+        prev = previous_complete(Path(load_dir), tag)
+        raise CheckpointError(f"{Path(load_dir) / tag}: the loaded weights hold NaN/inf (a damaged "
+                              "file; checkpoint.verify = \"sha256\" finds which); "
+                              + (f"the previous complete checkpoint is {Path(load_dir) / prev}"
+                                 if prev else "no earlier complete checkpoint is there"))
     if client.get("masking_version", 1) != masking_version:
         say(f"warning: {load_dir / tag} was trained with masking version "
             f"{client.get('masking_version', 1)}, this version masks with {masking_version}: "

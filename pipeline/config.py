@@ -187,7 +187,14 @@ class CheckpointConfig:
     pretraining and forks (sift-bench --warm-start). A resume of this run's own checkpoints
     (checkpoint.resume) wins over it."""
 
+    verify: str = "sample"
+    """Before a resume, fork or export, check the checkpoint's files against the checksums
+    written with it: 'sample' (sizes and ~4 MiB per file: cheap, finds truncation and most
+    damage) or 'sha256' (every byte, about a second per GB)."""
+
     def __post_init__(self):
+        _check(self.verify in ("sample", "sha256"),
+               f"checkpoint.verify must be sample or sha256, got {self.verify!r}")
         _check(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
         _check(self.keep_last >= 0, "checkpoint.keep_last must be >= 0")
         _check(bool(self.resume), "checkpoint.resume must be 'none', 'auto' or a path")

@@ -62,13 +62,15 @@ def nonfinite_tensors(state_dict: "dict[str, torch.Tensor]") -> list[str]:
     return [k for k, v in state_dict.items() if not bool(torch.isfinite(v).all())]
 
 
-def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, Path, int]:
+def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
+           verify: str = "sample") -> tuple[Path, Path, int]:
     """Write the Hugging Face directory `out` from `checkpoint`; returns (out, the checkpoint
     tag directory exported, its optimizer step). The files are written to a new directory beside
     `out` and moved into place at the end: an export that fails leaves `out` as it was."""
     from transformers import BertConfig
 
-    from pipeline.checkpoint import CheckpointError, previous_complete, read_client_state, resolve_resume
+    from pipeline.checkpoint import (CheckpointError, damaged_files, previous_complete,
+                                     read_client_state, resolve_resume)
     from pipeline.export import save_hf_directory
     from pipeline.model import ModelConfig, build_model
 
@@ -80,6 +82,12 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> 
     load_dir, tag = found
     out = Path(out)
     check_target(out, load_dir, overwrite)
+    damaged = damaged_files(load_dir / tag, full=verify == "sha256")
+    if damaged:
+        prev = previous_complete(load_dir, tag)
+        raise CheckpointError(f"{load_dir / tag}: damaged file(s) {', '.join(damaged)}; "
+                              + (f"export an earlier checkpoint: {load_dir / prev}" if prev else
+                                 "no earlier complete checkpoint is there"))
     try:
         state = read_client_state(load_dir, tag)
     except (OSError, ValueError) as exc:
@@ -135,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sift-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory (uses `latest`) or a tag directory")
     p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--verify", choices=("sample", "sha256"), default="sample",
+                   help="check the checkpoint's files against its checksums: sampled (default) "
+                        "or every byte")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the contents of a non-empty output directory")
     p.add_argument("--version", action="version", version=f"sift-export {__version__}")
@@ -146,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError
 
     try:
-        out, source, step = export(args.checkpoint, args.out, overwrite=args.overwrite)
+        out, source, step = export(args.checkpoint, args.out, overwrite=args.overwrite,
+                                     verify=args.verify)
     except (CheckpointError, ValueError, KeyError) as exc:  # the input: exit 2, as usage errors
         what = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
         print(f"sift-export: {what}", file=sys.stderr)

@@ -142,10 +142,10 @@ def check_checkpoint(cfg: TrainConfig, source: tuple[Path, str], train_set: Shar
     except (OSError, ValueError) as exc:
         raise rundir.PreflightError(f"{Path(load_dir) / tag}: unreadable client state ({exc}); "
                                     f"{earlier}") from None
-    damaged = checkpoint.damaged_files(Path(load_dir) / tag)
+    damaged = checkpoint.damaged_files(Path(load_dir) / tag, full=cfg.checkpoint.verify == "sha256")
     if damaged:
         raise rundir.PreflightError(f"{Path(load_dir) / tag}: damaged file(s) {', '.join(damaged)} "
-                                    f"(truncated or overwritten); {earlier}")
+                                    f"(truncated or overwritten since it was written); {earlier}")
     arch = bert_config(cfg.model, train_set.vocab_size, train_set.seq_len,
                        train_set.special_ids["pad"], positions).to_dict()
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))

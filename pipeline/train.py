@@ -21,6 +21,15 @@ class Terminated(Exception):
     """SIGTERM (a launcher stopping the job because another rank died): report, then exit."""
 
 
+def explained(exc: BaseException) -> bool:
+    """Errors whose one line says all (what happened, what is intact, what to do): a stop
+    signal, a checkpoint that cannot be written or read, the non-finite stop."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.trainer import NonFiniteLossError
+
+    return isinstance(exc, (Terminated, CheckpointError, NonFiniteLossError))
+
+
 def _raise_terminated(signum, frame):
     raise Terminated(f"signal {signal.Signals(signum).name} (the launcher is stopping the job)")
 
@@ -68,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if world > 1 else "")
         print(f"sift-train: rank {rank} failed{lost}: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)
-        traceback.print_exc()
+        if not (lost or explained(exc)):  # a traceback only for what no line explains
+            traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)  # a peer may be gone: skip teardown collectives that could hang
     finally:

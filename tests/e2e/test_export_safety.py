@@ -39,14 +39,19 @@ def test_an_export_never_overwrites_silently_and_refuses_the_checkpoint_dir(runs
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
-def test_non_finite_weights_are_refused_naming_an_earlier_checkpoint(runs, tmp_path):
+def test_damaged_or_non_finite_weights_are_refused_naming_an_earlier_checkpoint(runs, tmp_path):
+    from pipeline import checksums
+
     ckpt = tmp_path / "checkpoints"
     shutil.copytree(zero_run(runs, 0) / "checkpoints", ckpt)
     states = ckpt / "step_00000006" / "mp_rank_00_model_states.pt"
     saved = torch.load(states, map_location="cpu", weights_only=False)
     name = "bert.encoder.layer.0.attention.self.query.weight"
     saved["module"][name] = torch.full_like(saved["module"][name], float("nan"))
-    torch.save(saved, states)
+    torch.save(saved, states)  # the file now differs from the checksums written with it
+    one_line(sift_export(ckpt, tmp_path / "export"), "damaged file(s) mp_rank_00_model_states.pt",
+             "step_00000003")
+    checksums.write_manifest(ckpt / "step_00000006")  # NaN weights the checksums agree with
     line = one_line(sift_export(ckpt, tmp_path / "export"), "non-finite weights in 1 tensor(s)",
                     name, "step_00000003")
     assert not (tmp_path / "export").exists(), line

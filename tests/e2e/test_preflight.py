@@ -170,3 +170,21 @@ def test_configuration_class_errors_are_one_line_and_exit_2(recipe, data_dir, tm
         lines = [line for line in proc.stderr.splitlines() if line.startswith("sift-train:")]
         assert len(lines) == 1 and needle in lines[0], (sets, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, sets
+
+
+def test_a_checkpoint_damaged_in_place_is_refused_naming_the_file_and_the_last_good_tag(
+        runs, recipe, data_dir, tmp_path):
+    """Bytes overwritten in the middle of an optimizer partition, its size unchanged: the
+    checksums written with the checkpoint catch it before the engine loads anything."""
+    out = tmp_path / "run"
+    shutil.copytree(zero_run(runs, 2), out)
+    (out / ".lock").unlink(missing_ok=True)
+    part = sorted((out / "checkpoints" / "step_00000006").glob("*optim_states.pt"))[0]
+    size = part.stat().st_size
+    with open(part, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xa5" * 64)  # not zeros: untrained embedding rows have all-zero moments
+    assert part.stat().st_size == size
+    proc = run_train(2, recipe, data_dir, out, "budget.steps=8", resume="auto", expect_ok=False)
+    _refused(proc, f"damaged file(s) {part.name} (checksum)", "step_00000003 (--resume it)")
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"  # untouched
