@@ -489,7 +489,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p = Path(path)
         _check(p.is_file(), f"config file not found: {p}")
         try:
-            tree = tomllib.loads(p.read_text())
+            tree = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text, as TOML must be ({exc.reason} at byte "
+                              f"{exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read it ({exc.strerror or exc})") from None
     return config_from_dict(merge_overrides(tree, overrides))

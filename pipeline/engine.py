@@ -73,15 +73,34 @@ def load_ds_config(path: str | Path, world_size: int) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"run.ds_config: DeepSpeed config not found: {p}")
     try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read it ({exc.strerror or exc})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: the DeepSpeed config must be a JSON object, got {type(cfg).__name__}")
+    check_precision_and_stage(cfg, str(p))
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise ConfigError(f"{p}: remove the '{key}' block: the [optim] section of the training "
                               "config owns the optimizer and learning-rate schedule")
     check_batch_triplet(cfg, world_size, str(p))
     return cfg
+
+
+def check_precision_and_stage(cfg: dict[str, Any], where: str) -> None:
+    """What DeepSpeed would reject only inside deepspeed.initialize, with a traceback: two
+    precisions at once, a ZeRO stage it does not have, sections that are not objects."""
+    for key in ("bf16", "fp16", "zero_optimization", "torch_autocast"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(f"{where}: '{key}' must be an object, got {cfg[key]!r}")
+    enabled = [k for k in ("bf16", "fp16") if cfg.get(k, {}).get("enabled") in (True, "auto")]
+    if len(enabled) > 1:
+        raise ConfigError(f"{where}: bf16 and fp16 are both enabled: choose one precision")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
 
 
 def check_batch_triplet(cfg: dict[str, Any], world_size: int, where: str = "ds_config") -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from pipeline import __version__
+from pipeline.cli_util import OneLineParser
 
 if TYPE_CHECKING:
     import torch
@@ -140,7 +141,7 @@ def replace_directory(new: Path, target: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sift-export", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="sift-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory (uses `latest`) or a tag directory")
     p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
     p.add_argument("--verify", choices=("sample", "sha256"), default="sample",

@@ -36,6 +36,8 @@ from pipeline.trainer import Trainer
 def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     """Build data, model and engine from `cfg`, resume if asked, train, write the summary."""
     preflight(lambda: verify_prepared(cfg.data.data_dir, full=cfg.data.verify == "sha256"))
+    preflight(lambda: [ShardDataset(cfg.data.data_dir, split)  # a missing or empty split
+                       for split in (cfg.data.train_split, cfg.data.valid_split)])
     train_set = ShardDataset(cfg.data.data_dir, cfg.data.train_split)
     valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
     preflight(lambda: load_ds_config(resolve_path(cfg.run.ds_config), world_size))

@@ -21,6 +21,22 @@ class Terminated(Exception):
     """SIGTERM (a launcher stopping the job because another rank died): report, then exit."""
 
 
+def check_one_ds_config(recipe: str | None, overrides: list[str], flag: str) -> None:
+    """--deepspeed_config and a run.ds_config set by the recipe or --set must agree: which of two
+    DeepSpeed JSONs a run uses is not left to precedence rules."""
+    import tomllib
+    from pathlib import Path
+
+    from pipeline.config import ConfigError, merge_overrides, resolve_path
+
+    tree = tomllib.loads(Path(recipe).read_text(encoding="utf-8")) if recipe else {}
+    named = merge_overrides(tree, overrides).get("run", {}).get("ds_config")
+    if isinstance(named, str) and \
+            Path(resolve_path(named)).resolve() != Path(resolve_path(flag)).resolve():
+        raise ConfigError(f"--deepspeed_config {flag} and run.ds_config {named} (recipe or --set) "
+                          "name different DeepSpeed configs: give one")
+
+
 def explained(exc: BaseException) -> bool:
     """Errors whose one line says all (what happened, what is intact, what to do): a stop
     signal, a checkpoint that cannot be written or read, the non-finite stop."""
@@ -46,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 and args.config is None:
             overrides.insert(0, 'data.data_dir="(required: the sift-prep output directory)"')
         cfg = load_config(args.config, overrides)
+        if args.deepspeed_config:  # DeepSpeed's flag beside a recipe that names another JSON
+            check_one_ds_config(args.config, overrides[:-1], args.deepspeed_config)
         if args.print_config:
             print(to_toml(cfg, explain=args.all), end="")
             return 0

@@ -8,6 +8,7 @@ import argparse
 from typing import Sequence
 
 from pipeline import __version__
+from pipeline.cli_util import OneLineParser
 
 DESCRIPTION = "Entry point: `deepspeed --module pipeline.train --config FILE [--set key=value ...]`."
 CONFIG_DOCS = ("every key with its type, default and meaning: sift-train --print-config --all "
@@ -15,7 +16,7 @@ CONFIG_DOCS = ("every key with its type, default and meaning: sift-train --print
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sift-train", description=DESCRIPTION,
+    p = OneLineParser(prog="sift-train", description=DESCRIPTION,
                                 epilog=f"Settings: {CONFIG_DOCS}.")
     p.add_argument("--config", help="TOML training recipe (e.g. launch/recipes/quickstart.toml)")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
