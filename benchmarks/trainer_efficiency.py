@@ -200,7 +200,8 @@ def build_trainers(data: Path, preset: str, ds_file: Path, out_dir: Path, compil
 
     from pipeline.config import load_config
     from pipeline.data import ShardDataset
-    from pipeline.engine import build_engine, load_ds_config
+    from pipeline.ds_config import load_ds_config
+    from pipeline.engine import build_engine
     from pipeline.metrics import MetricsWriter
     from pipeline.model import build_model
     from pipeline.trainer import Trainer

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.data import MaskingConfig
-from pipeline.model import ModelConfig
+from pipeline.model_config import ModelConfig
 from pipeline.selection import SelectionConfig
 
 

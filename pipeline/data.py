@@ -26,12 +26,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 
 from data_prep.manifest import FORMAT, FORMAT_VERSION, MANIFEST  # the shard format: one definition
+
+if TYPE_CHECKING:  # torch is imported where batches are built: reading a config needs none of it
+    import torch
 
 IGNORE_INDEX = -100
 """Label of a position that is not masked (what torch's cross_entropy ignores)."""
@@ -459,6 +461,7 @@ def _non_special_ids(bits: np.ndarray, special_ids: np.ndarray, vocab_size: int)
 def make_batch(dataset: ShardDataset, indices: np.ndarray, epochs: np.ndarray, seed: int,
                masking: MaskingConfig) -> dict[str, torch.Tensor]:
     """Read and mask the rows `indices` (sample i masked by (seed, epochs[i], indices[i]))."""
+    import torch
     special = dataset.special_ids
     special_arr = np.array(sorted(set(special.values())), dtype=np.int64)
     rows = dataset.rows(indices)  # (B, L)

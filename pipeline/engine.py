@@ -1,7 +1,7 @@
 """DeepSpeed setup: the JSON config, the optimizer, `deepspeed.initialize`, and the facts read back.
 
-Owns: reading and checking a `ds_configs/*.json` file (it owns precision, ZeRO stage, clipping and
-the batch-size triplet; our TOML never repeats them), AdamW with no decay on biases and LayerNorm,
+Owns: AdamW with no decay on biases and LayerNorm (the DeepSpeed JSON is read and checked by
+`pipeline.ds_config`),
 and `EngineFacts`: micro batch, accumulation, ZeRO stage and precision as the *engine* reports
 them after initialize (academic-budget-bert's lesson: read them back, never trust a second copy).
 
@@ -11,17 +11,12 @@ optimizer or scheduler is rejected instead of silently overriding it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, OptimConfig
-
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
+from pipeline.config import OptimConfig
 
 @dataclass(frozen=True)
 class EngineFacts:
@@ -65,59 +60,6 @@ def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
     clipping (a device tensor: reading it would sync). Same rule as DeepSpeed's clip:
     coefficient min(1, max_norm / (norm + 1e-6))."""
     return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, foreach=True)
-
-
-def load_ds_config(path: str | Path, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON at `path`, checked: a consistent batch triplet, no optimizer/scheduler."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"run.ds_config: DeepSpeed config not found: {p}")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read it ({exc.strerror or exc})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{p}: the DeepSpeed config must be a JSON object, got {type(cfg).__name__}")
-    check_precision_and_stage(cfg, str(p))
-    for key in ("optimizer", "scheduler"):
-        if key in cfg:
-            raise ConfigError(f"{p}: remove the '{key}' block: the [optim] section of the training "
-                              "config owns the optimizer and learning-rate schedule")
-    check_batch_triplet(cfg, world_size, str(p))
-    return cfg
-
-
-def check_precision_and_stage(cfg: dict[str, Any], where: str) -> None:
-    """What DeepSpeed would reject only inside deepspeed.initialize, with a traceback: two
-    precisions at once, a ZeRO stage it does not have, sections that are not objects."""
-    for key in ("bf16", "fp16", "zero_optimization", "torch_autocast"):
-        if key in cfg and not isinstance(cfg[key], dict):
-            raise ConfigError(f"{where}: '{key}' must be an object, got {cfg[key]!r}")
-    enabled = [k for k in ("bf16", "fp16") if cfg.get(k, {}).get("enabled") in (True, "auto")]
-    if len(enabled) > 1:
-        raise ConfigError(f"{where}: bf16 and fp16 are both enabled: choose one precision")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-
-
-def check_batch_triplet(cfg: dict[str, Any], world_size: int, where: str = "ds_config") -> None:
-    """train_batch_size == micro * accumulation * world when all three are given; >= 1 each."""
-    vals = {k: cfg.get(k) for k in BATCH_KEYS}
-    for k, v in vals.items():
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ConfigError(f"{where}: {k} must be a positive integer, got {v!r}")
-    tb, mb, ga = (vals[k] for k in BATCH_KEYS)
-    if mb is None and tb is None:
-        raise ConfigError(f"{where}: set train_micro_batch_size_per_gpu (or train_batch_size)")
-    if tb is not None and mb is not None and ga is not None and tb != mb * ga * world_size:
-        raise ConfigError(f"{where}: inconsistent batch sizes: train_batch_size {tb} != "
-                          f"micro {mb} x accumulation {ga} x world size {world_size}")
-    if tb is not None and mb is not None and ga is None and tb % (mb * world_size):
-        raise ConfigError(f"{where}: train_batch_size {tb} is not a multiple of micro {mb} x "
-                          f"world size {world_size}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

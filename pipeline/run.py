@@ -24,7 +24,8 @@ from data_prep.io_util import write_json_atomic
 from pipeline import checkpoint, comm, rundir
 from pipeline.config import ConfigError, TrainConfig, resolve_path, to_toml
 from pipeline.data import DataError, ShardDataset, verify_prepared
-from pipeline.engine import build_engine, load_ds_config
+from pipeline.ds_config import load_ds_config
+from pipeline.engine import build_engine
 from pipeline.faults import Watchdog, hang_report, register_rank
 from pipeline.metrics import MetricsWriter, monitor_sinks
 from pipeline.model import bert_config, build_model

@@ -14,8 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: the config reads this module's SelectionConfig
+    import torch
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,8 @@ def sampling_keys(scores: torch.Tensor, max_score: float, sum_exp: float, n_tota
     sample's loss weight is 1 / (N p). `max_score` and `sum_exp` (the sum over all ranks of
     exp((score - max_score) / T)) make p the same on every rank; the noise comes from
     `random_scores`' generator, so it is a pure function of (seed, step, rank)."""
+    import torch
+
     t, eps = cfg.temperature, cfg.epsilon
     s = scores.float()
     soft = torch.exp((s - max_score) / t) / sum_exp  # (n,) this rank's share of the softmax
@@ -246,6 +252,8 @@ def random_scores(n: int, seed: int, step: int, rank: int) -> torch.Tensor:
     Every rank draws its own i.i.d. scores, so the global top-k of the union is a uniform random
     subset of all candidates; the same (seed, step, rank) always gives the same scores.
     """
+    import torch
+
     for name, v in (("n", n), ("seed", seed), ("step", step), ("rank", rank)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"random_scores: {name} must be an int >= 0, got {v!r}")

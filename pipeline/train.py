@@ -53,9 +53,8 @@ def _raise_terminated(signum, frame):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = overrides_from(args)
-    from pipeline import comm
     from pipeline.config import ConfigError, load_config, resolve_path, to_toml
-    from pipeline.engine import load_ds_config
+    from pipeline.ds_config import load_ds_config
 
     try:
         if args.print_config and not any(o.startswith("data.data_dir=") for o in overrides) \
@@ -67,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(to_toml(cfg, explain=args.all), end="")
             return 0
+        load_ds_config(resolve_path(cfg.run.ds_config), None)  # before torch is imported (comm)
+        from pipeline import comm
+
         comm.discover_env()  # the world size the batch triplet is checked against
         load_ds_config(resolve_path(cfg.run.ds_config), int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:  # every rank finds the same error: rank 0 says it

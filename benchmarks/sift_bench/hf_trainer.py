@@ -162,7 +162,7 @@ def run(cfg: TrainConfig, out_dir: Path, budget_s: float, interval_s: float) -> 
     from transformers import (AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling,
                               Trainer)
 
-    from pipeline.engine import load_ds_config
+    from pipeline.ds_config import load_ds_config
     from pipeline.metrics import write_json_atomic
     from pipeline.model import bert_config
     from pipeline.config import resolve_path

@@ -149,7 +149,8 @@ def load_universal_worker(rank: int, world_size: int, ckpt_dir: Path, tag: str, 
     os.environ.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"))
     from pipeline import checkpoint
     from pipeline.config import OptimConfig
-    from pipeline.engine import build_engine, load_ds_config
+    from pipeline.ds_config import load_ds_config
+    from pipeline.engine import build_engine
     from pipeline.model import ModelConfig, build_model
 
     state = json.loads((ckpt_dir / tag / "sift_state.json").read_text())

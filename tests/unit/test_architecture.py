@@ -100,3 +100,18 @@ def test_no_script_shadows_a_top_level_package():
     shadows = [f"{d}/{p.name}" for d in ("benchmarks", "launch", "tests")
                for p in (REPO / d).rglob("*.py") if p.stem in packages]
     assert packages >= {"pipeline", "data_prep", "benchmarks"} and not shadows, shadows
+
+
+def test_reading_a_configuration_imports_no_torch():
+    """--print-config and every configuration error answer before torch, transformers or
+    deepspeed load (seconds): the config, its sections and the DeepSpeed JSON check are free of
+    them (lazy imports where batches and models are built)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.config, pipeline.ds_config, pipeline.train_args, pipeline.train;"
+            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

@@ -217,7 +217,7 @@ def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
     cfg = arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True)
-    from pipeline.engine import load_ds_config
+    from pipeline.ds_config import load_ds_config
     from pipeline.config import resolve_path
 
     assert not arm_finished(cfg, 2)  # nothing there

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, TrainConfig, load_config, parse_override
-from pipeline.engine import check_batch_triplet, load_ds_config
+from pipeline.ds_config import check_batch_triplet, load_ds_config
 from pipeline.schedule import lr_at, time_progress
 from pipeline.config import OptimConfig
 
