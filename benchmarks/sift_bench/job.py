@@ -88,7 +88,7 @@ def arm_finished(cfg: TrainConfig, world_size: int) -> bool:
 
     run_arm deletes summary.json before the trainer writes config.json, so a summary is always
     the result of the config beside it."""
-    from pipeline.engine import load_ds_config
+    from pipeline.ds_config import load_ds_config
     from pipeline.config import resolve_path
 
     out = Path(cfg.run.output_dir)
