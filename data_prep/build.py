@@ -13,11 +13,14 @@ journal, so a killed run resumes at the first missing shard and produces the sam
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import queue
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -43,6 +46,20 @@ KILL_AT_SHARD_ENV = "SIFT_PREP_KILL_AT_SHARD"
 def _kill_at_shard() -> int | None:
     text = os.environ.get(KILL_AT_SHARD_ENV)
     return int(text) if text else None
+
+
+# Sizes beyond these are typos or misunderstandings, refused before any work.
+MAX_SEQ_LEN = 65536
+MAX_VOCAB_SIZE = 1_000_000
+MAX_WORKERS = 256
+WORKERS_PER_CORE = 4
+# One shard is held in memory (ids as uint32 while packing, then the rows and their .npy bytes).
+MAX_SHARD_BYTES = 1 << 30
+
+
+def max_workers() -> int:
+    """The most --workers accepted: 4 threads a CPU core, and never more than 256."""
+    return min(MAX_WORKERS, WORKERS_PER_CORE * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -79,17 +96,30 @@ class PrepConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 8:
             raise PrepError("--seq-len", f"must be at least 8, got {self.seq_len}")
-        if self.seq_len > 1 << 20:
-            raise PrepError("--seq-len", f"unreasonably large: {self.seq_len}")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise PrepError("--seq-len", f"must be at most {MAX_SEQ_LEN}, got {self.seq_len}")
         if self.vocab_size < 16:
             raise PrepError("--vocab-size", f"must be at least 16, got {self.vocab_size}")
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise PrepError("--vocab-size", f"must be at most {MAX_VOCAB_SIZE}, got {self.vocab_size}")
         f = self.valid_fraction
         if f is not None and not 0.0 <= f < 1.0:
             raise PrepError("--valid-fraction", f"must be in [0, 1), got {f}")
         if self.shard_rows < 1:
             raise PrepError("--shard-rows", f"must be at least 1, got {self.shard_rows}")
+        shard_bytes = self.shard_rows * self.seq_len * 4
+        if shard_bytes > MAX_SHARD_BYTES:
+            raise PrepError("--shard-rows", f"{self.shard_rows} rows x {self.seq_len} tokens x 4 bytes "
+                                            f"= {shard_bytes / 2**30:.1f} GiB, a shard held in memory; "
+                                            f"must be at most 1 GiB (at most "
+                                            f"{MAX_SHARD_BYTES // (self.seq_len * 4)} rows at --seq-len "
+                                            f"{self.seq_len}), got {self.shard_rows}")
         if self.workers < 0:
             raise PrepError("--workers", f"must be >= 1 (or 0 for the default), got {self.workers}")
+        if self.workers > max_workers():
+            raise PrepError("--workers", f"must be at most {max_workers()} ({WORKERS_PER_CORE} x the "
+                                         f"{os.cpu_count() or 1} CPU cores, never above {MAX_WORKERS}), "
+                                         f"got {self.workers}")
         if self.batch_chars < 1:
             raise ValueError("batch_chars must be >= 1")
 
@@ -295,6 +325,98 @@ def held_out(train_sources: list, valid_sources: list) -> list:
     return [s for s in train_sources if s.path is None or s.path.resolve() not in held]
 
 
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_output_placement(out: Path, input_specs: list[str], sources: list[src.Source]) -> None:
+    """The output may not be an input directory, lie inside one, or hold an input file.
+
+    Why: the output's files would become inputs of a rerun, and a failed fresh run removes what
+    it wrote, which must never include an input."""
+    real_out = out.resolve()
+    for d in src.input_directories(input_specs):
+        if _inside(real_out, d.resolve()):
+            where = "is" if real_out == d.resolve() else "is inside"
+            raise PrepError(str(out), f"{where} the input directory {d}; choose an --output "
+                                      "outside the inputs")
+    for s in sources:
+        if s.path is not None and _inside(s.path.resolve(), real_out):
+            raise PrepError(str(out), f"holds the input {s.name}; choose an --output outside the inputs")
+
+
+class OutputLock:
+    """Creates the output directory if needed and holds an exclusive flock on it for the run.
+
+    A second sift-prep into the same output is refused at once instead of writing the same
+    shards and journal. The kernel drops the lock when the process dies (kill -9 included), so a
+    rerun is never locked out. `release(failed=True)` removes the directories this run created
+    while they are still empty (a failure before any output: nothing is left behind)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.fd: int | None = None
+        self.created: Path | None = None  # the topmost directory this run created
+        missing = [p for p in (out, *out.parents) if not os.path.lexists(p)]
+        try:
+            if missing:
+                try:
+                    out.mkdir(parents=True)
+                    self.created = missing[-1]
+                except FileExistsError:  # made by a concurrent run meanwhile: not ours to remove
+                    pass
+            self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        except NotADirectoryError as e:
+            bad = next((p for p in (*reversed(out.parents), out) if p.exists() and not p.is_dir()), out)
+            raise PrepError(str(out), f"cannot create the output: {bad} is not a directory") from e
+        except OSError as e:
+            raise PrepError(str(out), f"cannot create the output directory ({e.strerror or e})") from e
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise PrepError(str(out), "another sift-prep is writing into this output right now; wait "
+                                      "for it to finish or choose another --output") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): go on unlocked
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        if os.fstat(self.fd).st_ino != os.stat(out).st_ino:  # removed and remade meanwhile
+            self.release(failed=False)
+            raise PrepError(str(out), "was replaced while this run started; rerun")
+
+    def check_writable(self) -> None:
+        """Write permission and space for a file, checked before hours of tokenizing."""
+        try:
+            with tempfile.TemporaryFile(dir=self.out, prefix=".sift-prep-probe-"):
+                pass
+        except OSError as e:
+            raise PrepError(str(self.out), f"cannot write into the output directory "
+                                           f"({e.strerror or e})") from e
+
+    def remove_created(self) -> None:
+        """Remove everything this run created (a fresh output that failed)."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+            self.created = None
+
+    def release(self, failed: bool) -> None:
+        if failed and self.created is not None:
+            # Only directories still empty: whatever else is there was written on purpose.
+            p = self.out
+            while True:
+                try:
+                    os.rmdir(p)
+                except OSError:
+                    break
+                if p == self.created:
+                    break
+                p = p.parent
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def prepare(cfg: PrepConfig, log=print) -> dict:
     """Run (or resume, or confirm) data prep into cfg.output; returns the manifest."""
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
@@ -302,11 +424,36 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
     out = cfg.output
     sources = src.resolve_inputs(cfg.inputs) if cfg.inputs else [src.embedded_source()]
     valid_sources = src.resolve_inputs(cfg.valid_inputs, valid_only=True)
-    sources = held_out(sources, valid_sources) + valid_sources
+    train_sources = held_out(sources, valid_sources)
+    if not train_sources:
+        raise PrepError("--valid-input", "every input is also a --valid-input: no training documents")
+    sources = train_sources + valid_sources
+    check_output_placement(out, [*cfg.inputs, *cfg.valid_inputs], sources)
+    try:
+        out_st = os.stat(out)
+    except (FileNotFoundError, NotADirectoryError):  # the latter: OutputLock names the file
+        out_st = None
+    except OSError as e:
+        raise PrepError(str(out), f"cannot access ({e.strerror or e})") from e
+    if out_st is not None and not stat.S_ISDIR(out_st.st_mode):
+        raise PrepError(str(out), "output exists and is not a directory")
     settings = cfg.settings()
     source_entries = [s.fingerprint() for s in sources]
 
+    lock = OutputLock(out)
+    failed = True
+    try:
+        manifest = _prepare_locked(cfg, out, lock, sources, settings, source_entries, progress, log)
+        failed = False
+        return manifest
+    finally:
+        lock.release(failed)
+
+
+def _prepare_locked(cfg, out, lock, sources, settings, source_entries, progress, log) -> dict:
     status, existing = mf.inspect_output(out)
+    if status != "complete":
+        lock.check_writable()
     tmp_root = Path(tempfile.mkdtemp(prefix="sift-prep-"))
     tmp_tok_dir = tmp_root / "tokenizer"
     tmp_tok_dir.mkdir()
@@ -314,6 +461,7 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
         tok, fp = None, None
         if cfg.tokenizer:
             tok = tk.load_tokenizer(cfg.tokenizer)
+            tk.special_token_ids(tok)  # [PAD]/[CLS]/[SEP] present: checked before reading inputs
             # Ask the normalizer rather than trusting a config flag.
             lowercase = bool(tok.normalizer and tok.normalizer.normalize_str("A") == "a")
             if cfg.lowercase is not None and cfg.lowercase != lowercase:
@@ -348,17 +496,16 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
             tok = train(cfg, sources, counter.chars, progress)
             fp = tk.fingerprint_of(tok)
         hf_files = tk.save_hf_async(tok, tmp_tok_dir, cfg.seq_len, settings["lowercase"])
-        return _write(cfg, out, status, existing if reuse else None, sources, settings, source_entries,
-                      tok, fp, (tmp_tok_dir, hf_files), counter, progress, log)
+        return _write(cfg, out, lock, status, existing if reuse else None, sources, settings,
+                      source_entries, tok, fp, (tmp_tok_dir, hf_files), counter, progress, log)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, hf_save,
+def _write(cfg, out, lock, status, state, sources, settings, source_entries, tok, fp, hf_save,
            counter, progress, log) -> dict:
     """Pass 2 and the manifest; a fresh output is removed again if this fails."""
     fresh = status == "fresh"
-    created_dir = not out.exists()
     try:
         specials = tk.special_token_ids(tok)
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -469,8 +616,8 @@ def _write(cfg, out, status, state, sources, settings, source_entries, tok, fp, 
     except PrepError:
         # Bad input found only now (e.g. a file changed between passes): leave no partial output.
         if fresh:
-            if created_dir:
-                shutil.rmtree(out, ignore_errors=True)
+            if lock.created is not None:
+                lock.remove_created()
             else:
                 for p in out.iterdir():
                     shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -6,6 +6,7 @@ Owns argument parsing and the error contract: a PrepError (or a bad flag) prints
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -15,9 +16,24 @@ from data_prep.errors import PrepError
 from data_prep.sources import ReadOptions
 
 
+# Characters that would break "one line" (a file name may hold a newline): shown escaped.
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped ("\\n"), so it stays one line."""
+    return _LINE_BREAKING.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's usage block
-        self.exit(2, f"sift-prep: error: {message}\n")
+        self.exit(2, f"sift-prep: error: {one_line(message)}\n")
+
+
+def _output_path(text: str) -> Path:
+    if not text:  # Path("") is the current directory
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Without INPUT, the embedded State of the Union corpus (1945-2006) is used.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="files, directories (recursive), globs, .gz/.bz2/.xz, JSONL, Parquet, or hf:NAME[:CONFIG]")
-    p.add_argument("--output", "-o", required=True, type=Path, help="output directory")
+    p.add_argument("--output", "-o", required=True, type=_output_path, help="output directory")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", help="existing tokenizer: tokenizer.json, a local directory or a hub name")
     tok.add_argument("--vocab-size", type=int, help="train WordPiece with this vocabulary size (default 8192)")
@@ -58,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     from data_prep.build import PrepConfig
 
+    if not args.text_field:
+        raise PrepError("--text-field", "must not be empty")
     return PrepConfig(
         output=args.output, inputs=tuple(args.inputs), valid_inputs=tuple(args.valid_input),
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size or 8192, seq_len=args.seq_len,
+        tokenizer=args.tokenizer, vocab_size=8192 if args.vocab_size is None else args.vocab_size,
+        seq_len=args.seq_len,
         valid_fraction=args.valid_fraction, lowercase=args.lowercase,
         read=ReadOptions(text_field=args.text_field, encoding_errors=args.encoding_errors,
                          doc_boundary=args.doc_boundary),
@@ -77,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except PrepError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"sift-prep: error: {e.subject}: {e.problem}", file=sys.stderr)
+        print(f"sift-prep: error: {one_line(e.subject)}: {one_line(e.problem)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sift-prep: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -86,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         msg = (str(e).splitlines() or [""])[0]
-        print(f"sift-prep: error: {args.output}: unexpected {type(e).__name__}: {msg} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"sift-prep: error: {one_line(args.output)}: unexpected {type(e).__name__}: "
+              f"{one_line(msg)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -102,11 +102,15 @@ def load_tokenizer(spec: str):
     from tokenizers import Tokenizer
 
     path = Path(spec)
+    looks_local = spec.startswith(("/", "./", "../", "~")) or spec.endswith(".json")
+    if looks_local and not path.exists():  # hub names never look like this: say what is wrong
+        raise PrepError(spec, "no such file or directory")
     if path.is_file():
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
-            raise PrepError(spec, f"not a tokenizers JSON file ({str(e).splitlines()[0]})") from e
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise PrepError(spec, f"not a tokenizers JSON file ({msg})") from e
     else:
         if path.is_dir() and not (path / "tokenizer.json").is_file():
             raise PrepError(spec, "directory has no tokenizer.json (only fast tokenizers are supported)")

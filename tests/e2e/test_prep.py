@@ -1,19 +1,23 @@
 """sift-prep end to end: the real CLI in subprocesses on the real shared corpora."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import lzma
 import os
 import signal
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data_prep import build
+from data_prep import build, sources
+from data_prep import tokenizer as tk
 
 pytestmark = pytest.mark.e2e
 
@@ -241,6 +245,264 @@ def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path):
            {k: v for k, v in tree_bytes(ref).items() if k != "manifest.json"}
     ma, mr = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
     assert without_created(ma) == without_created(mr)
+
+
+def _embedded_texts(n: int) -> list[str]:
+    with lzma.open(sources.EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        return [json.loads(next(f))["text"] for _ in range(n)]
+
+
+def _locked_by(out: Path) -> set[int]:
+    """Pids holding a flock on the directory `out` (from /proc/locks)."""
+    ino = os.stat(out).st_ino
+    pids = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (pid, dev:inode)
+        if "FLOCK" in f and f[f.index("FLOCK") + 4].split(":")[-1] == str(ino):
+            pids.add(int(f[f.index("FLOCK") + 3]))
+    return pids
+
+
+def _wait_for_lock(proc: subprocess.Popen, out: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"sift-prep ended before taking its lock: {proc.stderr.read()}")
+        if out.is_dir() and proc.pid in _locked_by(out):
+            return
+        time.sleep(0.02)
+    raise AssertionError("sift-prep never locked its output")
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "out"
+    args = ["--output", str(out), "--vocab-size", "1000", "--seq-len", "64"]
+    first = subprocess.Popen([sys.executable, "-m", "data_prep", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for_lock(first, out)
+        os.kill(first.pid, signal.SIGSTOP)  # holds the lock for as long as the check takes
+        before = tree_bytes(out)
+        second = prep(*args, check=False, timeout=120)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith(f"sift-prep: error: {out}: another sift-prep is writing")
+        assert tree_bytes(out) == before
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert (out / "manifest.json").is_file()
+    assert "up to date" in prep(*args).stderr  # the lock went with the first process
+
+
+def test_sigkill_during_the_first_pass_then_rerun_is_byte_identical(tmp_path):
+    """Killed while reading and training (before any shard): the rerun starts afresh."""
+    args = ["--vocab-size", "1000", "--seq-len", "64"]
+    ref = tmp_path / "ref"
+    prep("--output", ref, *args)
+    out = tmp_path / "out"
+    killed = subprocess.Popen([sys.executable, "-m", "data_prep", "--output", str(out), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    _wait_for_lock(killed, out)
+    killed.kill()
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    prep("--output", out, *args)
+    assert {k: v for k, v in tree_bytes(out).items() if k != "manifest.json"} == \
+           {k: v for k, v in tree_bytes(ref).items() if k != "manifest.json"}
+    ma, mr = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
+    assert without_created(ma) == without_created(mr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files this process may not read
+
+
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _bound_by_file_modes() -> None:
+    """preexec_fn: the child (and sift-prep it execs) obeys file permission bits.
+
+    Root ignores them through two capabilities; they are dropped from the bounding set, so the
+    exec'd process has them nowhere. Why not setuid(nobody): the interpreter may live where only
+    root can reach it (here /root/.pyenv, under a 0700 /root); uid 0 without the two
+    capabilities meets a mode-000 directory exactly as `nobody` would. Not root: nothing to do."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def unprivileged_prep(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_prep", *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout, env=ENV,
+                          preexec_fn=_bound_by_file_modes)
+
+
+@pytest.fixture
+def locked_tree(tmp_path):
+    """corpus/{a.txt, b/ (mode 000) holding c.txt, d.txt}, secret.txt (mode 000), and a
+    read-only directory; skipped when this process cannot give up its right to read them."""
+    texts = _embedded_texts(4)
+    corpus = tmp_path / "corpus"
+    (corpus / "b").mkdir(parents=True)
+    (corpus / "a.txt").write_text(texts[0])
+    (corpus / "b" / "c.txt").write_text(texts[1])
+    (corpus / "d.txt").write_text(texts[2])
+    secret = tmp_path / "secret.txt"
+    secret.write_text(texts[3])
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    for p in (corpus / "b", secret):
+        p.chmod(0)
+    readonly.chmod(0o555)
+    probe = subprocess.run([sys.executable, "-c", "import os, sys; os.listdir(sys.argv[1])", corpus / "b"],
+                           capture_output=True, text=True, preexec_fn=_bound_by_file_modes)
+    if probe.returncode == 0 or "PermissionError" not in probe.stderr:
+        for p in (corpus / "b", secret, readonly):
+            p.chmod(0o755)
+        pytest.skip("cannot drop the right to read a mode-000 directory (no CAP_SETPCAP here?): "
+                    f"{probe.stderr.strip()[-200:]}")
+    yield tmp_path
+    for p in (corpus / "b", secret, corpus / "e.txt", readonly):
+        if p.exists():
+            p.chmod(0o755)
+
+
+def _one_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("sift-prep: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip()
+
+
+def test_unreadable_inputs_and_outputs_stop_the_run_naming_them(locked_tree):
+    t = locked_tree
+    out = t / "out"
+    small = ["--vocab-size", "300", "--seq-len", "32"]
+    # A directory in the walk that may not be read: once, sift-prep went on without its files.
+    line = _one_line(unprivileged_prep(t / "corpus", "--output", out, *small))
+    assert line == f"sift-prep: error: {t / 'corpus' / 'b'}: cannot read directory (Permission denied)"
+    # The same directory named, a file named, a file found in a walk.
+    line = _one_line(unprivileged_prep(t / "corpus" / "b", "--output", out, *small))
+    assert line == f"sift-prep: error: {t / 'corpus' / 'b'}: cannot read directory (Permission denied)"
+    line = _one_line(unprivileged_prep(t / "secret.txt", "--output", out, *small))
+    assert line == f"sift-prep: error: {t / 'secret.txt'}: cannot read (Permission denied)"
+    (t / "secret.txt").rename(t / "corpus" / "e.txt")
+    (t / "corpus" / "b").chmod(0o755)
+    line = _one_line(unprivileged_prep(t / "corpus", "--output", out, *small))
+    assert line == f"sift-prep: error: {t / 'corpus' / 'e.txt'}: cannot read (Permission denied)"
+    (t / "corpus" / "e.txt").chmod(0o644)
+    assert not out.exists()
+    # Outputs that may not be written: told before any reading or training.
+    line = _one_line(unprivileged_prep(t / "corpus", "--output", t / "readonly" / "out", *small))
+    assert line == f"sift-prep: error: {t / 'readonly' / 'out'}: cannot create the output directory (Permission denied)"
+    line = _one_line(unprivileged_prep(t / "corpus", "--output", t / "readonly", *small))
+    assert line == f"sift-prep: error: {t / 'readonly'}: cannot write into the output directory (Permission denied)"
+    assert not any((t / "readonly").iterdir())
+    # The control: everything readable, the same process runs through and reads all four files.
+    proc = unprivileged_prep(t / "corpus", "--output", out, *small)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert [Path(s["path"]).name for s in m["sources"]] == ["a.txt", "d.txt", "e.txt", "c.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded memory on a line of hundreds of MB
+
+
+# Runs its arguments as a child and prints that child's exit code and peak RSS.
+_MEASURE = """
+import json, os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}))
+"""
+
+
+def _run_measured(args: list, timeout: float) -> tuple[subprocess.CompletedProcess, float, float]:
+    """(finished sift-prep, its peak RSS in MiB, wall seconds).
+
+    Why a go-between process: Linux carries a parent's peak RSS into its child's ru_maxrss across
+    fork and exec, so a direct child of pytest (hundreds of MiB by now) would report at least
+    that; the child of a fresh, small interpreter reports its own peak."""
+    t0 = time.monotonic()
+    go = subprocess.Popen([sys.executable, "-c", _MEASURE, sys.executable, "-m", "data_prep",
+                           *map(str, args), "--no-progress"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    try:
+        out, err = go.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(go.pid, signal.SIGKILL)
+        go.communicate()
+        raise AssertionError(f"sift-prep ran over {timeout} s") from None
+    result = json.loads(out.splitlines()[-1])
+    return subprocess.CompletedProcess(args, result["rc"], "", err), result["maxrss_kb"] / 1024, \
+        time.monotonic() - t0
+
+
+def _word_level_tokenizer(path: Path) -> None:
+    """A real tokenizers tokenizer, one token per whitespace-separated word (unknown ones
+    [UNK]): ten times faster than WordPiece, so the test spends its time reading, and the token
+    count says exactly whether a cut split a word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate([*tk.SPECIAL_TOKENS, "the", "union", "of", "states"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+
+
+def test_a_huge_single_line_is_read_in_bounded_memory(tmp_path_factory):
+    """A 256 MiB plain-text file without a line break: cut into pieces before spaces, never held
+    whole (the old reader kept the line, copying it once a MiB read). As JSONL or a blank-line
+    document that line is refused, by number, instead of allocated."""
+    work = tmp_path_factory.mktemp("huge")
+    try:
+        tok_path = work / "tokenizer.json"
+        _word_level_tokenizer(tok_path)
+        # 1 MiB blocks of 150-character "words" and ordinary ones; spaces between, no line break.
+        words = ("u" * 150 + " the union of states ").encode()
+        block = (words * (2**20 // len(words) + 1))[: 2**20 - 1] + b" "
+        huge = work / "huge.txt"
+        with open(huge, "wb") as f:
+            for _ in range(256):
+                f.write(block)
+        size_mib = huge.stat().st_size / 2**20
+
+        proc, rss, wall = _run_measured([huge, "--output", work / "out", "--tokenizer", tok_path,
+                                         "--valid-fraction", "0"], timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        print(f"\n{size_mib:.0f} MiB single line: sift-prep peak RSS {rss:.0f} MiB, {wall:.1f} s")
+        assert rss < size_mib / 2, f"peak RSS {rss:.0f} MiB for a {size_mib:.0f} MiB line"
+        train = json.loads((work / "out" / "manifest.json").read_text())["splits"]["train"]
+        # Every word whole, none lost: non-pad tokens = the words + the document's [SEP] + a
+        # [CLS] and a closing [SEP] a row.
+        assert train["num_tokens"] - 2 * train["num_sequences"] - 1 == 256 * len(block.split())
+        shutil.rmtree(work / "out")
+
+        proc, rss, _ = _run_measured([huge, "--output", work / "out", "--tokenizer", tok_path,
+                                      "--doc-boundary", "blank-line"], timeout=300)
+        limit = sources.MAX_LINE_CHARS
+        assert _one_line(proc) == f"sift-prep: error: {huge}: line 1: longer than {limit} characters, " \
+            "the most sift-prep reads as a line (--doc-boundary blank-line); refusing to hold it in memory"
+        assert rss < size_mib / 2 and not (work / "out").exists()
+        print(f"the same line in blank-line mode: refused, peak RSS {rss:.0f} MiB")
+
+        jsonl = work / "huge.jsonl"
+        with open(jsonl, "wb") as f:
+            f.write(b'{"text": "short"}\n{"text": "')
+            for _ in range(80):
+                f.write(block)
+            f.write(b'"}\n')
+        proc, rss, _ = _run_measured([jsonl, "--output", work / "out", "--tokenizer", tok_path], timeout=300)
+        assert _one_line(proc).startswith(f"sift-prep: error: {jsonl}: line 2: longer than {limit} characters")
+        assert rss < size_mib / 2 and not (work / "out").exists()
+        print(f"an 80 MiB JSONL record: refused, peak RSS {rss:.0f} MiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,6 +244,83 @@ def test_pieces_tokenize_like_whole_documents(one_file_corpus):
     assert cut == whole
 
 
+@pytest.fixture(scope="module")
+def one_line_text(addresses) -> str:
+    """20 addresses as one 1.5 MB line: words separated by single spaces, a few of them
+    ideographic or no-break spaces, no line break anywhere."""
+    words = " ".join(a["text"] for a in addresses[:20]).split()
+    for i in range(0, len(words), 997):
+        words[i] += "\u3000" if i % 2 else "\xa0"
+    return " ".join(words)
+
+
+def test_an_over_long_line_is_cut_before_whitespace_without_changing_a_token(one_line_text, tmp_path):
+    """Plain text, a blank-line document and a JSONL record: a line longer than a piece is cut
+    into pieces of at most max_piece_chars (it used to stay whole, however long), and the cuts
+    change no token: not for BERT's pre-tokenizer, not for a byte-level one."""
+    from tokenizers import pre_tokenizers
+
+    text = one_line_text
+    (tmp_path / "line.txt").write_text(text)
+    (tmp_path / "line.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    tok = tk.train_wordpiece([text], vocab_size=1000, lowercase=True, raw_chars=set(text),
+                             show_progress=False)
+    whole = tok.encode(text, add_special_tokens=False).ids
+    byte_level = [pre_tokenizers.ByteLevel(add_prefix_space=prefix) for prefix in (False, True)]
+    for name, kw in (("line.txt", {}), ("line.txt", {"doc_boundary": "blank-line"}), ("line.jsonl", {})):
+        (s,) = sources.resolve_inputs([str(tmp_path / name)])
+        pieces = list(sources.iter_pieces(s, sources.ReadOptions(max_piece_chars=5000, **kw)))
+        texts = [p for p, _ in pieces]
+        assert len(pieces) > len(text) // 5000 and max(map(len, texts)) <= 5000, (name, kw)
+        assert [e for _, e in pieces] == [False] * (len(pieces) - 1) + [True]
+        assert "".join(texts) == text
+        assert all(t[0].isspace() for t in texts[1:] if t)  # cut before a space: it opens the next piece
+        cut = [i for e in tok.encode_batch(texts, add_special_tokens=False) for i in e.ids]
+        assert cut == whole, (name, kw)
+        for pre in byte_level:
+            assert [w for t in texts for w, _ in pre.pre_tokenize_str(t)] == \
+                   [w for w, _ in pre.pre_tokenize_str(text)]
+
+
+def test_a_line_without_whitespace_is_cut_at_the_piece_size(tmp_path):
+    path = tmp_path / "one_word.txt"
+    path.write_text("x" * 12345)
+    (s,) = sources.resolve_inputs([str(path)])
+    pieces = list(sources.iter_pieces(s, sources.ReadOptions(max_piece_chars=5000)))
+    assert [(len(p), e) for p, e in pieces] == [(5000, False), (5000, False), (2345, True)]
+
+
+def test_lines_over_the_cap_are_refused_naming_the_line(tmp_path):
+    """JSONL and blank-line input are read a line at a time; a line over the cap is refused
+    before it is joined, also when it spans many 1 MiB chunks."""
+    path = tmp_path / "lines.txt"
+    long = "b" * (3 << 20)
+    path.write_text("a\n" + long + "\nc\n" + "d" * 1500)
+    (s,) = sources.resolve_inputs([str(path)])
+    assert list(sources._lines(s, "strict", max_line_chars=4 << 20)) == ["a\n", long + "\n", "c\n", "d" * 1500]
+    with pytest.raises(PrepError, match=f"line 2: longer than {2 << 20} characters"):
+        list(sources._lines(s, "strict", max_line_chars=2 << 20))
+    path.write_text("a\n" + "e" * 1500)  # the last line, without a line end
+    with pytest.raises(PrepError, match="line 2: longer than 1000 characters"):
+        list(sources._lines(s, "strict", max_line_chars=1000))
+    assert sources.MAX_LINE_CHARS == 64 << 20
+
+
+def test_symbolic_links_in_a_walk_are_followed_once(addresses, tmp_path):
+    """A linked directory is read (it used to be skipped without a word); a link back up the
+    tree does not loop; a file reached twice is read once."""
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    (corpus / "real").mkdir(parents=True)
+    elsewhere.mkdir()
+    (corpus / "real" / "a.txt").write_text(addresses[0]["text"])
+    (elsewhere / "b.txt").write_text(addresses[1]["text"])
+    (corpus / "linked").symlink_to(elsewhere)
+    (corpus / "real" / "again").symlink_to(corpus / "real")
+    (corpus / "up").symlink_to(corpus)
+    found = sources.resolve_inputs([str(corpus)])
+    assert sorted(Path(s.name).resolve() for s in found) == [corpus / "real" / "a.txt", elsewhere / "b.txt"]
+
+
 def test_read_options_checks():
     with pytest.raises(ValueError):
         sources.ReadOptions(encoding_errors="ignore")

@@ -1,0 +1,269 @@
+"""sift-prep against bad input, table-driven: every case ends in exactly one line on stderr,
+`sift-prep: error: <subject>: <problem>`, the right exit code, no traceback, and the output
+directory not created (or, when it existed, unchanged).
+
+The cases run `data_prep.cli.main(argv)` in this process on real files (a few addresses of the
+embedded corpus and damaged copies of them); every one fails before any tokenizer is trained, so
+the whole table takes a few seconds. Cases that need another user, a second process or a kill
+are in tests/e2e/test_prep.py.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+from pathlib import Path
+
+import pytest
+
+from data_prep import build, cli, sources
+
+
+def _write_tokenizer_without_specials(path: Path) -> None:
+    """A real, loadable tokenizers JSON file that lacks [PAD]/[CLS]/[SEP]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "the": 1, "union": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Every input file of the table: good ones (real text) and damaged ones."""
+    r = tmp_path_factory.mktemp("hostile")
+    with lzma.open(sources.EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(3)]
+    text = texts[0]
+    (r / "good.txt").write_text(text, encoding="utf-8")
+    corpus = r / "corpus"
+    corpus.mkdir()
+    for i, t in enumerate(texts):
+        (corpus / f"{i}.txt").write_text(t, encoding="utf-8")
+
+    (r / "empty.txt").write_bytes(b"")
+    (r / "spaces.txt").write_text(" \n\t\n  \n")
+    (r / "nul.txt").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0" + bytes(range(256)) * 4)
+    (r / "late_nul.txt").write_bytes(text.encode()[:20000] + b"\0" + b"more text\n")
+    (r / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"))
+    (r / "cut_utf8.txt").write_bytes("words and a caf\u00e9".encode()[:-1])
+
+    (r / "notjson.jsonl").write_text('{"text": "fine"}\n{"text": unquoted}\n')
+    (r / "nofield.jsonl").write_text(json.dumps({"body": text[:200]}) + "\n")
+    (r / "number.jsonl").write_text(json.dumps({"text": 42}) + "\n")
+    (r / "array.jsonl").write_text(json.dumps([text[:100]]) + "\n")
+    (r / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (r / "bigint.jsonl").write_text('{"text": "x", "n": ' + "7" * 5000 + "}\n")
+    (r / "allempty.jsonl").write_text('{"text": ""}\n{"text": "   "}\n{"text": null}\n')
+
+    (r / "notgzip.txt.gz").write_bytes(text.encode()[:3000])
+    gz = gzip.compress(text.encode())
+    # A valid gzip header and then garbage where the deflate stream should be.
+    (r / "baddeflate.txt.gz").write_bytes(gz[:10] + bytes(range(200, 256)) * 40)
+    (r / "truncated.txt.gz").write_bytes(gz[: len(gz) // 2])
+    (r / "empty.txt.gz").write_bytes(b"")
+    (r / "nothing.txt.gz").write_bytes(gzip.compress(b""))
+    (r / "corrupt.txt.xz").write_bytes(lzma.compress(text.encode())[:40] + b"\xff" * 500)
+    (r / "corrupt.txt.bz2").write_bytes(b"BZh9" + b"\x00\xff" * 300)
+    (r / "truncated.txt.bz2").write_bytes(bz2.compress(text.encode())[:-50])
+
+    (r / "corrupt.parquet").write_bytes(b"PAR1" + text.encode()[:2000])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": [text[:500]]}), r / "nocolumn.parquet")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), r / "ints.parquet")
+
+    (r / "nodocs").mkdir()
+    (r / "nodocs" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (r / "globdirs" / "a").mkdir(parents=True)
+    (r / "globdirs" / "a" / "notes.csv").write_text("a,b\n")
+    os.mkfifo(r / "fifo.txt")
+    os.symlink(r / "gone.txt", r / "dangling.txt")
+    os.symlink(r / "loop.txt", r / "loop.txt")
+    for sub, make in (("danglingdir", lambda d: os.symlink(d / "gone.txt", d / "b.txt")),
+                      ("fifodir", lambda d: os.mkfifo(d / "b.txt"))):
+        d = r / sub
+        d.mkdir()
+        (d / "a.txt").write_text(text)
+        make(d)
+
+    (r / "garbage.json").write_bytes(b"\x00\x01 not a tokenizer at all")
+    (r / "empty.json").write_bytes(b"")
+    (r / "other.json").write_text(json.dumps({"model": {"type": "Nope"}, "version": "1.0"}))
+    (r / "tokdir").mkdir()
+    (r / "tokdir" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    _write_tokenizer_without_specials(r / "nospecials.json")
+    return r
+
+
+def _out_file(out: Path) -> None:
+    out.write_text("not a directory\n")
+
+
+def _out_foreign(out: Path) -> None:
+    out.mkdir()
+    (out / "notes.txt").write_text("somebody's notes\n")
+
+
+def _out_bad_manifest(out: Path) -> None:
+    out.mkdir()
+    (out / "manifest.json").write_text('{"format": "sift-shards", ')
+
+
+def _out_other_manifest(out: Path) -> None:
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+
+
+def _out_bad_state(out: Path) -> None:
+    out.mkdir()
+    (out / ".sift-prep-state.json").write_bytes(b"\xff\xfe not json")
+
+
+OUT_SETUPS = {"file": _out_file, "foreign": _out_foreign, "bad-manifest": _out_bad_manifest,
+              "other-manifest": _out_other_manifest, "bad-state": _out_bad_state}
+
+GOOD = "{root}/good.txt"
+
+# (id, argv with {root} and {out}, expected exit code, words the one line must hold, output setup)
+CASES = [
+    # Paths
+    ("missing-file", ["{root}/nope.txt"], 2, ["{root}/nope.txt", "no such file or directory"], None),
+    ("missing-dir", ["{root}/nope/"], 2, ["nope", "no such file or directory"], None),
+    ("file-as-dir", ["{root}/good.txt/x.txt"], 2, ["good.txt/x.txt", "no such file"], None),
+    ("empty-spec", [""], 2, ["empty input path"], None),
+    ("glob-nothing", ["{root}/*.nothing"], 2, ["*.nothing", "no file matches"], None),
+    ("glob-only-dirs", ["{root}/globdirs/*"], 2, ["globdirs/*", "only directories"], None),
+    ("dir-no-text", ["{root}/nodocs"], 2, ["nodocs", "no text, JSONL or Parquet"], None),
+    ("fifo", ["{root}/fifo.txt"], 2, ["fifo.txt", "not a regular file"], None),
+    ("dev-null", ["/dev/null"], 2, ["/dev/null", "not a regular file"], None),
+    ("dangling-link", ["{root}/dangling.txt"], 2, ["dangling.txt", "broken symbolic link"], None),
+    ("link-loop", ["{root}/loop.txt"], 2, ["loop.txt", "symbolic links"], None),
+    ("dangling-in-dir", ["{root}/danglingdir"], 2, ["danglingdir/b.txt", "broken symbolic link"], None),
+    ("fifo-in-dir", ["{root}/fifodir"], 2, ["fifodir/b.txt", "not a regular file"], None),
+    ("newline-in-name", ["{root}/bad\nname.txt"], 2, ["bad\\nname.txt", "no such file"], None),
+    ("name-too-long", ["{root}/" + "n" * 300 + ".txt"], 2, ["File name too long"], None),
+    ("hf-empty", ["hf:"], 2, ["hf:", "expected hf:NAME"], None),
+    ("valid-input-missing", [GOOD, "--valid-input", "{root}/nope.txt"], 2, ["nope.txt", "no such file"], None),
+    ("all-inputs-valid", [GOOD, "--valid-input", GOOD], 2, ["--valid-input", "no training documents"], None),
+    # Contents
+    ("empty-file", ["{root}/empty.txt"], 2, ["empty.txt", "empty file"], None),
+    ("whitespace-only", ["{root}/spaces.txt"], 2, ["spaces.txt", "no text"], None),
+    ("binary", ["{root}/nul.txt"], 2, ["nul.txt", "binary file"], None),
+    ("nul-after-8k", [GOOD, "{root}/late_nul.txt"], 2, ["late_nul.txt", "binary file"], None),
+    ("invalid-utf8", ["{root}/latin1.txt"], 2, ["latin1.txt", "invalid UTF-8 at byte 3"], None),
+    ("truncated-utf8", ["{root}/cut_utf8.txt"], 2, ["cut_utf8.txt", "truncated character"], None),
+    ("jsonl-not-json", ["{root}/notjson.jsonl"], 2, ["notjson.jsonl", "line 2", "not valid JSON"], None),
+    ("jsonl-no-field", ["{root}/nofield.jsonl"], 2, ["nofield.jsonl", "no 'text' field", "body"], None),
+    ("jsonl-other-field", ["{root}/nofield.jsonl", "--text-field", "content"], 2, ["no 'content' field"], None),
+    ("jsonl-number", ["{root}/number.jsonl"], 2, ["number.jsonl", "is int, not text"], None),
+    ("jsonl-array", ["{root}/array.jsonl"], 2, ["array.jsonl", "expected a JSON object"], None),
+    ("jsonl-too-deep", ["{root}/deep.jsonl"], 2, ["deep.jsonl", "line 1", "not usable JSON"], None),
+    ("jsonl-huge-int", ["{root}/bigint.jsonl"], 2, ["bigint.jsonl", "line 1", "not usable JSON"], None),
+    ("jsonl-all-empty", ["{root}/allempty.jsonl"], 2, ["allempty.jsonl", "no text"], None),
+    ("gz-not-gzip", ["{root}/notgzip.txt.gz"], 2, ["notgzip.txt.gz", "cannot read"], None),
+    ("gz-bad-deflate", ["{root}/baddeflate.txt.gz"], 2, ["baddeflate.txt.gz", "cannot read"], None),
+    ("gz-truncated", ["{root}/truncated.txt.gz"], 2, ["truncated.txt.gz", "cannot read"], None),
+    ("gz-zero-bytes", ["{root}/empty.txt.gz"], 2, ["empty.txt.gz", "empty file"], None),
+    ("gz-of-nothing", ["{root}/nothing.txt.gz"], 2, ["nothing.txt.gz", "no text"], None),
+    ("xz-corrupt", ["{root}/corrupt.txt.xz"], 2, ["corrupt.txt.xz", "cannot read"], None),
+    ("bz2-corrupt", ["{root}/corrupt.txt.bz2"], 2, ["corrupt.txt.bz2", "cannot read"], None),
+    ("bz2-truncated", ["{root}/truncated.txt.bz2"], 2, ["truncated.txt.bz2", "cannot read"], None),
+    ("parquet-corrupt", ["{root}/corrupt.parquet"], 2, ["corrupt.parquet", "cannot read Parquet"], None),
+    ("parquet-no-column", ["{root}/nocolumn.parquet"], 2, ["nocolumn.parquet", "no 'text' column", "body"], None),
+    ("parquet-ints", ["{root}/ints.parquet"], 2, ["ints.parquet", "holds int, not text"], None),
+    # The output directory
+    ("output-is-file", [GOOD], 2, ["{out}", "not a directory"], "file"),
+    ("output-parent-is-file", [GOOD, "--output", "{root}/good.txt/out"], 2, ["good.txt", "not a directory"], None),
+    ("output-is-input-dir", ["{root}/corpus", "--output", "{root}/corpus"], 2, ["is the input directory"], None),
+    ("output-inside-input", ["{root}/corpus", "--output", "{root}/corpus/prep"], 2, ["corpus/prep", "inside the input directory"], None),
+    ("input-inside-output", ["{out}/notes.txt"], 2, ["{out}", "holds the input"], "foreign"),
+    ("output-foreign", [GOOD], 2, ["{out}", "not empty", "no sift-prep output"], "foreign"),
+    ("output-bad-manifest", [GOOD], 2, ["manifest.json", "unreadable JSON"], "bad-manifest"),
+    ("output-other-manifest", [GOOD], 2, ["not a sift-shards manifest"], "other-manifest"),
+    ("output-bad-state", [GOOD], 2, [".sift-prep-state.json", "unreadable JSON"], "bad-state"),
+    ("output-empty", [GOOD, "--output", ""], 2, ["--output", "must not be empty"], None),
+    ("output-missing", [GOOD, "--no-output"], 2, ["--output"], None),
+    # The tokenizer
+    ("tokenizer-garbage", [GOOD, "--tokenizer", "{root}/garbage.json"], 2, ["garbage.json", "not a tokenizers JSON file"], None),
+    ("tokenizer-empty", [GOOD, "--tokenizer", "{root}/empty.json"], 2, ["empty.json", "not a tokenizers JSON file"], None),
+    ("tokenizer-not-one", [GOOD, "--tokenizer", "{root}/other.json"], 2, ["other.json", "not a tokenizers JSON file"], None),
+    ("tokenizer-missing", [GOOD, "--tokenizer", "{root}/nope/tokenizer.json"], 2, ["nope/tokenizer.json", "no such file"], None),
+    ("tokenizer-dir", [GOOD, "--tokenizer", "{root}/tokdir"], 2, ["tokdir", "has no tokenizer.json"], None),
+    ("tokenizer-no-specials", [GOOD, "--tokenizer", "{root}/nospecials.json"], 2, ["--tokenizer", "lacks the special tokens"], None),
+    # Flags
+    ("tokenizer-and-vocab", [GOOD, "--tokenizer", "x", "--vocab-size", "100"], 2, ["not allowed with"], None),
+    ("lowercase-and-cased", [GOOD, "--lowercase", "--cased"], 2, ["not allowed with"], None),
+    ("seq-len-7", [GOOD, "--seq-len", "7"], 2, ["--seq-len", "at least 8"], None),
+    ("seq-len-huge", [GOOD, "--seq-len", "100000"], 2, ["--seq-len", "at most 65536"], None),
+    ("seq-len-text", [GOOD, "--seq-len", "long"], 2, ["--seq-len", "invalid int"], None),
+    ("vocab-0", [GOOD, "--vocab-size", "0"], 2, ["--vocab-size", "at least 16", "got 0"], None),
+    ("vocab-negative", [GOOD, "--vocab-size", "-5"], 2, ["--vocab-size", "at least 16"], None),
+    ("vocab-huge", [GOOD, "--vocab-size", "2000000"], 2, ["--vocab-size", "at most 1000000"], None),
+    ("workers-negative", [GOOD, "--workers", "-1"], 2, ["--workers", "got -1"], None),
+    ("workers-huge", [GOOD, "--workers", "100000"], 2, ["--workers", f"at most {build.max_workers()}"], None),
+    ("shard-rows-0", [GOOD, "--shard-rows", "0"], 2, ["--shard-rows", "at least 1"], None),
+    ("shard-rows-huge", [GOOD, "--shard-rows", "1000000000"], 2, ["--shard-rows", "at most 1 GiB", "2097152 rows"], None),
+    ("shard-rows-long-seq", [GOOD, "--shard-rows", "20000", "--seq-len", "16384"], 2, ["--shard-rows", "at most 1 GiB"], None),
+    ("valid-fraction-1", [GOOD, "--valid-fraction", "1"], 2, ["--valid-fraction", "[0, 1)"], None),
+    ("valid-fraction-negative", [GOOD, "--valid-fraction", "-0.5"], 2, ["--valid-fraction", "[0, 1)"], None),
+    ("valid-fraction-nan", [GOOD, "--valid-fraction", "nan"], 2, ["--valid-fraction", "got nan"], None),
+    ("text-field-empty", ["{root}/nofield.jsonl", "--text-field", ""], 2, ["--text-field", "must not be empty"], None),
+    ("encoding-errors-bogus", [GOOD, "--encoding-errors", "ignore"], 2, ["--encoding-errors", "invalid choice"], None),
+    ("doc-boundary-bogus", [GOOD, "--doc-boundary", "page"], 2, ["--doc-boundary", "invalid choice"], None),
+    ("unknown-flag", [GOOD, "--vocab", "100", "--frobnicate"], 2, ["unrecognized arguments", "--frobnicate"], None),
+]
+
+
+def tree(path: Path) -> dict[str, bytes] | str | None:
+    """What is at `path`: None, a file's bytes, or every file below a directory."""
+    if not os.path.lexists(path):
+        return None
+    if not path.is_dir():
+        return path.read_bytes().decode("latin-1")
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(path.rglob("*"))}
+
+
+def run_main(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's errors
+        return e.code
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(case, root, tmp_path, capsys):
+    _, argv, code, words, setup = case
+    out = tmp_path / "out"
+    if setup:
+        OUT_SETUPS[setup](out)
+    fill = {"root": str(root), "out": str(out)}
+    argv = [a.format(**fill) for a in argv]
+    if "--output" not in argv and "--no-output" not in argv:
+        argv += ["--output", str(out)]
+    argv = [a for a in argv if a != "--no-output"]
+    named = argv[argv.index("--output") + 1] if "--output" in argv else str(out)
+    watched = [Path(named)] if named else []  # "" is refused before anything is looked at
+    before = {p: tree(p) for p in [*watched, root]}
+
+    got = run_main(argv)
+
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert got == code, err
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("sift-prep: error: ") and "Traceback" not in err, err
+    for w in words:
+        assert w.format(**fill) in lines[0], (w, lines[0])
+    assert {p: tree(p) for p in [*watched, root]} == before, "the output or an input changed"
+    left = [*tmp_path.glob("**/.*.tmp*"), *tmp_path.glob("**/.sift-prep-probe-*"),
+            *root.glob("**/.*.tmp*")]
+    assert not left, f"temporary files left: {left}"
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
