@@ -36,8 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.sift_bench import downstream as bench_downstream
 from benchmarks.sift_bench import report as bench_report
 from data_prep.io_util import free_port, machine_info, write_json_atomic
+from pipeline.cli_util import OneLineParser
 
 REPO = Path(__file__).resolve().parents[2]
 SIFT_POLICIES = ("sift-loss", "sift-entropy", "full-loss")
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     def words(s: str) -> list[str]:
         return [x.strip() for x in s.split(",") if x.strip()]
 
-    p = argparse.ArgumentParser(prog="sift-bench", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="sift-bench", description=__doc__.splitlines()[0])
     from pipeline import __version__
 
     p.add_argument("--version", action="version", version=f"sift-bench {__version__}")
@@ -228,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoke test: bert-tiny, 6 s per arm, f=0.5 expand only (< 3 min)")
     p.add_argument("--timeout-s", type=float, default=None,
                    help="kill a benchmark job that runs longer than this (default: generous)")
+    p.add_argument("--downstream", metavar="DATASET",
+                   help="also judge every arm downstream: export its final checkpoint (sift-export) "
+                        "and fine-tune it on DATASET (sift-finetune: a labeled .csv/.tsv/.jsonl or a "
+                        "directory of class subdirectories); the report puts downstream accuracy "
+                        "beside masked-LM accuracy (default: off)")
+    p.add_argument("--downstream-seeds", default="1,2,3",
+                   help="sift-finetune seeds per arm (default 1,2,3)")
+    p.add_argument("--downstream-args", default="", metavar="FLAGS",
+                   help="more sift-finetune flags, one quoted string, e.g. "
+                        "\"--max-length 128 --truncation left\"")
     return p
 
 
@@ -248,6 +260,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.eval_interval_s is None:
         args.eval_interval_s = args.budget_s / 10
+    if not 0 < args.target_fraction <= 1:
+        p.error(f"--target-fraction must be in (0, 1], got {args.target_fraction}")
     if not (args.budget_s > 0 and args.eval_interval_s > 0):
         p.error("--budget-s and --eval-interval-s must be > 0")
     if args.world_size < 1:
@@ -266,6 +280,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "directory")
     if not Path(args.data, "manifest.json").is_file():
         p.error(f"--data {args.data}: no manifest.json (run sift-prep first)")
+    if args.downstream is not None:  # now, not after hours of training
+        problem = bench_downstream.check(args.downstream, args.downstream_seeds, args.downstream_args)
+        if problem:
+            p.error(problem)
     return args
 
 
@@ -316,7 +334,8 @@ def run_job(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float | N
         try:
             for line in proc.stdout:
                 fh.write(line)
-                if line.startswith(("sift-bench:", "hf-trainer", "arm ", "eval step", "done")):
+                if line.startswith(("sift-bench:", "hf-trainer", "arm ", "eval step", "done",
+                                    "sift-export:", "sift-finetune:")):
                     print("  " + line.rstrip(), flush=True)
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -349,6 +368,7 @@ def run_arms(args: argparse.Namespace, arms: list[Arm], overrides: list[str], wo
     plan = {"recipe": args.recipe, "overrides": overrides, "out_dir": str(work),
             "budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
             "resume": args.resume, "warm_start": args.warm_start,
+            "save_final": args.downstream is not None,  # the weights sift-finetune judges
             "arms": [{"name": a.name, "overrides": a.overrides()} for a in arms]}
     work.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
@@ -472,6 +492,27 @@ def earlier_benchmark(work: Path, out: Path, name: str, allowed: bool) -> str | 
             "--work-dir")
 
 
+def bad_arm_config(args: argparse.Namespace, arms: list["Arm"], overrides: list[str],
+                   work: Path) -> str | None:
+    """Every arm's configuration (recipe, --set, --variant, the harness's settings) as the job
+    will build it, checked now: a bad setting is one line before any job, not a traceback inside
+    one an hour later."""
+    from benchmarks.sift_bench.job import arm_config, warm_start_config
+    from pipeline.config import ConfigError
+
+    plan = {"recipe": args.recipe, "overrides": overrides, "out_dir": str(work),
+            "budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
+            "warm_start": args.warm_start}
+    try:
+        if isinstance(args.warm_start, int):
+            warm_start_config(plan)
+        for arm in arms:
+            arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def bad_warm_start(warm: str | None) -> str | None:
     """A --warm-start CHECKPOINT_DIR that no arm could fork from, said before any job starts."""
     if warm is None or isinstance(warm, int):  # a step count: the warm start is ours
@@ -511,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),
                  *args.overrides, f"data.data_dir={Path(args.data).resolve()}"]
+    problem = bad_arm_config(args, arms, overrides, work)
+    if problem:
+        print(f"sift-bench: error: {problem}", file=sys.stderr)
+        return 2
     seeds = args.seeds or []
     print(f"sift-bench: {len(arms)} arms x {args.budget_s:g} s of training on {args.world_size} "
           f"rank(s){f' x {len(seeds)} seeds' if len(seeds) > 1 else ''}: "
@@ -535,6 +580,12 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
     """Every arm (and the HF baseline) in `work`, then `<name>.json`, `.md` and the PNGs in `out`;
     returns the JSON document."""
     results = run_arms(args, arms, overrides, work)
+    if args.downstream is not None:
+        scores = bench_downstream.run_downstream(
+            [a.name for a in arms], work, args.downstream, args.downstream_seeds,
+            args.downstream_args, run_job, job_env(1), args.timeout_s, args.resume)
+        for name, score in scores.items():
+            results[name]["downstream"] = score
     controls = {a.name: a.control().name for a in arms
                 if a.control() is not None and a.control().name in results}
     analysis = bench_report.analyze(results, args.budget_s, "vanilla", args.target_fraction, controls)
@@ -542,6 +593,9 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
     intervals = bench_report.compare_seeds({name: own}, args.budget_s, controls)
     report = build_report(args, argv, overrides, work, results, analysis, intervals, started)
     report["intervals"] = intervals
+    if args.downstream is not None:
+        report["downstream"] = bench_downstream.section(args.downstream, args.downstream_seeds,
+                                                        args.downstream_args, results)
 
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{name}.json"
@@ -558,6 +612,8 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
                   f"{_ratio_text(report['hf_trainer_tokens_per_s_ratio'])}.\n")
     table += ("\nWhere the time went (means over the logged training windows; scoring = the exit or "
               "full-model pass over the candidates):\n\n" + bench_report.diagnostics_table(results))
+    if "downstream" in report:
+        table += "\n" + bench_downstream.table(report["downstream"])
     (out / f"{name}.md").write_text(table)
     plots = bench_report.write_plots(results, analysis, out, name)
     print(table)
@@ -610,10 +666,13 @@ def write_seed_summary(args: argparse.Namespace, argv: Sequence[str],
         "intervals": intervals,
         "across_seeds": agg,
         "per_seed_reports": {s: f"{args.name}_seed{s}.json" for s in reports},
+        "downstream": bench_downstream.across_seeds(reports),
     }
     write_json_atomic(out / f"{args.name}.json", doc)
     table = (_headline_text(doc) + bench_report.intervals_table(intervals)
              + "\nFirst crossings of the raw curves, per seed:\n\n" + bench_report.seeds_table(agg))
+    if doc["downstream"]:
+        table += "\n" + bench_downstream.seeds_table(doc["downstream"])
     (out / f"{args.name}.md").write_text(
         table + "\nEach seed's full table: " + ", ".join(f"`{args.name}_seed{s}.md`" for s in reports)
         + ".\n")

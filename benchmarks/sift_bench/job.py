@@ -6,7 +6,8 @@
 is `pipeline.run.run` exactly as users call it, with a training-time budget, evaluation every
 `eval_interval_s` of training time (`eval.every_s`: the trainer's clock stops while evaluating)
 and, when the recipe decays the LR without a step horizon, a decay that ends at the budget. Each
-arm writes `<out>/arms/<name>/summary.json` and `metrics.jsonl`. Running the arms in one job saves
+arm writes `<out>/arms/<name>/summary.json` and `metrics.jsonl` (and, when the plan says
+`save_final`, its final checkpoint in `checkpoints/`). Running the arms in one job saves
 the launcher and DeepSpeed start-up (seconds each on 2 cores) and keeps them on the same ranks.
 """
 from __future__ import annotations
@@ -33,6 +34,11 @@ HARNESS_OVERRIDES = (
 )
 
 
+# With `sift-bench --downstream` every arm keeps its final weights, one checkpoint, for
+# `sift-export` and `sift-finetune` after the job.
+SAVE_FINAL_OVERRIDES = ("checkpoint.at_end=true", "checkpoint.keep_last=1")
+
+
 def arm_config(plan: dict[str, Any], arm: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of one arm: recipe < plan overrides < arm overrides < harness settings.
     Under a warm start the arm forks from its checkpoint and skips warmup (the optimizer state
@@ -41,6 +47,7 @@ def arm_config(plan: dict[str, Any], arm: dict[str, Any]) -> TrainConfig:
     fork = warm_start_source(plan)
     return load_config(plan.get("recipe"), [
         *plan.get("overrides", []), *arm.get("overrides", []), *HARNESS_OVERRIDES,
+        *(SAVE_FINAL_OVERRIDES if plan.get("save_final") else ()),
         f"budget.wall_time_s={float(plan['budget_s'])}",
         f"eval.every_s={float(plan['eval_interval_s'])}", f"run.output_dir={out}",
         *([f'checkpoint.init_from="{fork}"', "optim.warmup_steps=0"] if fork else [])])

@@ -1,0 +1,229 @@
+"""Hostile inputs to sift-train, sift-export and sift-bench: each bad input ends in one line on
+stderr naming the problem, exit code 2, no traceback, and nothing written or changed on disk.
+
+The cases run in-process (each script's `main(argv)`), so the table costs seconds. sift-prep has
+its own table (tests/unit/test_prep_hostile.py); inputs that need a live process group or a
+trained checkpoint (bad shards, damaged or unfit checkpoints, busy directories) are end-to-end
+tests in tests/e2e/test_preflight.py and tests/e2e/test_export_safety.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# ---- the workspace every case may name: written once, compared before and after each case
+
+DS_OK = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+         "zero_optimization": {"stage": 0}}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_corpus) -> Path:
+    w = tmp_path_factory.mktemp("hostile")
+    (w / "data").symlink_to(tiny_corpus)  # a real prepared corpus, never written to
+    (w / "bad.toml").write_text("[optim\nlr = 1\n")
+    (w / "latin1.toml").write_bytes("[run]\nseed = 1 # caf\xe9\n".encode("latin-1"))
+    (w / "list.toml").write_text("optim = [1, 2]\n")
+    (w / "empty_dir").mkdir()
+    ds = {"ok": DS_OK,
+          "both": {**DS_OK, "bf16": {"enabled": True}, "fp16": {"enabled": True}},
+          "stage5": {**DS_OK, "zero_optimization": {"stage": 5}},
+          "stage_str": {**DS_OK, "zero_optimization": {"stage": "two"}},
+          "bf16_bool": {**DS_OK, "bf16": True},
+          "optimizer": {**DS_OK, "optimizer": {"type": "Adam"}},
+          "scheduler": {**DS_OK, "scheduler": {"type": "WarmupLR"}},
+          "mismatch": {**DS_OK, "train_batch_size": 999},
+          "no_batch": {"zero_optimization": {"stage": 0}},
+          "neg_micro": {**DS_OK, "train_micro_batch_size_per_gpu": -4},
+          "list": [1, 2, 3]}
+    for name, body in ds.items():
+        (w / f"ds_{name}.json").write_text(json.dumps(body))
+    (w / "ds_notjson.json").write_text("{oops")
+    (w / "ds_latin1.json").write_bytes(b'{"x": "\xe9"}')
+    ckpt = w / "ckpt_bad_latest"
+    ckpt.mkdir()
+    (ckpt / "latest").write_text("step_00000042\n")
+    broken = w / "ckpt_bad_state" / "step_00000001"
+    broken.mkdir(parents=True)
+    (broken / "sift_state.json").write_text("{not json")
+    (w / "ckpt_bad_state" / "latest").write_text("step_00000001\n")
+    (w / "a_file").write_text("x")
+    (w / "busy_export").mkdir()
+    (w / "busy_export" / "notes.txt").write_text("mine")
+    return w
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and "data" not in p.parts[len(root.parts):][:1]}
+
+
+def run_main(program: str, argv: list[str]) -> int:
+    if program == "sift-train":
+        from pipeline.train import main
+    elif program == "sift-export":
+        from pipeline.export_cli import main
+    else:
+        from benchmarks.sift_bench.cli import main
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's exit (usage errors)
+        return int(exc.code or 0)
+
+
+T = "sift-train"
+D = "--set data.data_dir={ws}/data"
+TRAIN = [
+    # (extra argv, expected words)
+    ("", "data.data_dir is required"),
+    (D + " foo.bar=1", "unknown section [foo]"),
+    (D + " optim.lrr=1", "unknown key 'optim.lrr'"),
+    (D + " optim.lr=-1", "optim.lr must be > 0"),
+    (D + " optim.lr=abc", "optim.lr: expected a number"),
+    (D + " optim.lr=nan", "optim.lr must be > 0"),
+    (D + " optim.lr=inf", "optim.lr must be > 0"),
+    (D + " optim.lr=true", "optim.lr: expected a number"),
+    (D + " optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
+    (D + " optim.warmup_steps=1.5", "optim.warmup_steps: expected an integer"),
+    (D + " optim.decay=exp", "optim.decay must be linear, cosine or constant"),
+    (D + " optim.betas=[0.9]", "optim.betas: expected 2 values"),
+    (D + " optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1)"),
+    (D + " optim.eps=0", "optim.eps must be > 0"),
+    (D + " optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1]"),
+    (D + " optim.decay_steps=0", "optim.decay_steps must be > 0"),
+    (D + " optim.decay_steps=10 optim.decay_time_s=5", "both set"),
+    (D + " optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    (D + " optim.max_nonfinite_in_row=0", "optim.max_nonfinite_in_row must be >= 1"),
+    (D + " masking.rate=0", "masking.rate must be in (0, 1)"),
+    (D + " masking.rate=1.5", "masking.rate must be in (0, 1)"),
+    (D + " masking.mask_prob=0.9 masking.random_prob=0.2", "sum to <= 1"),
+    (D + " masking.whole_word=yes", "masking.whole_word: expected true or false"),
+    (D + " model.preset=bert-huge", "model.preset must be one of"),
+    (D + " model.exit_layer=0", "model.exit_layer must be an int >= 1"),
+    (D + " model.exit_head=both", "model.exit_head must be one of"),
+    (D + " model.hidden_dropout=1.0", "model.hidden_dropout must be in [0, 1)"),
+    (D + " model.attention_dropout=-0.1", "model.attention_dropout must be in [0, 1)"),
+    (D + " model.exit_loss_weight=-1", "model.exit_loss_weight must be finite and >= 0"),
+    (D + " model.init_from=some/dir model.preset=bert-base", "unset model.preset"),
+    (D + " model.init_from=some/dir model.max_positions=512", "unset model.max_positions"),
+    (D + " model.max_positions=0", "model.max_positions must be an int >= 1"),
+    (D + " model.init_from=x checkpoint.init_from=y", "not both"),
+    (D + " selection.policy=bogus", "selection.policy"),
+    (D + " selection.fraction=0", "selection.fraction"),
+    (D + " selection.fraction=1.5", "selection.fraction"),
+    (D + " selection.scope=bogus", "selection.scope"),
+    (D + " budget.steps=0", "budget.steps"),
+    (D + " eval.batch_size=0", "eval.batch_size must be >= 1"),
+    (D + " eval.every_steps=-1", "eval.every_steps must be >= 0"),
+    (D + " eval.max_samples=0", "eval.max_samples must be >= 1"),
+    (D + " checkpoint.every_steps=-1", "checkpoint.every_steps must be >= 0"),
+    (D + " checkpoint.keep_last=-1", "checkpoint.keep_last must be >= 0"),
+    (D + " checkpoint.verify=md5", "checkpoint.verify must be sample or sha256"),
+    (D + " logging.every_steps=0", "logging.every_steps must be >= 1"),
+    (D + " run.seed=-1", "run.seed must be in [0, 2**63)"),
+    (D + " run.dist_timeout_s=0", "run.dist_timeout_s must be > 0"),
+    (D + ' run.output_dir=""', "run.output_dir must not be empty"),
+    (D + " data.verify=full", "data.verify must be size or sha256"),
+    (D + " data.prefetch=-1", "data.prefetch must be >= 0"),
+    (D + " optim.decay=linear budget.steps=none budget.samples=1000", "optim.decay needs a horizon"),
+    (D + " budget.steps=none", "budget: set at least one of"),
+    ("--set optim.lr", "--set expects section.key=value"),
+    ("--set a.b.c=1", "--set key must be section.key"),
+    ("--set =1", "--set expects section.key=value"),
+    ("--config {ws}/missing.toml", "config file not found"),
+    ("--config {ws}/empty_dir", "config file not found"),
+    ("--config {ws}/bad.toml", "not valid TOML"),
+    ("--config {ws}/latin1.toml", "not UTF-8 text"),
+    ("--config {ws}/list.toml " + D, "[optim] must be a table"),
+    (D + " run.ds_config={ws}/missing.json", "DeepSpeed config not found"),
+    (D + " run.ds_config={ws}/ds_both.json", "bf16 and fp16 are both enabled"),
+    (D + " run.ds_config={ws}/ds_stage5.json", "zero_optimization.stage must be 0, 1, 2 or 3"),
+    (D + " run.ds_config={ws}/ds_stage_str.json", "zero_optimization.stage must be 0, 1, 2 or 3"),
+    (D + " run.ds_config={ws}/ds_bf16_bool.json", "'bf16' must be an object"),
+    (D + " run.ds_config={ws}/ds_list.json", "must be a JSON object"),
+    (D + " run.ds_config={ws}/ds_optimizer.json", "remove the 'optimizer' block"),
+    (D + " run.ds_config={ws}/ds_scheduler.json", "remove the 'scheduler' block"),
+    (D + " run.ds_config={ws}/ds_mismatch.json", "inconsistent batch sizes"),
+    (D + " run.ds_config={ws}/ds_no_batch.json", "set train_micro_batch_size_per_gpu"),
+    (D + " run.ds_config={ws}/ds_neg_micro.json", "must be a positive integer"),
+    (D + " run.ds_config={ws}/ds_notjson.json", "not valid JSON"),
+    (D + " run.ds_config={ws}/ds_latin1.json", "not valid JSON"),
+    (D + " run.ds_config={ws}/empty_dir", "DeepSpeed config not found"),
+    (D + " run.ds_config={ws}/ds_ok.json --deepspeed_config ds_configs/cpu_zero2_fp32.json",
+     "name different DeepSpeed configs"),
+    ("--bogus-flag", "unrecognized arguments: --bogus-flag"),
+    ("--resume", "expected one argument"),
+    ("--config", "expected one argument"),
+]
+EXPORT = [
+    ("{ws}/missing {ws}/out", "no such checkpoint directory"),
+    ("{ws}/empty_dir {ws}/out", "neither a checkpoint directory"),
+    ("{ws}/a_file {ws}/out", "neither a checkpoint directory"),
+    ("{ws}/ckpt_bad_latest {ws}/out", "is missing (checkpoint directory damaged)"),
+    ("{ws}/ckpt_bad_state {ws}/out", "unreadable client state"),
+    ("{ws}/ckpt_bad_state {ws}/busy_export", "not empty (1 entries)"),
+    ("{ws}/ckpt_bad_state {ws}/ckpt_bad_state/export", "inside (or holding) the checkpoint directory"),
+    ("{ws}/ckpt_bad_state {ws}/a_file", "exists and is not a directory"),
+    ("{ws}/missing", "the following arguments are required: out"),
+    ("", "the following arguments are required: checkpoint, out"),
+    ("{ws}/missing {ws}/out --verify md5", "invalid choice: 'md5'"),
+    ("{ws}/missing {ws}/out --bogus", "unrecognized arguments: --bogus"),
+]
+B = "--data {ws}/data --no-hf-baseline --work-dir {ws}/bench_work --out {ws}/bench_out"
+BENCH = [
+    ("", "the following arguments are required: --data"),
+    ("--data {ws}/missing", "no manifest.json"),
+    ("--data {ws}/empty_dir", "no manifest.json"),
+    (B + " --policies bogus", "bogus"),
+    (B + " --fractions 0", "fraction"),
+    (B + " --fractions 2", "fraction"),
+    (B + " --fractions x", "invalid"),
+    (B + " --pools bogus", "bogus"),
+    (B + " --exit-layers 0", "exit"),
+    (B + " --exit-heads bogus", "bogus"),
+    (B + " --seeds x", "invalid"),
+    (B + " --budget-s 0", "budget"),
+    (B + " --budget-s -5", "budget"),
+    (B + " --world-size 0", "world"),
+    (B + " --warm-start 0", "--warm-start"),
+    (B + " --warm-start {ws}/empty_dir", "--warm-start"),
+    (B + " --warm-start {ws}/missing", "--warm-start"),
+    (B + " --warm-start {ws}/ckpt_bad_latest", "is missing (checkpoint directory damaged)"),
+    (B + " --recipe {ws}/missing.toml", "config file not found"),
+    (B + " --recipe {ws}/bad.toml", "not valid TOML"),
+    (B + " --variant x optim.lrr=1", "unknown key 'optim.lrr'"),
+    (B + " --set optim.lr=-1", "optim.lr must be > 0"),
+    (B + " --target-fraction 1.5", "target"),
+    (B + " --eval-interval-s 0", "eval"),
+]
+CASES = ([(T, *c) for c in TRAIN] + [("sift-export", *c) for c in EXPORT]
+         + [("sift-bench", *c) for c in BENCH])
+
+
+def test_the_table_is_large():
+    assert len(CASES) >= 100 - 30  # with tests/unit/test_prep_hostile.py's table: well over 100
+
+
+@pytest.mark.parametrize("program, argv, words", CASES,
+                         ids=[f"{p}:{a[:60]}" for p, a, _ in CASES])
+def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(program, argv, words, ws, capsys,
+                                                            monkeypatch):
+    monkeypatch.chdir(ws)  # a default output directory would land here: the snapshot sees it
+    import benchmarks.sift_bench.cli as bench_cli
+
+    def no_job(*args, **kwargs):  # a tripwire, not a stand-in: the input got past every check
+        raise AssertionError("a benchmark job started: the bad input was not refused up front")
+
+    monkeypatch.setattr(bench_cli, "run_job", no_job)
+    before = snapshot(ws)
+    code = run_main(program, [a.replace("{ws}", str(ws)) for a in argv.split()] if argv else [])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, err[-2000:])
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith(f"{program}: ") and words in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert snapshot(ws) == before
