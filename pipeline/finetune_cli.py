@@ -73,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sift-finetune: error: {exc}", file=sys.stderr)
         return 1
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    problem = unwritable_output(args.output)
+    if problem:  # now, not after an hour of fine-tuning
+        print(f"sift-finetune: error: --output {args.output}: {problem}", file=sys.stderr)
+        return 2
     try:
         settings = FinetuneSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                     max_length=args.max_length, weight_decay=args.weight_decay,
@@ -113,6 +117,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(json.dumps(report, indent=2))
     return 0
+
+
+def unwritable_output(path: str | None) -> str | None:
+    """Why the report could not be written to `path` (None: it can, or there is no --output)."""
+    if path is None:
+        return None
+    import tempfile
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        return "is a directory; name a file"
+    if not out.parent.is_dir():
+        return f"no such directory {out.parent}"
+    try:
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        return f"cannot write in {out.parent} ({exc.strerror or exc})"
+    return None
 
 
 def _interval(s: dict) -> str:

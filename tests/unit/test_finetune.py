@@ -289,6 +289,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         ((good, two_class_csv(tmp_path)), "no tokenizer (tokenizer.json or vocab.txt); pass --tokenizer DIR"),
         ((good, two_class_csv(tmp_path), "--tokenizer", word_vocab(tmp_path, ["q"])), "maps 100% of the training tokens to [UNK]"),
         ((good, tmp_path / "d.parquet"), "unknown extension '.parquet'"),
+        ((good, two_class_csv(tmp_path), "--output", tmp_path / "no" / "r.json"), "no such directory"),
+        ((good, two_class_csv(tmp_path), "--output", tmp_path), "is a directory; name a file"),
         ((foreign, two_class_csv(tmp_path), "--tokenizer", x_words, "--epochs", "1"),
          "weight(s) of the model its config.json describes are not in its weights file "
          "(e.g. bert.encoder.layer.1."),
