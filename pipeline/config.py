@@ -67,7 +67,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check(bool(self.data_dir), "data.data_dir is required (the sift-prep output directory)")
-        _check(self.prefetch >= 0, "data.prefetch must be >= 0")
+        _check(0 <= self.prefetch <= 64, f"data.prefetch must be in [0, 64] (batches held ahead), got {self.prefetch}")
         _check(self.verify in ("size", "sha256"), f"data.verify must be size or sha256, got {self.verify!r}")
 
 

@@ -251,7 +251,13 @@ def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: Sh
         writer.text("config", to_toml(cfg))
         writer.text("deepspeed", json.dumps(ds_config, indent=2))
         trainer.plain_progress = cfg.logging.progress_bar and not bar
+        start_step = trainer.state.step
         summary = trainer.train()
+        if resume_from is not None and summary["steps"] == start_step and (out_dir / "summary.json").is_file():
+            # A finished run resumed again trained nothing: its summary (throughput included,
+            # which no checkpoint holds) stays the one its training wrote.
+            writer.message(f"nothing left to train at step {start_step}: {out_dir / 'summary.json'} kept")
+            return summary
         writer.summary(summary)
         writer.message(f"done ({summary['stop_reason']}): {summary['steps']} steps, accuracy "
                        f"{_fmt(summary['accuracy_before'])} -> {_fmt(summary['accuracy_after'])}")

@@ -50,6 +50,13 @@ HISTORIES = ("none", "mean")
 DRAWS = ("top-k", "sample")
 
 
+# Sizes beyond these are typos, refused rather than allocated: the loss history holds 16 bytes a
+# slot (4 GiB at the limit), and an expand pool loads micro_batch / fraction candidates a step.
+MAX_HISTORY_SIZE = 1 << 28
+MAX_HISTORY_VISITS = 1 << 20
+MIN_EXPAND_FRACTION = 1 / 256
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
     """The selection section: which samples of a candidate pool get the full forward+backward."""
@@ -151,10 +158,14 @@ class SelectionConfig:
             raise ValueError(f"selection.token_ema_rate must be in (0, 1], got {self.token_ema_rate!r}")
         if self.history not in HISTORIES:
             raise ValueError(f"selection.history must be one of {HISTORIES}, got {self.history!r}")
-        for name in ("history_size", "history_visits"):
+        for name, most in (("history_size", MAX_HISTORY_SIZE), ("history_visits", MAX_HISTORY_VISITS)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"selection.{name} must be an int >= 1, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                raise ValueError(f"selection.{name} must be an int in [1, {most}], got {v!r}")
+        if self.pool == "expand" and self.fraction < MIN_EXPAND_FRACTION:
+            raise ValueError(f"selection.fraction {self.fraction!r} with pool = 'expand' loads and scores "
+                             f"more than {round(1 / MIN_EXPAND_FRACTION)} candidates per trained row; "
+                             f"use at least {MIN_EXPAND_FRACTION} or pool = 'shrink'")
         if self.history != "none" and scoring_for(self.policy).scorer not in ("exit", "full"):
             raise ValueError(f"selection.history = {self.history!r} averages model scores; policy "
                              f"{self.policy!r} has none")

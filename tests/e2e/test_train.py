@@ -110,6 +110,13 @@ def test_exact_resume(runs, recipe, data_dir, tmp_path, stage):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert summary(out)["global_sample_position"] == summary(full)["global_sample_position"]
+    if stage == 2:
+        # The finished run resumed once more trains nothing and keeps its summary as written.
+        before = (out / "summary.json").read_bytes()
+        again = run_train(2, recipe, data_dir, out, f"run.ds_config=ds_configs/cpu_zero{stage}_fp32.json",
+                          f"checkpoint.dir={ckpt}", resume="auto")
+        assert "nothing left to train at step 6" in again.stdout + again.stderr
+        assert (out / "summary.json").read_bytes() == before
 
 
 def test_whole_word_masking_trains_and_resumes_exactly(runs, recipe, data_dir, tmp_path):
