@@ -584,8 +584,8 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], arms: list[Arm]
         scores = bench_downstream.run_downstream(
             [a.name for a in arms], work, args.downstream, args.downstream_seeds,
             args.downstream_args, run_job, job_env(1), args.timeout_s, args.resume)
-        for name, score in scores.items():
-            results[name]["downstream"] = score
+        for arm_name, score in scores.items():
+            results[arm_name]["downstream"] = score
     controls = {a.name: a.control().name for a in arms
                 if a.control() is not None and a.control().name in results}
     analysis = bench_report.analyze(results, args.budget_s, "vanilla", args.target_fraction, controls)

@@ -220,13 +220,21 @@ def test_seeds_run_the_benchmark_once_per_seed_and_report_medians(state_union_sh
     assert sorted(row.split("|")[1].strip() for row in rows) == sorted(arms)
 
 
-def test_warm_start_forks_every_arm_from_one_vanilla_checkpoint(state_union_shards, tmp_path):
+def test_warm_start_forks_every_arm_from_one_vanilla_checkpoint(state_union_shards, shared_data, tmp_path):
     """--warm-start STEPS: one vanilla run, then every arm starts from its checkpoint: each arm's
-    first evaluation is the warm start's last (same weights, same fixed validation masks)."""
+    first evaluation is the warm start's last (same weights, same fixed validation masks).
+    With --downstream every arm's final model is exported and fine-tuned (sift-finetune) on 40
+    movie reviews, and the report puts its accuracy beside the arm's masked-LM accuracy."""
     out, work = tmp_path / "results", tmp_path / "work"
+    reviews = tmp_path / "reviews.jsonl"
+    with reviews.open("w") as f:
+        for label in ("neg", "pos"):
+            for path in sorted((shared_data / "nltk" / "movie_reviews" / label).iterdir())[:20]:
+                f.write(json.dumps({"text": path.read_text(), "label": label}) + "\n")
     cmd = [sys.executable, "-m", "benchmarks.sift_bench.cli", "--quick", "--warm-start", "12",
            "--budget-s", "3", "--policies", "sift-loss,random", "--data", str(state_union_shards),
-           "--out", str(out), "--work-dir", str(work)]
+           "--out", str(out), "--work-dir", str(work), "--downstream", str(reviews),
+           "--downstream-seeds", "1", "--downstream-args", "--epochs 1 --max-length 32"]
     env = bench_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -242,3 +250,13 @@ def test_warm_start_forks_every_arm_from_one_vanilla_checkpoint(state_union_shar
         first = arm["evals"][0]
         assert first["step"] == 0 and first["accuracy"] == warm["accuracy_after"], name
         assert first["loss"] == pytest.approx(warm["loss_after"], rel=1e-9), name
+    downstream = doc["downstream"]["arms"]
+    assert sorted(downstream) == sorted(doc["arms"])
+    for name, d in downstream.items():
+        assert d["mlm_accuracy"] == doc["arms"][name]["accuracy_after"]
+        assert 0 <= d["accuracy"]["mean"] <= 1 and d["num_test"] == 8 and d["majority_accuracy"] == 0.5
+        report = json.loads((work / "arms" / name / "downstream.json").read_text())
+        assert report["runs"][0]["seed"] == 1 and report["settings"]["max_length"] == 32
+        assert (work / "arms" / name / "export" / "model.safetensors").is_file()
+    table = (out / "time_to_accuracy_quick.md").read_text()
+    assert "| arm | final MLM accuracy | downstream accuracy | downstream macro-F1 |" in table
