@@ -264,18 +264,18 @@ class FinetuneSettings:
     "left" keeps its end (where a review's verdict tends to be)."""
 
     def __post_init__(self):
-        if not self.epochs > 0:
-            raise FinetuneError(f"epochs must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise FinetuneError(f"lr must be > 0, got {self.lr}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise FinetuneError(f"epochs must be a finite number > 0, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FinetuneError(f"lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1:
             raise FinetuneError(f"batch size must be >= 1, got {self.batch_size}")
         if self.max_length is not None and self.max_length < 2:
             raise FinetuneError(f"max length must be >= 2 ([CLS] and [SEP]), got {self.max_length}")
         if not 0 <= self.warmup < 1:
             raise FinetuneError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-        if self.weight_decay < 0:
-            raise FinetuneError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise FinetuneError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
         if self.truncation not in ("right", "left"):
             raise FinetuneError(f"truncation must be 'right' or 'left', got {self.truncation!r}")
 

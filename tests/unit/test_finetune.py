@@ -203,7 +203,9 @@ def test_settings_and_seeds_are_checked():
     for bad in ("", "1,x", "1,1"):
         with pytest.raises(FinetuneError):
             parse_seeds(bad)
-    for kw in ({"epochs": 0}, {"lr": -1.0}, {"batch_size": 0}, {"max_length": 1}, {"warmup": 1.0}):
+    for kw in ({"epochs": 0}, {"lr": -1.0}, {"batch_size": 0}, {"max_length": 1}, {"warmup": 1.0},
+               {"epochs": math.inf}, {"lr": math.inf}, {"lr": math.nan}, {"weight_decay": math.nan},
+               {"weight_decay": math.inf}):
         with pytest.raises(FinetuneError):
             FinetuneSettings(**kw)
 
