@@ -162,7 +162,7 @@ def test_configuration_class_errors_are_one_line_and_exit_2(recipe, data_dir, tm
         ((f"data.data_dir={tmp_path / 'nowhere'}",), "nowhere"),
         ((f"run.ds_config={tmp_path / 'missing.json'}",), "DeepSpeed config not found"),
         ((f"run.ds_config={bad_ds}",), "inconsistent batch sizes"),
-        ((f"model.config_file={small}",), "max_position_embeddings 8"),
+        ((f"model.config_file={small}",), "8 position embeddings, fewer than the data's sequence length 64"),
     ]
     for sets, needle in cases:
         proc = run_train(1, recipe, data_dir, tmp_path / "out", *sets, expect_ok=False)
