@@ -105,5 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         comm.destroy_process_group()
 
 
+def cli() -> None:
+    """The `sift-train` / `python -m pipeline.train` entry point: main(), then the exit.
+
+    After an error the process ends with os._exit: a start that failed can leave torch's and
+    gloo's C++ threads behind, and the interpreter's teardown then sometimes aborts ("terminate
+    called without an active exception", SIGABRT), which would turn exit 2 into -6."""
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
