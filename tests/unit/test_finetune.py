@@ -259,6 +259,23 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """sift-finetune's main(argv) in this process (no interpreter start per case), its exit code
+    and output as a CompletedProcess."""
+    import contextlib
+    import io
+
+    from pipeline.finetune_cli import main as finetune_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = finetune_main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's exit (usage errors)
+            code = int(exc.code or 0)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def two_class_csv(tmp_path: Path, classes=("a", "b")) -> Path:
     f = tmp_path / f"d_{''.join(classes)}.csv"
     f.write_text("text,label\n" + "".join(f"x{i},{classes[i % len(classes)]}\n" for i in range(10)))
@@ -299,7 +316,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     ]
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     for args, problem in cases:
-        proc = run_cli(*args)
+        proc = run_in_process(*args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sift-finetune: error: ") and problem in lines[0], \
