@@ -24,13 +24,16 @@ import stat
 import sys
 import tempfile
 import threading
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from data_prep import dedup as dd
 from data_prep import manifest as mf
+from data_prep import parts as pt
 from data_prep import shards as sh
 from data_prep import sources as src
 from data_prep import tokenizer as tk
@@ -92,6 +95,12 @@ class PrepConfig:
     """Characters of text per encode_batch call (bounds memory; large enough to keep threads busy)."""
     progress: bool | None = None
     """tqdm bars on stderr; None = only when stderr is a terminal."""
+    part: pt.Part = field(default_factory=pt.Part)
+    """The slice of the documents this run tokenizes (--num-shards/--shard-index); 1 of 1 = all."""
+    tokenizer_sample: pt.Sample | None = None
+    """Train the tokenizer on a hash-chosen sample of this size; None = on every document."""
+    dedup: str | None = None
+    """"exact": drop documents whose normalized text an earlier document has; None = keep all."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -122,6 +131,11 @@ class PrepConfig:
                                          f"got {self.workers}")
         if self.batch_chars < 1:
             raise ValueError("batch_chars must be >= 1")
+        if self.tokenizer_sample is not None and self.tokenizer:
+            raise PrepError("--tokenizer-sample", "samples text to train a tokenizer; with --tokenizer "
+                                                  "there is none to train, drop one of the two")
+        if self.dedup not in (None, "exact"):
+            raise PrepError("--dedup", f"must be exact, got {self.dedup!r}")
 
     @property
     def effective_valid_fraction(self) -> float:
@@ -146,6 +160,9 @@ class PrepConfig:
             "text_field": self.read.text_field,
             "encoding_errors": self.read.encoding_errors,
             "shard_rows": self.shard_rows,
+            # Only when set: outputs made before these options existed still compare equal.
+            **({"tokenizer_sample": str(self.tokenizer_sample)} if self.tokenizer_sample else {}),
+            **({"dedup": self.dedup} if self.dedup else {}),
         }
 
 
@@ -164,6 +181,22 @@ def split_of(doc: int, valid_only: bool, fraction: float, fallback: int | None) 
     if valid_only or doc == fallback or valid_key(doc) < fraction:
         return "valid"
     return "train"
+
+
+def sample_key(doc: int) -> float:
+    """Like valid_key, independent of it: which documents train the tokenizer (--tokenizer-sample)."""
+    digest = hashlib.sha256(b"sift-prep-sample:%d" % doc).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def fallback_among(keys: np.ndarray, fraction: float) -> int | None:
+    """FallbackPicker's answer over the documents whose valid key is in `keys` ((n,) float64,
+    2.0 for a document the fraction may not pick): for --dedup, where duplicates are known only
+    after the whole scan."""
+    eligible = keys < 2.0
+    if fraction <= 0 or int(eligible.sum()) < 2 or bool((keys < fraction).any()):
+        return None
+    return int(np.argmin(keys))
 
 
 class FallbackPicker:
@@ -259,50 +292,102 @@ class ScanResult:
     """The document sent to valid when the fraction picked none (see fallback_doc)."""
     chars: set[str]
     """Every character of the corpus (the WordPiece trainer needs them up front)."""
+    text_bytes: int = 0
+    """UTF-8 bytes of all text (counted only for --tokenizer-sample in bytes)."""
+    hashes: np.ndarray | None = None
+    """(num_docs,) uint64 normalized-text hash of every document (only with --dedup)."""
+    keep: np.ndarray | None = None
+    """(num_docs,) bool: the first document with its hash (only with --dedup)."""
 
 
 def scan(cfg: PrepConfig, sources: list[src.Source], progress: bool, collect_chars: bool) -> ScanResult:
-    """Pass 1: read and validate every input, count documents, collect characters if asked."""
+    """Pass 1: read and validate every input, count documents, collect characters if asked,
+    hash every document for --dedup. Every node of a sliced run scans all documents, so the
+    split and the duplicate decisions are the same on every node and in a single-node run."""
     result = ScanResult(0, None, set())
-    picker = FallbackPicker(cfg.effective_valid_fraction)
+    fraction = cfg.effective_valid_fraction
+    picker = FallbackPicker(fraction)
+    dedup = cfg.dedup == "exact"
+    hashes, keys = array("Q"), array("d")  # 8 + 8 bytes a document, only with --dedup
+    hasher = dd.DocHasher()
+    count_bytes = cfg.tokenizer_sample is not None and cfg.tokenizer_sample.unit == "bytes"
     with _bar(progress, desc="scan", unit="doc") as bar:
         for p in iter_corpus(sources, cfg.read):
             if collect_chars:
                 result.chars.update(p.text)
+            if count_bytes:
+                result.text_bytes += len(p.text.encode("utf-8", "surrogatepass"))
+            if dedup:
+                hasher.update(p.text)
             if p.ends:
                 result.num_docs += 1
-                if not p.valid_only:
+                if dedup:
+                    hashes.append(hasher.digest())
+                    hasher = dd.DocHasher()
+                    keys.append(2.0 if p.valid_only else valid_key(p.doc))
+                elif not p.valid_only:
                     picker.see(p.doc)
                 bar.update(1)
-    result.fallback = picker.fallback
+    if dedup:
+        result.hashes = np.frombuffer(hashes, dtype=np.uint64)
+        result.keep = dd.first_occurrences(result.hashes)
+        # The fallback is chosen among the documents kept (a dropped one would leave valid empty).
+        result.fallback = fallback_among(np.where(result.keep, np.frombuffer(keys), 2.0), fraction)
+    else:
+        result.fallback = picker.fallback
     return result
 
 
-def train(cfg: PrepConfig, sources: list[src.Source], chars: set[str], progress: bool):
+def training_texts(cfg: PrepConfig, sources: list[src.Source], counter: ScanResult) -> Iterator[str]:
+    """What the tokenizer trains on: every kept document, or with --tokenizer-sample a share of
+    them chosen by a hash of their position (spread over all inputs, the same on every node),
+    stopped once the sample size is reached."""
+    keep, sample = counter.keep, cfg.tokenizer_sample
+    if sample is not None:
+        total = counter.text_bytes if sample.unit == "bytes" else counter.num_docs
+        fraction = sample.amount / max(total, 1)
+    taken, doc, chosen = 0, -1, True
+    for p in iter_corpus(sources, cfg.read):
+        if keep is not None and not keep[p.doc]:
+            continue
+        if sample is not None:
+            if p.doc != doc:
+                doc, chosen = p.doc, sample_key(p.doc) < fraction
+            if not chosen:
+                continue
+            if taken >= sample.amount:
+                return
+            taken += len(p.text.encode("utf-8", "surrogatepass")) if sample.unit == "bytes" else p.ends
+        yield p.text
+
+
+def train(cfg: PrepConfig, sources: list[src.Source], counter: ScanResult, progress: bool):
     """Train WordPiece on a second streaming read of the inputs (already validated by scan)."""
-    return tk.train_wordpiece((p.text for p in iter_corpus(sources, cfg.read)), cfg.vocab_size,
-                              cfg.lowercase is not False, chars, show_progress=progress)
+    return tk.train_wordpiece(training_texts(cfg, sources, counter), cfg.vocab_size,
+                              cfg.lowercase is not False, counter.chars, show_progress=progress)
 
 
-def _verify(out: Path, manifest: dict) -> None:
+def file_sha256(path: Path) -> str | None:
+    """sha256 hex of a file, or None when it is not there."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def _verify(out: Path, manifest: dict, fix: str = "remove the directory to rebuild it") -> None:
     """A complete output is up to date only with its tokenizer and every shard intact."""
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file() or \
             tk.fingerprint(tok_dir) != manifest.get("tokenizer_fingerprint"):
         raise PrepError(str(out), "tokenizer/ is missing or is not the tokenizer the shards were "
-                                  "encoded with (manifest.json's tokenizer_fingerprint); remove the "
-                                  "directory to rebuild it")
+                                  f"encoded with (manifest.json's tokenizer_fingerprint); {fix}")
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            path = out / shard["path"]
-            try:
-                with open(path, "rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
-            except FileNotFoundError:
-                digest = None
-            if digest != shard["sha256"]:
+            if file_sha256(out / shard["path"]) != shard["sha256"]:
                 raise PrepError(str(out), f"{shard['path']} is missing or does not match its sha256 "
-                                          "in manifest.json; remove the directory to rebuild it")
+                                          f"in manifest.json; {fix}")
 
 
 def _clear_temp_files(out: Path) -> None:
@@ -475,7 +560,7 @@ def _prepare_locked(cfg, out, lock, sources, settings, source_entries, progress,
                                           f"{str(existing.get('tokenizer_fingerprint'))[:12]} != {fp[:12]}); "
                                           "choose another --output")
         if existing is not None:
-            why = mf.mismatch(existing, settings, source_entries)
+            why = mf.mismatch(existing, settings, source_entries, cfg.part.entry())
             if why:
                 raise PrepError(str(out), f"{why}; choose another --output or remove it")
         if status == "complete":
@@ -493,13 +578,22 @@ def _prepare_locked(cfg, out, lock, sources, settings, source_entries, progress,
             tok = tk.load_tokenizer(str(out / "tokenizer" / "tokenizer.json"))
             fp = existing["tokenizer_fingerprint"]
         elif not cfg.tokenizer:
-            tok = train(cfg, sources, counter.chars, progress)
+            tok = train(cfg, sources, counter, progress)
             fp = tk.fingerprint_of(tok)
         hf_files = tk.save_hf_async(tok, tmp_tok_dir, cfg.seq_len, settings["lowercase"])
         return _write(cfg, out, lock, status, existing if reuse else None, sources, settings,
                       source_entries, tok, fp, (tmp_tok_dir, hf_files), counter, progress, log)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def write_part_hashes(out: Path, counter: ScanResult, part: pt.Part) -> dict:
+    """DOC_HASHES: the sorted hashes of the documents this part wrote, so that `sift-prep merge`
+    can check that no document is in two parts; returns its manifest entry."""
+    mine = counter.hashes[part.index::part.count][counter.keep[part.index::part.count]]
+    data = sh.npy_bytes(np.unique(mine))
+    write_atomic(out / mf.DOC_HASHES, data)
+    return {"path": mf.DOC_HASHES, "count": int(len(mine)), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _write(cfg, out, lock, status, state, sources, settings, source_entries, tok, fp, hf_save,
@@ -519,7 +613,8 @@ def _write(cfg, out, lock, status, state, sources, settings, source_entries, tok
             _clear_temp_files(out)
             (out / mf.JOURNAL).unlink(missing_ok=True)
             write_json_atomic(out / mf.STATE, {"format": "sift-prep-state", "settings": settings,
-                                                  "sources": source_entries, "tokenizer_fingerprint": fp})
+                                                  "sources": source_entries, "tokenizer_fingerprint": fp,
+                                                  **({"part": cfg.part.entry()} if cfg.part.sliced else {})})
             # tokenizer.json now (a resumed run reuses it); the transformers files at the end.
             if (out / "tokenizer").exists():
                 shutil.rmtree(out / "tokenizer")
@@ -563,13 +658,24 @@ def _write(cfg, out, lock, status, state, sources, settings, source_entries, tok
                 while packers[name].ready():
                     flush(name, *packers[name].take_shard())
 
+        part, keep = cfg.part, counter.keep
+        # Documents of this part: written to each split, dropped as duplicates. Counted over the
+        # whole stream (skipped shards of a resumed run too), so a resume counts the same.
+        counts = {"train": 0, "valid": 0, "duplicates": 0}
+
         def batches() -> Iterator[tuple[list[tuple[str, Piece]], int]]:
             """(pieces to encode with their split, documents passed): runs in the reader thread."""
             batch: list[tuple[str, Piece]] = []
             chars = docs = 0
             for p in iter_corpus(sources, cfg.read):
                 docs += p.ends
+                if not part.holds(p.doc):
+                    continue  # another node's document
+                if keep is not None and not keep[p.doc]:
+                    counts["duplicates"] += p.ends
+                    continue
                 name = split_of(p.doc, p.valid_only, fraction, fallback)
+                counts[name] += p.ends
                 if state["splits"][name]["complete"] or not packers[name].wants(p.doc):
                     continue  # already in shards written by an earlier, killed run
                 batch.append((name, p))
@@ -588,7 +694,7 @@ def _write(cfg, out, lock, status, state, sources, settings, source_entries, tok
             if not state["splits"][name]["complete"]:
                 last = packers[name].finish()
                 flush(name, *(last or (None, None)), complete=True)
-        if not state["splits"]["train"]["shards"]:
+        if not state["splits"]["train"]["shards"] and not part.sliced:  # a part may hold none
             raise PrepError(str(out), "no training documents (every document went to valid)")
 
         hf_dir, hf_future = hf_save
@@ -602,16 +708,24 @@ def _write(cfg, out, lock, status, state, sources, settings, source_entries, tok
             s = state["splits"][name]
             splits[name] = {"num_sequences": sum(x["num_sequences"] for x in s["shards"]),
                             "num_tokens": s["num_tokens"], "shards": s["shards"]}
+        documents = {"seen": sum(counts.values()), **counts}
+        hashes_entry = None
+        if keep is not None and part.sliced:
+            hashes_entry = write_part_hashes(out, counter, part)
         manifest = mf.build_manifest(
             seq_len=cfg.seq_len, dtype=dtype.name, vocab_size=vocab_size,
             lowercase=settings["lowercase"], special_tokens=specials, tokenizer_fingerprint=fp,
-            splits=splits, sources=source_entries, settings=settings)
+            splits=splits, sources=source_entries, settings=settings, documents=documents,
+            part=part.entry(), doc_hashes=hashes_entry)
         write_json_atomic(out / mf.MANIFEST, manifest)
         (out / mf.STATE).unlink()
         (out / mf.JOURNAL).unlink()
         t, v = splits["train"], splits["valid"]
-        log(f"sift-prep: wrote {out}: train {t['num_sequences']} x {cfg.seq_len} "
-            f"({len(t['shards'])} shards), valid {v['num_sequences']} x {cfg.seq_len}, vocab {vocab_size}")
+        what = f" ({part.name()})" if part.sliced else ""
+        dropped = f", {counts['duplicates']} duplicate documents dropped" if keep is not None else ""
+        log(f"sift-prep: wrote {out}{what}: train {t['num_sequences']} x {cfg.seq_len} "
+            f"({len(t['shards'])} shards), valid {v['num_sequences']} x {cfg.seq_len}, "
+            f"vocab {vocab_size}{dropped}")
         return manifest
     except PrepError:
         # Bad input found only now (e.g. a file changed between passes): leave no partial output.

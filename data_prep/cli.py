@@ -6,12 +6,14 @@ Owns argument parsing and the error contract: a PrepError (or a bad flag) prints
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import traceback
 from pathlib import Path
 
 from data_prep import __version__
+from data_prep import parts as pt
 from data_prep.errors import PrepError
 from data_prep.sources import ReadOptions
 
@@ -36,11 +38,33 @@ def _output_path(text: str) -> Path:
     return Path(text)
 
 
+SCALE_HELP = """\
+across nodes:
+  Each node runs the same command with --num-shards N --shard-index i (or --shard-from-env under
+  srun/mpirun, with {index} in --output) and its own --output. Document d (its position in the
+  input order) goes to part d % N: every node reads all inputs and tokenizes only its documents.
+  One tokenizer for all: --tokenizer DIR, or --tokenizer-sample SIZE, which every node trains
+  identically on the same hash-chosen sample. Then
+    sift-prep merge --output MERGED PART_DIR...
+  checks the parts and writes one manifest over them (nothing is copied). The merged data holds
+  exactly the documents, and the train/valid split, of a single-node run with the same flags;
+  only the packing of rows differs (each part packs its own documents, its last row padded).
+
+deduplication:
+  --dedup exact drops every document whose text, with whitespace runs collapsed, an earlier
+  document (in input order, over all inputs) has; sliced runs decide globally, so the merged
+  result has no duplicate across parts either. Counts are in manifest.json's "documents".
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sift-prep",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Corpus -> WordPiece tokenizer -> packed fixed-length token shards + manifest. "
-                    "Without INPUT, the embedded State of the Union corpus (1945-2006) is used.")
+                    "Without INPUT, the embedded State of the Union corpus (1945-2006) is used. "
+                    "`sift-prep merge --help`: joining the parts of a run across nodes.",
+        epilog=SCALE_HELP)
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="files, directories (recursive), globs, .gz/.bz2/.xz, JSONL, Parquet, or hf:NAME[:CONFIG]")
     p.add_argument("--output", "-o", required=True, type=_output_path, help="output directory")
@@ -63,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-boundary", choices=("file", "blank-line"), default="file",
                    help="plain text documents: one per file, or blank-line separated blocks")
     p.add_argument("--shard-rows", type=int, default=16384, help="rows per shard (default 16384)")
+    p.add_argument("--tokenizer-sample", type=pt.parse_sample, metavar="SIZE",
+                   help="train the tokenizer on a sample of about SIZE (100MB, 2GiB, 500000docs) "
+                        "chosen by a hash of each document's position (default: every document)")
+    p.add_argument("--dedup", choices=("exact",), default=None,
+                   help="exact: drop documents whose whitespace-normalized text an earlier one has")
+    p.add_argument("--num-shards", type=int, metavar="N",
+                   help="prepare one of N disjoint slices of the documents (one per node)")
+    p.add_argument("--shard-index", type=int, metavar="I", help="which slice, 0..N-1")
+    p.add_argument("--shard-from-env", action="store_true",
+                   help="take N and I from SLURM_NTASKS/SLURM_PROCID, OMPI_COMM_WORLD_SIZE/RANK or "
+                        "PMI_SIZE/PMI_RANK; --output must hold {index}")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="force progress bars (default: only when stderr is a terminal)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -71,27 +106,79 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def part_from_args(args: argparse.Namespace, environ=os.environ) -> pt.Part:
+    """The slice this run prepares; only --shard-from-env reads the environment (a plain run
+    under srun must not silently prepare a slice)."""
+    if args.shard_from_env:
+        if args.num_shards is not None or args.shard_index is not None:
+            raise PrepError("--shard-from-env", "takes the slice from the launcher; drop "
+                                                "--num-shards and --shard-index")
+        part = pt.part_from_env(environ)
+        if part.sliced and pt.INDEX_PLACEHOLDER not in str(args.output):
+            raise PrepError("--output", f"every task needs its own output directory: put "
+                                        f"{pt.INDEX_PLACEHOLDER} in it (e.g. prep/part-{pt.INDEX_PLACEHOLDER})")
+        return part
+    if (args.num_shards is None) != (args.shard_index is None):
+        given = "--num-shards" if args.shard_index is None else "--shard-index"
+        raise PrepError(given, "--num-shards and --shard-index go together")
+    return pt.Part(args.shard_index or 0, 1 if args.num_shards is None else args.num_shards)
+
+
 def config_from_args(args: argparse.Namespace):
     from data_prep.build import PrepConfig
 
     if not args.text_field:
         raise PrepError("--text-field", "must not be empty")
+    part = part_from_args(args)
     return PrepConfig(
-        output=args.output, inputs=tuple(args.inputs), valid_inputs=tuple(args.valid_input),
+        output=Path(pt.part_output(str(args.output), part)), inputs=tuple(args.inputs), valid_inputs=tuple(args.valid_input),
         tokenizer=args.tokenizer, vocab_size=8192 if args.vocab_size is None else args.vocab_size,
         seq_len=args.seq_len,
         valid_fraction=args.valid_fraction, lowercase=args.lowercase,
         read=ReadOptions(text_field=args.text_field, encoding_errors=args.encoding_errors,
                          doc_boundary=args.doc_boundary),
-        workers=args.workers, shard_rows=args.shard_rows, progress=args.progress)
+        workers=args.workers, shard_rows=args.shard_rows, progress=args.progress, part=part,
+        tokenizer_sample=args.tokenizer_sample, dedup=args.dedup)
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="sift-prep merge",
+        description="One manifest over the parts of a run made with --num-shards N --shard-index "
+                    "0..N-1: checks that every part is complete (a half-written one: rerun its "
+                    "node's command, it resumes), intact (every shard's sha256), made with the same "
+                    "tokenizer, settings and inputs, and that each slice is there exactly once; "
+                    "then writes MERGED/manifest.json, with shard paths relative to MERGED "
+                    "(../part-0/train/...: keep the parts where they are, or move them together), "
+                    "and MERGED/tokenizer/. No shard is copied.")
+    p.add_argument("parts", nargs="*", metavar="PART_DIR", type=_output_path,
+                   help="the parts' output directories")
+    p.add_argument("--output", "-o", required=True, type=_output_path, help="merged directory")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from data_prep.merge import merge
+
+    merge(args.output, list(args.parts), log=lambda msg: print(msg, file=sys.stderr))
+
+
+def _prep(args: argparse.Namespace) -> None:
+    from data_prep.build import prepare
+
+    prepare(config_from_args(args), log=lambda msg: print(msg, file=sys.stderr))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # "merge" as the first word is the subcommand (an input file named merge: write ./merge).
+    if argv[:1] == ["merge"]:
+        args, run = build_merge_parser().parse_args(argv[1:]), _merge
+    else:
+        args, run = build_parser().parse_args(argv), _prep
     try:
-        from data_prep.build import prepare
-
-        prepare(config_from_args(args), log=lambda msg: print(msg, file=sys.stderr))
+        run(args)
         return 0
     except PrepError as e:
         if args.debug:

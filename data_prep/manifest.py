@@ -21,9 +21,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = ".sift-prep-state.json"  # a run in progress: settings, sources, tokenizer fingerprint
 JOURNAL = ".sift-prep-journal.jsonl"  # one line per finished shard, appended (O(1) per shard)
+DOC_HASHES = "doc_hashes.npy"  # a --dedup part's document hashes, for `sift-prep merge`
 SPLITS = ("train", "valid")
 # Settings that decide the trained tokenizer: a change there means "another tokenizer".
-TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "lowercase")
+TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "lowercase", "tokenizer_sample")
 
 
 def empty_split() -> dict:
@@ -98,8 +99,15 @@ def inspect_output(out: Path) -> tuple[str, dict | None]:
     return "fresh", None
 
 
-def mismatch(existing: dict, settings: dict, sources: list[dict]) -> str | None:
+def describe_part(part: dict | None) -> str:
+    """"part 2 of 4" for a manifest's "part" entry; a whole run has none."""
+    return "all documents (no --num-shards)" if part is None else f"part {part['index']} of {part['count']}"
+
+
+def mismatch(existing: dict, settings: dict, sources: list[dict], part: dict | None = None) -> str | None:
     """Why an existing output (manifest or state) cannot be reused for this run, or None."""
+    if existing.get("part") != part:
+        return f"holds {describe_part(existing.get('part'))}, this run is {describe_part(part)}"
     old = existing.get("settings", {})
     tok_diff = [k for k in TOKENIZER_SETTINGS if old.get(k) != settings.get(k)]
     if tok_diff:
@@ -115,8 +123,16 @@ def mismatch(existing: dict, settings: dict, sources: list[dict]) -> str | None:
 
 def build_manifest(*, seq_len: int, dtype: str, vocab_size: int, lowercase: bool,
                    special_tokens: dict, tokenizer_fingerprint: str, splits: dict,
-                   sources: list[dict], settings: dict) -> dict:
-    """The manifest object; `created` is the only field that differs between identical runs."""
+                   sources: list[dict], settings: dict, documents: dict | None = None,
+                   part: dict | None = None, doc_hashes: dict | None = None,
+                   parts: list[dict] | None = None) -> dict:
+    """The manifest object; `created` is the only field that differs between identical runs.
+
+    Keys added since format_version 1 are optional (readers of version 1 ignore them):
+    `documents` {seen, duplicates, train, valid}: counts of documents (of this part);
+    `part` {index, count}: a slice made with --num-shards; `doc_hashes` {path, count, sha256}:
+    a --dedup part's document hashes; `parts`: the parts a `sift-prep merge` output lists."""
+    optional = {"documents": documents, "part": part, "doc_hashes": doc_hashes, "parts": parts}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -131,4 +147,5 @@ def build_manifest(*, seq_len: int, dtype: str, vocab_size: int, lowercase: bool
         "sources": sources,
         "settings": settings,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **{k: v for k, v in optional.items() if v is not None},
     }
