@@ -57,6 +57,13 @@ deduplication:
 """
 
 
+def _sample(text: str) -> pt.Sample:
+    try:
+        return pt.parse_sample(text)
+    except PrepError as e:  # argparse turns only ArgumentTypeError into its one-line error
+        raise argparse.ArgumentTypeError(e.problem) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sift-prep",
@@ -87,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-boundary", choices=("file", "blank-line"), default="file",
                    help="plain text documents: one per file, or blank-line separated blocks")
     p.add_argument("--shard-rows", type=int, default=16384, help="rows per shard (default 16384)")
-    p.add_argument("--tokenizer-sample", type=pt.parse_sample, metavar="SIZE",
+    p.add_argument("--tokenizer-sample", type=_sample, metavar="SIZE",
                    help="train the tokenizer on a sample of about SIZE (100MB, 2GiB, 500000docs) "
                         "chosen by a hash of each document's position (default: every document)")
     p.add_argument("--dedup", choices=("exact",), default=None,

@@ -109,10 +109,8 @@ def check_slices(dirs: list[Path], manifests: list[dict]) -> list[int]:
         index = m["part"]["index"]
         if index in by_index:
             other = dirs[by_index[index]]
-            same = other.resolve() == dirs[i].resolve()
-            raise PrepError(str(dirs[i]), "given twice" if same else
-                            f"claims part {index} of {count}, and so does {other}: two parts "
-                            "with the same --shard-index; keep one of them")
+            raise PrepError(str(dirs[i]), f"claims part {index} of {count}, and so does {other}: "
+                                          "two parts with the same --shard-index; keep one of them")
         by_index[index] = i
     missing = [i for i in range(count) if i not in by_index]
     if missing:
@@ -209,6 +207,11 @@ def merge(out: Path, part_dirs: list[Path], log=print) -> dict:
     """Check the parts, then write OUT/manifest.json over them; returns the merged manifest."""
     if not part_dirs:
         raise PrepError("merge", "no part directories given")
+    seen = set()
+    for d in part_dirs:
+        if d.resolve() in seen:
+            raise PrepError(str(d), "given twice")
+        seen.add(d.resolve())
     fds = []
     try:
         manifests = []

@@ -215,6 +215,26 @@ CASES = [
     ("encoding-errors-bogus", [GOOD, "--encoding-errors", "ignore"], 2, ["--encoding-errors", "invalid choice"], None),
     ("doc-boundary-bogus", [GOOD, "--doc-boundary", "page"], 2, ["--doc-boundary", "invalid choice"], None),
     ("unknown-flag", [GOOD, "--vocab", "100", "--frobnicate"], 2, ["unrecognized arguments", "--frobnicate"], None),
+    # Prep across nodes, deduplication
+    ("num-shards-alone", [GOOD, "--num-shards", "2"], 2, ["--num-shards", "go together"], None),
+    ("shard-index-alone", [GOOD, "--shard-index", "1"], 2, ["--shard-index", "go together"], None),
+    ("shard-index-too-big", [GOOD, "--num-shards", "2", "--shard-index", "2"], 2, ["--shard-index", "[0, 1]", "got 2"], None),
+    ("shard-index-negative", [GOOD, "--num-shards", "2", "--shard-index", "-1"], 2, ["--shard-index", "got -1"], None),
+    ("num-shards-0", [GOOD, "--num-shards", "0", "--shard-index", "0"], 2, ["--num-shards", "got 0"], None),
+    ("shard-from-env-and-flags", [GOOD, "--shard-from-env", "--num-shards", "2", "--shard-index", "0"], 2,
+     ["--shard-from-env", "drop --num-shards"], None),
+    ("tokenizer-sample-bare", [GOOD, "--tokenizer-sample", "100"], 2, ["--tokenizer-sample", "like 100MB"], None),
+    ("tokenizer-sample-unit", [GOOD, "--tokenizer-sample", "10XB"], 2, ["--tokenizer-sample", "'10XB'"], None),
+    ("tokenizer-sample-zero", [GOOD, "--tokenizer-sample", "0docs"], 2, ["--tokenizer-sample", "at least 1"], None),
+    ("tokenizer-sample-loaded", [GOOD, "--tokenizer", "{root}/nospecials.json", "--tokenizer-sample", "1MB"], 2,
+     ["--tokenizer-sample", "drop one of the two"], None),
+    ("dedup-minhash", [GOOD, "--dedup", "minhash"], 2, ["--dedup", "invalid choice"], None),
+    ("merge-no-parts", ["merge"], 2, ["merge", "no part directories given"], None),
+    ("merge-no-such-part", ["merge", "{root}/nope"], 2, ["{root}/nope", "no such directory"], None),
+    ("merge-file-as-part", ["merge", "{root}/good.txt"], 2, ["good.txt", "not a directory"], None),
+    ("merge-not-an-output", ["merge", "{root}/corpus"], 2, ["{root}/corpus", "not a sift-prep output"], None),
+    ("merge-empty-part-name", ["merge", ""], 2, ["PART_DIR", "must not be empty"], None),
+    ("merge-unknown-flag", ["merge", "{root}/corpus", "--dedup", "exact"], 2, ["unrecognized arguments"], None),
 ]
 
 
@@ -237,18 +257,23 @@ def run_main(argv: list[str]) -> int:
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(case, root, tmp_path, capsys):
+    check_one_line(case, {"root": str(root)}, [root], tmp_path, capsys)
+
+
+def check_one_line(case, fill: dict, inputs: list[Path], tmp_path: Path, capsys) -> None:
+    """Run the case; one line, its words, the exit code; the output and `inputs` unchanged."""
     _, argv, code, words, setup = case
     out = tmp_path / "out"
     if setup:
         OUT_SETUPS[setup](out)
-    fill = {"root": str(root), "out": str(out)}
+    fill = {**fill, "out": str(out)}
     argv = [a.format(**fill) for a in argv]
     if "--output" not in argv and "--no-output" not in argv:
         argv += ["--output", str(out)]
     argv = [a for a in argv if a != "--no-output"]
     named = argv[argv.index("--output") + 1] if "--output" in argv else str(out)
     watched = [Path(named)] if named else []  # "" is refused before anything is looked at
-    before = {p: tree(p) for p in [*watched, root]}
+    before = {p: tree(p) for p in [*watched, *inputs]}
 
     got = run_main(argv)
 
@@ -259,10 +284,123 @@ def test_bad_input_is_one_line(case, root, tmp_path, capsys):
     assert lines[0].startswith("sift-prep: error: ") and "Traceback" not in err, err
     for w in words:
         assert w.format(**fill) in lines[0], (w, lines[0])
-    assert {p: tree(p) for p in [*watched, root]} == before, "the output or an input changed"
+    assert {p: tree(p) for p in [*watched, *inputs]} == before, "the output or an input changed"
     left = [*tmp_path.glob("**/.*.tmp*"), *tmp_path.glob("**/.sift-prep-probe-*"),
-            *root.glob("**/.*.tmp*")]
+            *(p for r in inputs for p in r.glob("**/.*.tmp*"))]
     assert not left, f"temporary files left: {left}"
+
+
+LAUNCHER_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "PMI_RANK", "PMI_SIZE")
+ENV_CASES = [
+    ("no-launcher", {}, [GOOD, "--shard-from-env"], ["--shard-from-env", "none of SLURM_PROCID/SLURM_NTASKS"]),
+    ("garbled", {"SLURM_PROCID": "one", "SLURM_NTASKS": "2"}, [GOOD, "--shard-from-env"],
+     ["--shard-from-env", "SLURM_PROCID='one'", "not two integers"]),
+    ("rank-past-size", {"PMI_RANK": "3", "PMI_SIZE": "3"}, [GOOD, "--shard-from-env"], ["--shard-index", "got 3"]),
+    # Every task of srun gets the same command line: one --output would be written by all.
+    ("no-index-in-output", {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, [GOOD, "--shard-from-env"],
+     ["--output", "put {{index}} in it"]),
+]
+
+
+@pytest.mark.parametrize("case", ENV_CASES, ids=[c[0] for c in ENV_CASES])
+def test_the_slice_from_a_bad_launcher_environment_is_one_line(case, root, tmp_path, capsys, monkeypatch):
+    name, env, argv, words = case
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    check_one_line((name, argv, 2, words, None), {"root": str(root)}, [root], tmp_path, capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# sift-prep merge against parts that do not belong together
+
+PART_FLAGS = ["--vocab-size", "200", "--seq-len", "16", "--shard-rows", "64", "--tokenizer-sample",
+              "2docs", "--valid-fraction", "0", "--no-progress"]
+
+
+def _prep(*argv) -> None:
+    assert cli.main([*map(str, argv)]) == 0
+
+
+@pytest.fixture(scope="module")
+def part_sets(root, tmp_path_factory) -> Path:
+    """Real parts of the three-address corpus, and parts that do not fit with them."""
+    import shutil
+    import subprocess
+    import sys
+
+    p = tmp_path_factory.mktemp("parts")
+    corpus = root / "corpus"
+    for i in range(2):
+        _prep(corpus, "-o", p / f"p{i}", *PART_FLAGS, "--num-shards", 2, "--shard-index", i)
+        _prep(corpus, "-o", p / f"d{i}", *PART_FLAGS, "--num-shards", 2, "--shard-index", i, "--dedup", "exact")
+    _prep(corpus, "-o", p / "vocab300", *PART_FLAGS, "--vocab-size", "300", "--num-shards", 2, "--shard-index", 1)
+    _prep(corpus, "-o", p / "seq32", *PART_FLAGS, "--seq-len", "32", "--num-shards", 2, "--shard-index", 1)
+    _prep(corpus, "-o", p / "of3", *PART_FLAGS, "--num-shards", 3, "--shard-index", 1)
+    _prep(corpus, "-o", p / "whole", *PART_FLAGS)
+    # Same loaded tokenizer, other inputs: only the inputs differ.
+    _prep(corpus, "-o", p / "q0", "--tokenizer", p / "p0" / "tokenizer", "--seq-len", "16", "--num-shards", 2,
+          "--shard-index", 0, "--no-progress")
+    _prep(corpus, root / "good.txt", "-o", p / "q1", "--tokenizer", p / "p0" / "tokenizer", "--seq-len", "16",
+          "--num-shards", 2, "--shard-index", 1, "--no-progress")
+    shutil.copytree(p / "p0", p / "p0copy")
+    shutil.copytree(p / "p1", p / "damaged")
+    shard = p / "damaged" / "train" / "shard_000001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    shutil.copytree(p / "d1", p / "d1hashes")
+    (p / "d1hashes" / "doc_hashes.npy").write_bytes(b"")
+    # A node killed after its first shard file (the kill hook of tests/e2e/test_prep.py).
+    killed = subprocess.run([sys.executable, "-m", "data_prep", corpus, "-o", p / "half", *PART_FLAGS,
+                             "--num-shards", "2", "--shard-index", "1"], capture_output=True,
+                            env={**os.environ, build.KILL_AT_SHARD_ENV: "1"})
+    assert killed.returncode == -9, killed.stderr
+    (p / "foreign").mkdir()
+    (p / "foreign" / "notes.txt").write_text("somebody's notes\n")
+    return p
+
+
+P = "{parts}"
+MERGE_CASES = [
+    ("missing-part", ["merge", f"{P}/p0"], 2, ["part 1 of 2", "missing", "given: 0", "--shard-index 1"], None),
+    ("same-slice-twice", ["merge", f"{P}/p0", f"{P}/p0copy", f"{P}/p1"], 2,
+     [f"{P}/p0copy", "claims part 0 of 2", f"so does {P}/p0"], None),
+    ("same-dir-twice", ["merge", f"{P}/p0", f"{P}/p0", f"{P}/p1"], 2, [f"{P}/p0", "given twice"], None),
+    ("other-tokenizer", ["merge", f"{P}/p0", f"{P}/vocab300"], 2,
+     [f"{P}/vocab300", f"another tokenizer than {P}/p0", "tokenizer_fingerprint"], None),
+    ("other-settings", ["merge", f"{P}/p0", f"{P}/seq32"], 2, [f"{P}/seq32", "other settings", "seq_len"], None),
+    ("other-inputs", ["merge", f"{P}/q0", f"{P}/q1"], 2, [f"{P}/q1", "other inputs"], None),
+    ("other-count", ["merge", f"{P}/p0", f"{P}/of3"], 2, [f"{P}/of3", "part 1 of 3", "different runs"], None),
+    ("dedup-and-not", ["merge", f"{P}/p0", f"{P}/d1"], 2, [f"{P}/d1", "other settings", "dedup"], None),
+    ("half-written", ["merge", f"{P}/p0", f"{P}/half"], 2,
+     [f"{P}/half", "half-written part", "--num-shards 2 --shard-index 1", "resumes"], None),
+    ("not-a-part", ["merge", f"{P}/whole"], 2, [f"{P}/whole", "not a part", "--num-shards"], None),
+    ("damaged-shard", ["merge", f"{P}/p0", f"{P}/damaged"], 2,
+     [f"{P}/damaged", "train/shard_000001.npy", "sha256", "rerun that node's command"], None),
+    ("damaged-hashes", ["merge", f"{P}/d0", f"{P}/d1hashes"], 2, [f"{P}/d1hashes", "doc_hashes.npy", "sha256"], None),
+    ("output-is-a-part", ["merge", f"{P}/p0", f"{P}/p1", "--output", f"{P}/p1"], 2, [f"{P}/p1", "is the part"], None),
+    ("output-in-a-part", ["merge", f"{P}/p0", f"{P}/p1", "--output", f"{P}/p0/merged"], 2,
+     ["p0/merged", "inside the part"], None),
+    ("output-foreign", ["merge", f"{P}/p0", f"{P}/p1", "--output", f"{P}/foreign"], 2,
+     [f"{P}/foreign", "holds other files"], None),
+    ("output-whole-run", ["merge", f"{P}/p0", f"{P}/p1", "--output", f"{P}/whole"], 2,
+     [f"{P}/whole", "not a merge"], None),
+]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_bad_merge_is_one_line(case, root, part_sets, tmp_path, capsys):
+    """Each refused merge names the part and what to do; no part and no output changes."""
+    check_one_line(case, {"root": str(root), "parts": str(part_sets)}, [part_sets], tmp_path, capsys)
+
+
+def test_the_parts_of_the_table_do_merge(part_sets, tmp_path):
+    """The good parts of the merge table merge (so each refusal above is about its one fault)."""
+    for a, b in (("p0", "p1"), ("d0", "d1")):
+        assert cli.main(["merge", "--output", str(tmp_path / a), str(part_sets / a), str(part_sets / b)]) == 0
 
 
 def test_the_table_is_big_enough():
