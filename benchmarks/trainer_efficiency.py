@@ -226,7 +226,8 @@ def run_case(args: argparse.Namespace, compile_: bool, data: Path, preset: str, 
     import numpy as np
     import torch
 
-    from pipeline.data import GlobalSampler, train_batch
+    from pipeline.data import train_batch
+    from pipeline.order import KeyedOrder
     from pipeline.flops import forward_flops, peak_flops, train_flops
     from pipeline.model import IGNORE_INDEX
 
@@ -251,7 +252,7 @@ def run_case(args: argparse.Namespace, compile_: bool, data: Path, preset: str, 
         return step
 
     # the plain loop's data: built by the same loader, already on the device
-    sampler = GlobalSampler(len(train_set), cfg_v.run.seed)
+    sampler = KeyedOrder(len(train_set), cfg_v.run.seed)
     n_batches = 4
 
     def on_device(count: int, k: int) -> dict[str, torch.Tensor]:

@@ -50,10 +50,21 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the prepared shards are (the output directory of `sift-prep`)."""
+    """Where the prepared shards are: one `sift-prep` output directory (data_dir), or several
+    trained on as one weighted mixture (sources and weights)."""
 
     data_dir: str = ""
-    """sift-prep output directory (manifest.json, tokenizer/, train/, valid/). Required."""
+    """sift-prep output directory (manifest.json, tokenizer/, train/, valid/). Required unless
+    `sources` is set."""
+    sources: tuple[str, ...] = ()
+    """Several sift-prep output directories, trained on as one mixture (instead of data_dir). They
+    must share one tokenizer and sequence length (prepare the later ones with
+    `sift-prep --tokenizer FIRST_DIR`). Validation reports each source and all together;
+    eval.max_samples applies to each source."""
+    weights: tuple[float, ...] = ()
+    """One weight per source (relative: [3, 1] = [0.75, 0.25]): its share of the training
+    positions, whatever its size. Each source's epochs are counted on its own (a small source
+    with a large weight is read many times). Empty: in proportion to the sources' train rows."""
     train_split: str = "train"
     """Split trained on."""
     valid_split: str = "valid"
@@ -66,9 +77,22 @@ class DataConfig:
     (0: each is built when needed). Changes only when a batch is built, never what it holds."""
 
     def __post_init__(self):
-        _check(bool(self.data_dir), "data.data_dir is required (the sift-prep output directory)")
+        _check(bool(self.data_dir) != bool(self.sources),
+               "data.data_dir is required (the sift-prep output directory)" if not self.sources
+               else "set data.data_dir or data.sources, not both")
+        _check(all(self.sources), "data.sources: an entry is empty")
+        _check(not self.weights or len(self.weights) == len(self.sources),
+               f"data.weights has {len(self.weights)} entries, data.sources {len(self.sources)}"
+               if self.sources else "data.weights needs data.sources (one weight per source)")
+        _check(all(math.isfinite(w) and w > 0 for w in self.weights),
+               f"data.weights must be positive and finite, got {list(self.weights)}")
         _check(0 <= self.prefetch <= 64, f"data.prefetch must be in [0, 64] (batches held ahead), got {self.prefetch}")
         _check(self.verify in ("size", "sha256"), f"data.verify must be size or sha256, got {self.verify!r}")
+
+    @property
+    def data_dirs(self) -> list[str]:
+        """The sift-prep directories trained on: [data_dir], or the sources of a mixture."""
+        return list(self.sources) if self.sources else [self.data_dir]
 
 
 @dataclass(frozen=True)
@@ -307,7 +331,9 @@ class TrainConfig:
         d = self.to_dict()
         keep = {k: d[k] for k in ("data", "masking", "model", "selection", "optim")}
         # speed-only settings: the same batches and the same model function either way
-        keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("prefetch", "verify")}
+        keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("prefetch", "verify")
+                        # unset, as in every run before mixtures: their checkpoints still match
+                        and not (k in ("sources", "weights") and not v)}
         keep["model"] = {k: v for k, v in keep["model"].items() if k != "compile"}
         keep["seed"] = self.run.seed
         keep["ds_config"] = self.run.ds_config

@@ -1,14 +1,10 @@
-"""Reading packed token shards: the dataset, the global sample order, and dynamic masking.
+"""Reading packed token shards: the dataset and dynamic masking.
 
-Owns three small pieces, each usable alone:
+Owns two small pieces, each usable alone (the global sample order, which row sits at which
+position, is `pipeline.order`'s; `train_batch` reads and masks the rows an order names):
 
 * `ShardDataset`: the rows of one split of a `sift-prep` output directory, memory-mapped
   (zero-copy reads; pickling keeps only the path, so DataLoader workers reopen the maps).
-* `GlobalSampler`: a deterministic per-epoch shuffle addressed by a *global sample position*
-  (how many samples all ranks together have consumed). Rank r of w reading b samples at position p
-  takes positions p + r*b .. p + (r+1)*b - 1, so the w ranks together read exactly what one rank
-  reading w*b samples would, and a resume at position p continues where the run stopped whatever
-  the new world size is.
 * Masking: 15% (configurable) of the non-special tokens of each row, 80% -> [MASK], 10% -> a random
   token, 10% kept, from counter-based random numbers keyed by (seed, epoch, global sample index),
   vectorized over the batch. Any rank, any resume, any world size reproduces the same masks.
@@ -34,6 +30,8 @@ from data_prep.manifest import FORMAT, FORMAT_VERSION, MANIFEST  # the shard for
 
 if TYPE_CHECKING:  # torch is imported where batches are built: reading a config needs none of it
     import torch
+
+    from pipeline.order import SampleOrder
 
 IGNORE_INDEX = -100
 """Label of a position that is not masked (what torch's cross_entropy ignores)."""
@@ -109,7 +107,26 @@ def verify_prepared(data_dir: str | Path, full: bool = False) -> None:
                         raise DataError(f"{path}: corrupted (its sha256 differs from manifest.json)")
 
 
-class ShardDataset:
+class RowSources:
+    """Names and first rows of the data sources of a dataset's row space (`row_sources`):
+    the per-source counts of kept rows in TensorBoard are by these."""
+
+    @property
+    def row_sources(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    @property
+    def row_source_names(self) -> list[str]:
+        return [name for name, _ in self.row_sources]
+
+    @property
+    def row_source_starts(self) -> np.ndarray:
+        """(S,) int64: the global index of each source's first row."""
+        rows = [n for _, n in self.row_sources]
+        return np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+
+
+class ShardDataset(RowSources):
     """The rows of one split (`train` or `valid`) of a sift-prep directory, memory-mapped."""
 
     def __init__(self, data_dir: str | Path, split: str = "train"):
@@ -170,16 +187,6 @@ class ShardDataset:
         return [(str(s["name"]), int(s["rows"])) for s in sources]
 
     @property
-    def row_source_names(self) -> list[str]:
-        return [name for name, _ in self.row_sources]
-
-    @property
-    def row_source_starts(self) -> np.ndarray:
-        """(S,) int64: the global index of each source's first row."""
-        rows = [n for _, n in self.row_sources]
-        return np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
-
-    @property
     def continues_word(self) -> np.ndarray:
         """(V,) bool: the tokenizer's "##" continuation pieces (masking.whole_word); read once.
         A DataError when the tokenizer is not WordPiece."""
@@ -229,6 +236,93 @@ class ShardDataset:
         return self.rows(np.array([index]))[0]
 
 
+class MixtureDataset(RowSources):
+    """One split of several sift-prep directories as one row space (`data.sources`): part s's
+    row i is global row `offsets[s] + i`, so sample indices, masks and the loss history stay
+    global. The parts share one tokenizer (the same tokenizer.json) and one sequence length."""
+
+    def __init__(self, parts: list[tuple[str, ShardDataset]]):
+        if not parts:
+            raise DataError("a mixture needs at least one source")
+        self.parts = parts
+        first_name, first = parts[0]
+        for name, part in parts[1:]:
+            if part.seq_len != first.seq_len:
+                raise DataError(f"{part.data_dir}: sequence length {part.seq_len}, source "
+                                f"{first_name!r} has {first.seq_len}: the sources of a mixture "
+                                "must be prepared with one --seq-len")
+            if part.fingerprint != first.fingerprint:
+                raise DataError(f"{part.data_dir}: prepared with another tokenizer than source "
+                                f"{first_name!r} ({first.data_dir}): the sources of a mixture must "
+                                "share one (sift-prep --tokenizer DIR)")
+        sizes = [len(part) for _, part in parts]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.parts]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(part) for _, part in self.parts]
+
+    # one tokenizer and one sequence length: the first part speaks for all
+    seq_len = property(lambda self: self.parts[0][1].seq_len)
+    vocab_size = property(lambda self: self.parts[0][1].vocab_size)
+    special_ids = property(lambda self: self.parts[0][1].special_ids)
+    tokenizer_dir = property(lambda self: self.parts[0][1].tokenizer_dir)
+    fingerprint = property(lambda self: self.parts[0][1].fingerprint)
+    continues_word = property(lambda self: self.parts[0][1].continues_word)
+
+    @property
+    def row_sources(self) -> list[tuple[str, int]]:
+        """Each part's sources, named "<part>" (or "<part>/<its source>" for a pooled part)."""
+        out = []
+        for name, part in self.parts:
+            inner = part.row_sources
+            out += [(name if len(inner) == 1 else f"{name}/{sub}", rows) for sub, rows in inner]
+        return out
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)})")
+        out = np.empty((indices.size, self.seq_len), dtype=np.int64)
+        part_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        for s in np.unique(part_of):
+            sel = np.nonzero(part_of == s)[0]
+            out[sel] = self.parts[s][1].rows(indices[sel] - self.offsets[s])
+        return out
+
+
+def source_names(data_dirs: list[str]) -> list[str]:
+    """Short distinct names for the sources of a mixture: each directory's name, or as many of
+    its last path components as tell it apart. The same directory twice is a DataError."""
+    paths = [Path(d).resolve() for d in data_dirs]
+    seen = {}
+    for given, path in zip(data_dirs, paths):
+        if path in seen:
+            raise DataError(f"{given}: listed twice in data.sources (as {seen[path]!r}); give "
+                            "one source a larger weight instead")
+        seen[path] = given
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]  # unreachable: distinct paths differ in some component
+
+
+def open_split(data_dirs: list[str], split: str) -> ShardDataset | MixtureDataset:
+    """The split `split` of one sift-prep directory, or of several as a mixture."""
+    if len(data_dirs) == 1:
+        return ShardDataset(data_dirs[0], split)
+    return MixtureDataset([(name, ShardDataset(d, split))
+                           for name, d in zip(source_names(data_dirs), data_dirs)])
+
+
 def token_counts(dataset: ShardDataset, max_rows: int = 65536) -> np.ndarray:
     """Token frequencies (vocab_size,) int64 of a split, special tokens zeroed.
 
@@ -245,55 +339,6 @@ def token_counts(dataset: ShardDataset, max_rows: int = 65536) -> np.ndarray:
         counts += np.bincount(dataset.rows(chunk).ravel(), minlength=vocab)[:vocab]
     counts[list(dataset.special_ids.values())] = 0
     return counts
-
-
-class GlobalSampler:
-    """The training order: a fresh permutation of the dataset each epoch, read by global position.
-
-    Position p (samples consumed by all ranks together since the start) maps to epoch p // N and to
-    the (p % N)-th entry of that epoch's permutation. Nothing depends on the world size.
-    """
-
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
-        self._cached: tuple[int, np.ndarray] | None = None
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of epoch `epoch` (cached: consecutive batches hit the same epoch).
-
-        Safe from two threads (the prefetcher's and the trainer's): the cache is one tuple read
-        and written whole, and a miss returns its own permutation, never the cache's."""
-        cached = self._cached
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
-        # uint32 halves the memory of the permutation of a large corpus.
-        dtype = np.uint32 if self.num_samples < 2**32 else np.int64
-        order = np.arange(self.num_samples, dtype=dtype)
-        if self.shuffle:
-            np.random.default_rng([self.seed, epoch, 0x0DE5]).shuffle(order)
-        self._cached = (epoch, order)
-        return order
-
-    def global_indices(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample indices and their epochs at global positions position .. position+count-1."""
-        positions = np.arange(position, position + count, dtype=np.int64)
-        epochs = positions // self.num_samples
-        indices = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(epochs):  # at most two epochs unless count > N
-            sel = epochs == epoch
-            indices[sel] = self.epoch_order(int(epoch))[positions[sel] % self.num_samples]
-        return indices, epochs
-
-    def rank_indices(self, position: int, per_rank: int, rank: int,
-                     world_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's contiguous slice of the global batch of per_rank * world_size at position."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of {world_size}")
-        return self.global_indices(position + rank * per_rank, per_rank)
 
 
 @dataclass(frozen=True)
@@ -330,7 +375,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _STREAM_TARGETS, _STREAM_KIND, _STREAM_TOKEN, _STREAM_WORDS = 1, 2, 3, 4
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64's output function (Steele, Lea & Flood 2014): a bijective 64-bit avalanche mix."""
     x = np.asarray(x, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -343,15 +388,15 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def sample_keys(seed: int, epochs: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """(B,) uint64 masking keys: a function of (seed, epoch, global index) only."""
     epochs = np.broadcast_to(np.asarray(epochs, dtype=np.int64), np.shape(indices))
-    k = _mix64(np.uint64(seed))
-    k = _mix64(k ^ epochs.astype(np.uint64))
-    return _mix64(k ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
+    k = mix64(np.uint64(seed))
+    k = mix64(k ^ epochs.astype(np.uint64))
+    return mix64(k ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
 
 
 def _bits(keys: np.ndarray, stream: int, length: int) -> np.ndarray:
     """(B, length) uint64 random bits of `stream` at every position of every sample."""
     counters = (np.uint64(stream) << np.uint64(32)) + np.arange(length, dtype=np.uint64)  # (L,)
-    return _mix64(keys[:, None] ^ _mix64(counters)[None, :])
+    return mix64(keys[:, None] ^ mix64(counters)[None, :])
 
 
 def _uniform(keys: np.ndarray, stream: int, length: int) -> np.ndarray:
@@ -476,7 +521,7 @@ def make_batch(dataset: ShardDataset, indices: np.ndarray, epochs: np.ndarray, s
     }
 
 
-def train_batch(dataset: ShardDataset, sampler: GlobalSampler, masking: MaskingConfig,
+def train_batch(dataset: ShardDataset, sampler: SampleOrder, masking: MaskingConfig,
                 position: int, per_rank: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
     """This rank's masked micro-batch of `per_rank` samples of the global batch at `position`.
 
@@ -486,7 +531,7 @@ def train_batch(dataset: ShardDataset, sampler: GlobalSampler, masking: MaskingC
     return make_batch(dataset, indices, epochs, sampler.seed, masking)
 
 
-def iter_train_batches(dataset: ShardDataset, sampler: GlobalSampler, masking: MaskingConfig,
+def iter_train_batches(dataset: ShardDataset, sampler: SampleOrder, masking: MaskingConfig,
                        start_position: int, per_rank: int, rank: int,
                        world_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Endless (position after this batch, batch) pairs from `start_position` on."""

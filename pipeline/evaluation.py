@@ -132,12 +132,32 @@ def summarize(loss_sum: float, correct: int, tokens: int, exit_losses: list[floa
 def validate(model: torch.nn.Module, valid_set: Any, cfg: Any, masking: Any, rank: int,
              world_size: int, device: torch.device, autocast: Callable[[], Any]) -> dict[str, float]:
     """Collective: the validation metrics of `model` over every rank's equal share of the first
-    `cfg.max_samples` rows (equal shares, so ZeRO-3's collective forwards line up)."""
+    `cfg.max_samples` rows (equal shares, so ZeRO-3's collective forwards line up). A mixture
+    (`MixtureDataset`) is validated source by source (`cfg.max_samples` rows of each): the
+    metrics of all its rows together, plus `<source>/accuracy` and `<source>/loss`."""
+    parts = getattr(valid_set, "parts", None) or [("", valid_set)]
+    gathered = [(name, gather_sums(model, part, cfg, masking, rank, world_size, device, autocast,
+                                   name)) for name, part in parts]
+    totals = sum(g[0] for _, g in gathered)
+    scores = [[x for _, g in gathered for x in g[1][i]] for i in range(4)]
+    out = summarize(float(totals[0]), int(totals[1]), int(totals[2]), *scores)
+    if len(parts) > 1:
+        for name, (t, _) in gathered:
+            out[f"{name}/accuracy"] = float(t[1]) / float(t[2]) if t[2] else float("nan")
+            out[f"{name}/loss"] = float(t[0]) / float(t[2]) if t[2] else float("nan")
+    return out
+
+
+def gather_sums(model: torch.nn.Module, valid_set: Any, cfg: Any, masking: Any, rank: int,
+                world_size: int, device: torch.device, autocast: Callable[[], Any],
+                name: str = "") -> tuple[torch.Tensor, list[list[float]]]:
+    """Collective: (loss sum, correct, tokens) over all ranks, and every rank's per-sample
+    scores (exit, full, exit retest, full retest), concatenated in rank order."""
     n = len(valid_set) if cfg.max_samples is None else min(cfg.max_samples, len(valid_set))
     n -= n % world_size  # equal row counts -> equal batch counts on every rank
     if n == 0:
-        raise ValueError(f"validation split has {len(valid_set)} rows, fewer than the "
-                         f"{world_size} ranks")
+        raise ValueError(f"validation split{f' of source {name}' if name else ''} has "
+                         f"{len(valid_set)} rows, fewer than the {world_size} ranks")
     batches = validation_batches(valid_set, cfg.batch_size, masking, rank, world_size,
                                  max_samples=n)
     retest = validation_batches(valid_set, cfg.batch_size, masking, rank, world_size,
@@ -148,5 +168,4 @@ def validate(model: torch.nn.Module, valid_set: Any, cfg: Any, masking: Any, ran
                                           dtype=torch.float64), "sum")
     scores = comm.all_gather_object((sums.exit_losses, sums.full_losses, sums.exit_retest,
                                      sums.full_retest))
-    return summarize(float(totals[0]), int(totals[1]), int(totals[2]),
-                     *([x for part in scores for x in part[i]] for i in range(4)))
+    return totals, [[x for part in scores for x in part[i]] for i in range(4)]

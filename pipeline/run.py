@@ -23,7 +23,7 @@ import torch
 from data_prep.io_util import write_json_atomic
 from pipeline import checkpoint, comm, rundir
 from pipeline.config import ConfigError, TrainConfig, resolve_path, to_toml
-from pipeline.data import DataError, ShardDataset, verify_prepared
+from pipeline.data import DataError, MixtureDataset, ShardDataset, open_split, verify_prepared
 from pipeline.ds_config import load_ds_config
 from pipeline.engine import build_engine
 from pipeline.faults import Watchdog, hang_report, register_rank
@@ -36,11 +36,13 @@ from pipeline.trainer import Trainer
 
 def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     """Build data, model and engine from `cfg`, resume if asked, train, write the summary."""
-    preflight(lambda: verify_prepared(cfg.data.data_dir, full=cfg.data.verify == "sha256"))
-    preflight(lambda: [ShardDataset(cfg.data.data_dir, split)  # a missing or empty split
+    for data_dir in cfg.data.data_dirs:
+        preflight(lambda: verify_prepared(data_dir, full=cfg.data.verify == "sha256"))
+    # a missing or empty split; the sources of a mixture with another tokenizer or seq_len
+    preflight(lambda: [open_split(cfg.data.data_dirs, split)
                        for split in (cfg.data.train_split, cfg.data.valid_split)])
-    train_set = ShardDataset(cfg.data.data_dir, cfg.data.train_split)
-    valid_set = ShardDataset(cfg.data.data_dir, cfg.data.valid_split)
+    train_set = open_split(cfg.data.data_dirs, cfg.data.train_split)
+    valid_set = open_split(cfg.data.data_dirs, cfg.data.valid_split)
     preflight(lambda: load_ds_config(resolve_path(cfg.run.ds_config), world_size))
     ds_config = with_monitor_paths(load_ds_config(resolve_path(cfg.run.ds_config), world_size),
                                    Path(cfg.run.output_dir))
@@ -130,8 +132,9 @@ def check_reference(path: str, vocab_size: int) -> None:
                                     "same tokenizer (sift-prep --tokenizer)")
 
 
-def check_checkpoint(cfg: TrainConfig, source: tuple[Path, str], train_set: ShardDataset,
-                     ds_config: dict[str, Any], positions: int | None, fork: bool) -> None:
+def check_checkpoint(cfg: TrainConfig, source: tuple[Path, str],
+                     train_set: ShardDataset | MixtureDataset, ds_config: dict[str, Any],
+                     positions: int | None, fork: bool) -> None:
     """Before any engine is built: the checkpoint fits this run (`checkpoint.incompatibilities`:
     vocabulary, sequence length (a fork may change it within the positions), tokenizer,
     architecture, ZeRO stage), else a PreflightError with one clause per mismatch. Every rank
@@ -201,8 +204,9 @@ def release_run_dirs(cfg: TrainConfig) -> None:
     rundir.release(Path(cfg.run.output_dir))
 
 
-def _build_and_train(cfg: TrainConfig, rank: int, world_size: int, train_set: ShardDataset,
-                     valid_set: ShardDataset, ds_config: dict[str, Any],
+def _build_and_train(cfg: TrainConfig, rank: int, world_size: int,
+                     train_set: ShardDataset | MixtureDataset,
+                     valid_set: ShardDataset | MixtureDataset, ds_config: dict[str, Any],
                      resume_from: tuple[Path, str] | None, fork_from: tuple[Path, str] | None,
                      universal: bool, watchdog: Watchdog | None,
                      positions: int | None) -> dict[str, Any]:

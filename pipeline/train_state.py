@@ -49,7 +49,7 @@ class TrainState:
 
 def client_state(state: TrainState, clock_s: float, world_size: int, cfg: Any, train_set: Any,
                  bert_config: Any, zero_stage: int, evals: list[dict[str, float]],
-                 selection_state: dict[str, Any]) -> dict[str, Any]:
+                 selection_state: dict[str, Any], order_version: int) -> dict[str, Any]:
     """The JSON-able client state of a checkpoint (`checkpoint.save` writes it)."""
     return {
         "train_state": {**dataclasses.asdict(state), "train_time_s": clock_s},
@@ -58,6 +58,7 @@ def client_state(state: TrainState, clock_s: float, world_size: int, cfg: Any, t
         "config_fingerprint": cfg.fingerprint(),
         "tokenizer_fingerprint": train_set.fingerprint,
         "masking_version": MASKING_VERSION,
+        "order_version": order_version,  # pipeline.order: which row each data position names
         "model": {"vocab_size": train_set.vocab_size, "max_seq_len": train_set.seq_len,
                   "pad_token_id": train_set.special_ids["pad"],
                   # the whole architecture: sift-export rebuilds the model from it alone (an

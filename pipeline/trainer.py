@@ -32,13 +32,14 @@ import torch
 
 from pipeline import checkpoint, comm
 from pipeline.config import TrainConfig, resolve_path
-from pipeline.data import MASKING_VERSION, GlobalSampler, ShardDataset, token_counts, train_batch
+from pipeline.data import MASKING_VERSION, MixtureDataset, ShardDataset, token_counts, train_batch
 from pipeline.engine import EngineFacts, clip_gradients, set_lr
 from pipeline.evaluation import validate
 from pipeline.faults import FaultInjector
 from pipeline.flops import peak_flops, train_flops
 from pipeline.metrics import EVAL_SCALARS, MetricsWriter
 from pipeline.model import IGNORE_INDEX, load_reference, unwrap_model
+from pipeline.order import ORDER_VERSION, MixtureOrder, SampleOrder, make_order
 from pipeline.prefetch import Prefetcher
 from pipeline.schedule import EvalCadence, TrainingClock, budget_reached, learning_rate
 from pipeline.selection import gate_opens
@@ -63,6 +64,27 @@ def autocast_for(device: torch.device, precision: str):
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def training_order(train_set: ShardDataset | MixtureDataset, weights: tuple[float, ...],
+                   seed: int, version: int = ORDER_VERSION) -> SampleOrder:
+    """The order of `train_set`: a mixture's by `weights` (none: by size), else one corpus's
+    order of `version` (a checkpoint's, on resume)."""
+    if isinstance(train_set, MixtureDataset):
+        return MixtureOrder(train_set.sizes, weights or train_set.sizes, seed)
+    return make_order(len(train_set), seed, version)
+
+
+def source_counters(order: SampleOrder, train_set: Any, position: int) -> dict[str, float]:
+    """A mixture's samples drawn from each source so far, and the epochs they make of it."""
+    if not isinstance(order, MixtureOrder):
+        return {}
+    drawn = order.consumed(position)
+    out = {}
+    for name, n, size in zip(train_set.names, drawn, train_set.sizes):
+        out[f"data/samples/{name}"] = float(n)
+        out[f"data/epochs/{name}"] = float(n) / size
+    return out
+
+
 class Trainer:
     """One run's loop over an initialized DeepSpeed engine."""
 
@@ -73,7 +95,8 @@ class Trainer:
         self.writer, self.rank, self.world_size = writer, rank, world_size
         self.device = engine.device
         self.ckpt_dir = cfg.checkpoint_dir()
-        self.sampler = GlobalSampler(len(train_set), cfg.run.seed)
+        self.order = training_order(train_set, cfg.data.weights, cfg.run.seed)  # a checkpoint may
+        # pick another version (`_load_checkpoint`)
         self.state = TrainState()
         self.evals: list[dict[str, float]] = []
         self.autocast = autocast_for(self.device, facts.precision)
@@ -107,7 +130,7 @@ class Trainer:
 
     def _load(self, position: int, count: int) -> dict[str, torch.Tensor]:
         """This rank's `count` candidates of the global micro-batch at `position` (CPU tensors)."""
-        return train_batch(self.train_set, self.sampler, self.cfg.masking, position, count,
+        return train_batch(self.train_set, self.order, self.cfg.masking, position, count,
                            self.rank, self.world_size)
 
     def _now(self) -> float:
@@ -186,7 +209,8 @@ class Trainer:
         """Close a log window: its scalars leave the device here, once per window."""
         st = self.state
         counters = {"train/samples_backpropagated": float(st.samples_backpropagated),
-                    "train/nonfinite_skipped": float(st.nonfinite_skipped)}
+                    "train/nonfinite_skipped": float(st.nonfinite_skipped),
+                    **source_counters(self.order, self.train_set, st.position)}
         scalars = window.scalars(counters, self.peak_flops, self.world_size,
                                  self.train_set.row_source_names)
         self.throughput.add(window)
@@ -341,20 +365,23 @@ class Trainer:
             self.state.selection_gate_open = True
             self.writer.message(f"step {self.state.step}: validation accuracy reached {gate}: "
                                 "selection starts")
-        self.writer.log(self.state.step, {k: metrics[k[5:]] for k in EVAL_SCALARS
-                                          if k[5:] in metrics}, kind="eval")
+        per_source = {f"eval/{k}": v for k, v in metrics.items() if "/" in k}  # a mixture's
+        self.writer.log(self.state.step, {**{k: metrics[k[5:]] for k in EVAL_SCALARS
+                                             if k[5:] in metrics}, **per_source}, kind="eval")
         self.writer.message(f"eval step {self.state.step}: accuracy {metrics['accuracy']:.4f} "
                             f"loss {metrics['loss']:.4f} spearman(exit, full) "
                             f"{metrics['spearman_exit_vs_full']:.3f} (independent masks "
                             f"{metrics.get('spearman_exit_vs_full_independent', float('nan')):.3f}),"
-                            f" test-retest exit {metrics.get('retest_exit', float('nan')):.3f}")
+                            f" test-retest exit {metrics.get('retest_exit', float('nan')):.3f}"
+                            + "".join(f", {k[5:-9]} {v:.4f}" for k, v in per_source.items()
+                                      if k.endswith("/accuracy")))
         return metrics
 
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint holds besides the engine (`train_state.client_state`)."""
         return client_state(self.state, self.clock_s, self.world_size, self.cfg, self.train_set,
                             self.bert_config, self.facts.zero_stage, self.evals,
-                            self.selection.state_dict())
+                            self.selection.state_dict(), self.order.version)
 
     def save(self) -> str:
         self.beat()
@@ -394,10 +421,23 @@ class Trainer:
                             f"global sample position {self.state.position}): a new run from step 0")
 
     def _load_checkpoint(self, load_dir: Path, tag: str, universal: bool) -> dict[str, Any]:
-        """Load (load_dir, tag) into the engine (`checkpoint.restore`); returns its client state."""
-        return checkpoint.restore(self.engine, load_dir, tag, self.rank, self.world_size,
-                                  self.facts.zero_stage, universal, self.writer.message,
-                                  masking_version=MASKING_VERSION)
+        """Load (load_dir, tag) into the engine (`checkpoint.restore`); returns its client state.
+        The run goes on in the sample order its checkpoint was trained in (its data position
+        means nothing in another one)."""
+        client = checkpoint.restore(self.engine, load_dir, tag, self.rank, self.world_size,
+                                    self.facts.zero_stage, universal, self.writer.message,
+                                    masking_version=MASKING_VERSION)
+        version = client.get("order_version", 1)  # written since order version 2
+        if version == self.order.version:
+            pass
+        elif isinstance(self.order, MixtureOrder):  # a fork from a single corpus into a mixture
+            self.writer.message(f"{load_dir / tag} was trained in sample order version {version}; "
+                                f"a mixture is read in version {self.order.version}")
+        else:
+            self.order = training_order(self.train_set, (), self.cfg.run.seed, version)
+            self.writer.message(f"{load_dir / tag} was trained in sample order version {version}: "
+                                "this run goes on in that order")
+        return client
 
     def summary(self, reason: str | None) -> dict[str, Any]:
         first, last = (self.evals[0], self.evals[-1]) if self.evals else ({}, {})

@@ -43,6 +43,18 @@ def state_union_shards(shared_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def rural_shards(tiny_corpus, shared_data, tmp_path_factory) -> Path:
+    """ABC rural news prepared with tiny_corpus's tokenizer (seq 64): the second source of a
+    mixture."""
+    from tests.prepared import run_prep
+
+    out = tmp_path_factory.mktemp("rural") / "rural"
+    return run_prep([shared_data / "nltk" / "abc" / "rural.txt"], out, "--tokenizer",
+                    str(tiny_corpus / "tokenizer"), "--seq-len", "64", "--doc-boundary",
+                    "blank-line", "--valid-fraction", "0.05", "--no-progress")
+
+
+@pytest.fixture(scope="session")
 def data_dir(tiny_corpus) -> Path:
     """The embedded corpus, prepared once per session: what e2e and multinode jobs train on."""
     return tiny_corpus

@@ -69,10 +69,12 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def train_cmd(world: int, recipe: Path, data: Path, out: Path, sets: tuple[str, ...],
+def train_cmd(world: int, recipe: Path, data: Path | None, out: Path, sets: tuple[str, ...],
               resume: str | None) -> list[str]:
-    """`deepspeed --num_gpus W --module pipeline.train ...`, or one plain process for W = 1."""
-    args = ["--config", str(recipe), "--set", f"data.data_dir={data}", f"run.output_dir={out}", *sets]
+    """`deepspeed --num_gpus W --module pipeline.train ...`, or one plain process for W = 1.
+    `data` None: the data settings come in `sets` (data.sources of a mixture)."""
+    data_set = [] if data is None else [f"data.data_dir={data}"]
+    args = ["--config", str(recipe), "--set", *data_set, f"run.output_dir={out}", *sets]
     if resume:
         args += ["--resume", resume]
     if world == 1:
@@ -81,7 +83,7 @@ def train_cmd(world: int, recipe: Path, data: Path, out: Path, sets: tuple[str, 
             "--module", "pipeline.train", *args]
 
 
-def run_train(world: int, recipe: Path, data: Path, out: Path, *sets: str, resume: str | None = None,
+def run_train(world: int, recipe: Path, data: Path | None, out: Path, *sets: str, resume: str | None = None,
               expect_ok: bool = True, timeout: float = 420, faults: dict | None = None
               ) -> subprocess.CompletedProcess:
     """One training job; `faults` installs `pipeline.faults.FaultInjector` hooks (SIFT_FAULTS)."""

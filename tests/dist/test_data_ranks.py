@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.data import GlobalSampler, MaskingConfig, ShardDataset, iter_train_batches
+from pipeline.data import MaskingConfig, ShardDataset, iter_train_batches
+from pipeline.order import KeyedOrder
 from tests._dist import run_distributed
 
 pytestmark = pytest.mark.dist
@@ -15,7 +16,7 @@ PER_RANK, STEPS, SEED = 6, 4, 11
 def _rank_batches(rank, world_size, data_dir, start_position, steps, per_rank):
     """Each rank reads `steps` micro-batches; rank 0 returns what every rank read (all-gathered)."""
     ds = ShardDataset(data_dir)
-    stream = iter_train_batches(ds, GlobalSampler(len(ds), SEED), MaskingConfig(), start_position,
+    stream = iter_train_batches(ds, KeyedOrder(len(ds), SEED), MaskingConfig(), start_position,
                                 per_rank, rank, world_size)
     gathered, position = [], start_position
     for _ in range(steps):
@@ -29,7 +30,7 @@ def _rank_batches(rank, world_size, data_dir, start_position, steps, per_rank):
 
 def _single_rank(data_dir, start_position, steps, per_rank):
     ds = ShardDataset(data_dir)
-    stream = iter_train_batches(ds, GlobalSampler(len(ds), SEED), MaskingConfig(), start_position,
+    stream = iter_train_batches(ds, KeyedOrder(len(ds), SEED), MaskingConfig(), start_position,
                                 per_rank, 0, 1)
     out, position = [], start_position
     for _ in range(steps):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import GlobalSampler
+from pipeline.order import KeyedOrder
 from tests._dist import run_distributed
 
 pytestmark = pytest.mark.dist
@@ -29,7 +29,7 @@ def history_worker(rank: int, world_size: int):
     step = SelectionStep(cfg, RawScores(), model_config=bert_config(ModelConfig(preset="bert-tiny"),
                                                                     100, 16, 0),
                          exit_layer=1, seed=0, rank=rank, world_size=world_size)
-    sampler = GlobalSampler(ROWS, seed=3)
+    sampler = KeyedOrder(ROWS, seed=3)
     keys = []
     per_rank = PER_STEP // world_size
     for s in range(STEPS):

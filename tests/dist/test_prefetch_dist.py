@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.data import GlobalSampler, MaskingConfig, ShardDataset, train_batch
+from pipeline.data import MaskingConfig, ShardDataset, train_batch
+from pipeline.order import KeyedOrder
 from pipeline.prefetch import Prefetcher
 from tests._dist import run_distributed
 
@@ -16,7 +17,7 @@ SEED, COUNTS = 3, (4, 4, 4, 6, 6)  # the count changes once, as when selection s
 def _read(rank, world_size, data_dir, start, counts):
     """Read micro-batches through a Prefetcher from `start`; all-gather every rank's rows."""
     ds = ShardDataset(data_dir)
-    sampler = GlobalSampler(len(ds), SEED)
+    sampler = KeyedOrder(len(ds), SEED)
 
     def load(position, count):
         return train_batch(ds, sampler, MaskingConfig(), position, count, rank, world_size)
@@ -37,7 +38,7 @@ def _read(rank, world_size, data_dir, start, counts):
 
 def _one_rank(data_dir, start, counts):
     ds = ShardDataset(data_dir)
-    sampler = GlobalSampler(len(ds), SEED)
+    sampler = KeyedOrder(len(ds), SEED)
     out, position = [], start
     for count in counts:
         b = train_batch(ds, sampler, MaskingConfig(), position, 2 * count, 0, 1)

@@ -250,20 +250,27 @@ def test_no_shared_memory_segment_outlives_the_run(recipe, data_dir, tmp_path):
     assert left == []
 
 
-def test_resume_across_a_masking_change_warns(runs, recipe, data_dir, tmp_path):
-    """A checkpoint written before masking version 2 (no masking_version recorded) resumes, and
-    the user is told that the masks, and so the validation accuracy, are not the earlier ones."""
+def test_resume_across_a_masking_change_warns_and_keeps_the_old_order(runs, recipe, data_dir, tmp_path):
+    """A checkpoint written before masking version 2 and order version 2 (neither recorded)
+    resumes: the user is told that the masks, and so the validation accuracy, are not the earlier
+    ones, and the run goes on in the sample order it began in (its data position names rows of
+    that order), which its own checkpoints then record."""
     ckpt = checkpoint_at_step_3(zero_run(runs, 2), tmp_path)
     for path in (ckpt / "step_00000003").glob("*model_states.pt"):  # the client state rides here
         state = torch.load(path, weights_only=False)
-        del state["sift"]["masking_version"]
+        del state["sift"]["masking_version"], state["sift"]["order_version"]
         torch.save(state, path)
     (ckpt / "step_00000003" / "checksums.json").unlink()  # such old checkpoints had none either
-    proc = run_train(2, recipe, data_dir, tmp_path / "resumed", "run.ds_config=ds_configs/cpu_zero2_fp32.json",
+    resumed = tmp_path / "resumed"
+    proc = run_train(2, recipe, data_dir, resumed, "run.ds_config=ds_configs/cpu_zero2_fp32.json",
                      f"checkpoint.dir={ckpt}", resume="auto")
     out = proc.stdout + proc.stderr
     assert "resumed from" in out
     assert "trained with masking version 1, this version masks with 2" in out
+    assert "was trained in sample order version 1: this run goes on in that order" in out
+    last = (ckpt / "latest").read_text().strip()
+    assert last != "step_00000003"
+    assert json.loads((ckpt / last / "sift_state.json").read_text())["order_version"] == 1
 
 
 def test_fork_starts_a_new_run_from_another_runs_weights_and_position(runs, recipe, data_dir, tmp_path):

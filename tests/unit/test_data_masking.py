@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.data import (IGNORE_INDEX, GlobalSampler, MaskingConfig, mask_rows, sample_keys,
+from pipeline.data import (IGNORE_INDEX, MaskingConfig, mask_rows, sample_keys,
                            validation_indices)
 
 SPECIAL = np.array([0, 1, 2, 3, 4])
@@ -115,32 +115,6 @@ def test_bad_masking_config_is_rejected(kwargs):
         MaskingConfig(**kwargs)
 
 
-def test_each_epoch_is_a_permutation_and_epochs_differ():
-    sampler = GlobalSampler(1000, seed=5)
-    e0, e1 = sampler.epoch_order(0).copy(), sampler.epoch_order(1).copy()
-    assert sorted(e0.tolist()) == list(range(1000)) == sorted(e1.tolist())
-    assert (e0 != e1).any()
-    assert (GlobalSampler(1000, seed=5).epoch_order(0) == e0).all()
-    assert (GlobalSampler(1000, seed=6).epoch_order(0) != e0).any()
-
-
-def test_global_indices_cross_the_epoch_boundary():
-    sampler = GlobalSampler(10, seed=0)
-    idx, ep = sampler.global_indices(7, 6)
-    assert ep.tolist() == [0, 0, 0, 1, 1, 1]
-    assert idx[:3].tolist() == sampler.epoch_order(0)[7:].tolist()
-    assert idx[3:].tolist() == sampler.epoch_order(1)[:3].tolist()
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_rank_slices_tile_the_global_batch(world_size):
-    sampler = GlobalSampler(37, seed=1)
-    per_rank, position = 5, 30
-    parts = [sampler.rank_indices(position, per_rank, r, world_size)[0] for r in range(world_size)]
-    whole = sampler.global_indices(position, per_rank * world_size)[0]
-    assert np.concatenate(parts).tolist() == whole.tolist()
-
-
 def test_validation_shares_cover_every_row_once():
     for world_size in (1, 2, 3, 5):
         shares = [validation_indices(103, r, world_size) for r in range(world_size)]
@@ -149,23 +123,3 @@ def test_validation_shares_cover_every_row_once():
     assert validation_indices(103, 0, 1, max_samples=10).tolist() == list(range(10))
 
 
-def test_epoch_order_from_two_threads_is_always_the_right_epoch():
-    """The prefetch thread and the trainer share a sampler: each caller gets its own epoch's order."""
-    import threading
-
-    sampler, ref = GlobalSampler(5000, seed=3), GlobalSampler(5000, seed=3)
-    want = {e: ref.epoch_order(e).copy() for e in range(4)}
-    bad = []
-
-    def ask(epochs):
-        for e in epochs:
-            if not np.array_equal(sampler.epoch_order(e), want[e]):
-                bad.append(e)
-
-    threads = [threading.Thread(target=ask, args=([0, 1] * 150,)),
-               threading.Thread(target=ask, args=([2, 3] * 150,))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert bad == []

@@ -6,8 +6,9 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.data import (IGNORE_INDEX, DataError, GlobalSampler, MaskingConfig, ShardDataset,
+from pipeline.data import (IGNORE_INDEX, DataError, MaskingConfig, ShardDataset,
                            token_counts, train_batch, validation_batches)
+from pipeline.order import KeyedOrder
 
 
 def test_rows_are_the_shard_rows_in_manifest_order(tiny_corpus):
@@ -24,7 +25,7 @@ def test_rows_are_the_shard_rows_in_manifest_order(tiny_corpus):
 
 def test_batch_tensors(tiny_corpus):
     ds = ShardDataset(tiny_corpus, "train")
-    batch = train_batch(ds, GlobalSampler(len(ds), seed=0), MaskingConfig(), position=0,
+    batch = train_batch(ds, KeyedOrder(len(ds), seed=0), MaskingConfig(), position=0,
                         per_rank=8, rank=0, world_size=1)
     assert set(batch) == {"input_ids", "labels", "attention_mask", "sample_index"}
     for t in batch.values():

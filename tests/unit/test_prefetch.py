@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import GlobalSampler, MaskingConfig, ShardDataset, train_batch
+from pipeline.data import MaskingConfig, ShardDataset, train_batch
+from pipeline.order import KeyedOrder
 from pipeline.prefetch import Prefetcher
 
 WORLD, RANK = 2, 1  # a rank of a 2-rank run: positions move by count * 2
@@ -11,7 +12,7 @@ WORLD, RANK = 2, 1  # a rank of a 2-rank run: positions move by count * 2
 
 def _loader(data_dir):
     ds = ShardDataset(data_dir)
-    sampler = GlobalSampler(len(ds), seed=7)
+    sampler = KeyedOrder(len(ds), seed=7)
     return lambda position, count: train_batch(ds, sampler, MaskingConfig(), position, count,
                                                 RANK, WORLD)
 

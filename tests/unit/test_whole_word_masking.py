@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from pipeline.data import (IGNORE_INDEX, DataError, GlobalSampler, MaskingConfig, ShardDataset,
+from pipeline.data import (IGNORE_INDEX, DataError, MaskingConfig, ShardDataset,
                            mask_rows, sample_keys, train_batch, whole_word_targets,
                            word_continuation_table)
+from pipeline.order import KeyedOrder
 
 WWM = MaskingConfig(whole_word=True)
 
@@ -75,10 +76,10 @@ def test_the_masked_share_is_the_setting(train_set, rate):
 def test_masks_are_identical_on_any_world_size(train_set, world_size):
     """The global batch at a position is the same whether one rank builds it or each rank its
     slice, and again when built afresh (what a resume does)."""
-    sampler = GlobalSampler(len(train_set), seed=9)
+    sampler = KeyedOrder(len(train_set), seed=9)
     whole = train_batch(train_set, sampler, WWM, position=1000, per_rank=8 * world_size, rank=0,
                         world_size=1)
-    parts = [train_batch(train_set, GlobalSampler(len(train_set), seed=9), WWM, 1000, 8, r,
+    parts = [train_batch(train_set, KeyedOrder(len(train_set), seed=9), WWM, 1000, 8, r,
                          world_size) for r in range(world_size)]
     for key in ("input_ids", "labels", "sample_index"):
         assert np.array_equal(np.concatenate([p[key].numpy() for p in parts]), whole[key].numpy())
