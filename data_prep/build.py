@@ -10,6 +10,10 @@ read streams the text into the WordPiece trainer (reading is cheap next to token
 tokenizes with `encode_batch_fast` (Rust threads, `--workers` of them) in batches of about
 `batch_chars` characters and packs; after each shard the stream position is appended to a
 journal, so a killed run resumes at the first missing shard and produces the same bytes.
+
+A part (--num-shards N --shard-index i, parts.py) scans every document like a whole run, so the
+split, the tokenizer sample and the --dedup decisions (dedup.py) are the global ones, and in
+pass 2 tokenizes only the documents d with d % N == i; `sift-prep merge` (merge.py) joins parts.
 """
 from __future__ import annotations
 

@@ -388,6 +388,11 @@ MERGE_CASES = [
      [f"{P}/foreign", "holds other files"], None),
     ("output-whole-run", ["merge", f"{P}/p0", f"{P}/p1", "--output", f"{P}/whole"], 2,
      [f"{P}/whole", "not a merge"], None),
+    # A node's command run into another node's directory
+    ("part-into-another-part", ["{root}/corpus", "--output", f"{P}/p0", *PART_FLAGS, "--num-shards", "2",
+                                "--shard-index", "1"], 2, [f"{P}/p0", "holds part 0 of 2, this run is part 1 of 2"], None),
+    ("whole-into-a-part", ["{root}/corpus", "--output", f"{P}/p0", *PART_FLAGS], 2,
+     [f"{P}/p0", "holds part 0 of 2, this run is all documents"], None),
 ]
 
 

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -306,3 +307,21 @@ def test_dedup_across_nodes_from_the_launcher_environment(corpus, single, tmp_pa
     err = merge(merged, outs)
     assert f"{PLANTED} duplicate documents dropped" in err
     assert_same_documents(merged, single["dedup"])
+
+
+def test_a_part_still_being_written_is_not_merged(corpus, tmp_path):
+    """A node still running holds its output's lock: merge names the part instead of reading it."""
+    outs = [tmp_path / "part-1"]
+    running = start([corpus["path"], "--output", outs[0], *FLAGS, "--num-shards", 2, "--shard-index", 1])
+    try:
+        deadline = time.monotonic() + 60
+        while not (outs[0] / ".sift-prep-state.json").exists():  # written under the lock
+            assert running.poll() is None and time.monotonic() < deadline, running.stderr.read()
+            time.sleep(0.02)
+        os.kill(running.pid, signal.SIGSTOP)
+        err = merge(tmp_path / "merged", outs, code=2)
+        assert err.count("\n") == 1
+        assert err.startswith(f"sift-prep: error: {outs[0]}: a sift-prep is writing this part right now")
+    finally:
+        os.kill(running.pid, signal.SIGCONT)
+    finish(running)
