@@ -116,9 +116,12 @@ def parse(program: str, args: list[str], where: str = "") -> None:
             overrides.append(f'run.ds_config="{ds}"')
         check_settings(_single(args, "--config"), overrides, where)
     elif program == "sift-prep":
-        from data_prep.cli import build_parser
+        from data_prep.cli import build_merge_parser, build_parser
 
-        build_parser().parse_args(args)
+        if args[:1] == ["merge"]:
+            build_merge_parser().parse_args(args[1:])
+        else:
+            build_parser().parse_args(args)
     elif program == "sift-export":
         from pipeline.export_cli import build_parser
 
