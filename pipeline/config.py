@@ -43,6 +43,13 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the problem."""
 
 
+ADDED_SINCE_CHECKPOINTS = {("data", "sources"): (), ("data", "weights"): (),
+                           ("selection", "history_rescore_every"): 1,
+                           ("selection", "percentile_window"): 0}
+"""Settings added after checkpoints were written, with the value every earlier run had: left out
+of the config fingerprint at that value, so resuming those checkpoints warns of no change."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -331,9 +338,10 @@ class TrainConfig:
         d = self.to_dict()
         keep = {k: d[k] for k in ("data", "masking", "model", "selection", "optim")}
         # speed-only settings: the same batches and the same model function either way
-        keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("prefetch", "verify")
-                        # unset, as in every run before mixtures: their checkpoints still match
-                        and not (k in ("sources", "weights") and not v)}
+        keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("prefetch", "verify")}
+        for (section, key), default in ADDED_SINCE_CHECKPOINTS.items():
+            if keep[section].get(key) == default:  # as every earlier run had it
+                del keep[section][key]
         keep["model"] = {k: v for k, v in keep["model"].items() if k != "compile"}
         keep["seed"] = self.run.seed
         keep["ds_config"] = self.run.ds_config

@@ -50,10 +50,12 @@ HISTORIES = ("none", "mean")
 DRAWS = ("top-k", "sample")
 
 
-# Sizes beyond these are typos, refused rather than allocated: the loss history holds 16 bytes a
-# slot (4 GiB at the limit), and an expand pool loads micro_batch / fraction candidates a step.
+# Sizes beyond these are typos, refused rather than allocated: the loss history holds 20 bytes a
+# slot (5 GiB at the limit), and an expand pool loads micro_batch / fraction candidates a step.
 MAX_HISTORY_SIZE = 1 << 28
 MAX_HISTORY_VISITS = 1 << 20
+MAX_RESCORE_EVERY = 1 << 10
+MAX_PERCENTILE_WINDOW = 1 << 20  # sorted every step: ~60 ms at the limit
 MIN_EXPAND_FRACTION = 1 / 256
 
 
@@ -124,12 +126,25 @@ class SelectionConfig:
     multi-epoch runs: a single pass sees every row once and gains nothing. Model scores only."""
 
     history_size: int = 1 << 20
-    """mean: rows the loss history remembers (16 bytes each, the same table on every rank; a row
+    """mean: rows the loss history remembers (20 bytes each, the same table on every rank; a row
     hashed onto an occupied entry replaces the row there). Size it at or above the training rows."""
 
     history_visits: int = 8
     """mean: the mean is over the last visits: arithmetic up to this many, then exponential with
     this window (a row the model learns drifts down rather than staying at its first losses)."""
+
+    history_rescore_every: int = 1
+    """mean: score a row on one visit in this many; on the others its mean stands in for its
+    score and the scoring pass skips it (Selective Backprop's stale losses). In a multi-epoch run
+    a row comes once an epoch, so 3 scores each row every third epoch and the scoring pass costs
+    about a third. 1: every visit is scored."""
+
+    percentile_window: int = 0
+    """> 0: a candidate's key is the percentile of its score (its mean, with history = mean) among
+    the last this many scores of all ranks, this step's included (SageMaker smart sifting ranks
+    losses against such a history). top-k keeps the same rows either way (the map is monotone);
+    with draw = sample the draw's sharpness then no longer follows the loss scale, which falls as
+    training goes on (temperature applies to percentiles in [0, 1]). 0: the score itself."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -158,7 +173,8 @@ class SelectionConfig:
             raise ValueError(f"selection.token_ema_rate must be in (0, 1], got {self.token_ema_rate!r}")
         if self.history not in HISTORIES:
             raise ValueError(f"selection.history must be one of {HISTORIES}, got {self.history!r}")
-        for name, most in (("history_size", MAX_HISTORY_SIZE), ("history_visits", MAX_HISTORY_VISITS)):
+        for name, most in (("history_size", MAX_HISTORY_SIZE), ("history_visits", MAX_HISTORY_VISITS),
+                           ("history_rescore_every", MAX_RESCORE_EVERY)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
                 raise ValueError(f"selection.{name} must be an int in [1, {most}], got {v!r}")
@@ -166,6 +182,13 @@ class SelectionConfig:
             raise ValueError(f"selection.fraction {self.fraction!r} with pool = 'expand' loads and scores "
                              f"more than {round(1 / MIN_EXPAND_FRACTION)} candidates per trained row; "
                              f"use at least {MIN_EXPAND_FRACTION} or pool = 'shrink'")
+        v = self.percentile_window
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_PERCENTILE_WINDOW:
+            raise ValueError(f"selection.percentile_window must be an int in [0, "
+                             f"{MAX_PERCENTILE_WINDOW}], got {v!r}")
+        if self.history_rescore_every > 1 and self.history != "mean":
+            raise ValueError("selection.history_rescore_every reuses a row's mean over visits: "
+                             "it needs selection.history = 'mean'")
         if self.history != "none" and scoring_for(self.policy).scorer not in ("exit", "full"):
             raise ValueError(f"selection.history = {self.history!r} averages model scores; policy "
                              f"{self.policy!r} has none")

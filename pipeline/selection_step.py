@@ -26,7 +26,7 @@ import torch
 
 from pipeline import comm
 from pipeline.flops import forward_flops
-from pipeline.loss_history import LossHistory
+from pipeline.loss_history import LossHistory, ScoreWindow
 from pipeline.model import IGNORE_INDEX
 from pipeline.scoring import (MaskedTokenScores, minus_baseline, minus_reference,
                               per_sample_mean, token_loss_sums, token_pass, unigram_surprisal,
@@ -149,6 +149,7 @@ class SelectionStep:
         self.autocast = autocast
         self.history = (LossHistory(cfg.history_size, cfg.history_visits)
                         if cfg.history == "mean" else None)
+        self.window = ScoreWindow(cfg.percentile_window) if cfg.percentile_window else None
 
     # the pure policy, in this step's terms
     def active(self, step: int, gate_open: bool) -> bool:
@@ -166,12 +167,15 @@ class SelectionStep:
         Collective. `lap("score")` / `lap("select")` close the two phases for the step timer."""
         n_cand = batch["input_ids"].shape[0]
         by_source = self._count_sources(batch)
-        keys = self.scores(model, batch, micro_index)  # (n_cand,)
-        if self.history is not None:
-            keys = self._visit_means(batch["sample_index"], keys)
+        if self.history is None:
+            keys = self.scores(model, batch, micro_index)  # (n_cand,)
+            flops = self.scoring_flops(batch)
+        else:
+            keys, flops = self._history_keys(model, batch, micro_index)
+        if self.window is not None:
+            keys = self._percentiles(keys)
         if self.cfg.draw == "sample":
             keys, batch["sample_weight"] = self._sampling_keys(keys, micro_index)
-        flops = self.scoring_flops(batch)
         lap("score")
         # every rank loads the same n_cand: the bound its scores are padded to in one collective
         batch, stats = select_and_exchange(batch, keys, quota, self.cfg.scope,
@@ -195,18 +199,49 @@ class SelectionStep:
         self.normalizer.observe(t)  # after scoring: this pass scored against the old baseline
         return per_sample_mean(values, t.masked).to(batch["input_ids"].device)  # (n_cand,)
 
-    def _visit_means(self, index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """selection.history = mean: fold every rank's candidates' scores into the loss history
-        (one all-gather of (index, score) pairs, applied rank-major on every rank, so every rank
-        holds the same table), then score this rank's candidates by their mean over visits."""
-        pairs = torch.stack([index.double(), scores.double()]).cpu()  # (2, n): exact up to 2^53
-        every = comm.all_gather_tensor(pairs)  # (W, 2, n)
+    def _history_keys(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      micro_index: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """selection.history = mean: score the candidates whose mean may not stand in
+        (history_rescore_every), then key every candidate by its mean over visits. Returns the
+        keys and the FLOPs of the rows actually scored."""
+        index = batch["sample_index"]
+        reused = torch.from_numpy(self.history.reusable(index.cpu().numpy(),
+                                                        self.cfg.history_rescore_every))
+        if reused.all():  # every rank runs a scoring pass (ZeRO-3 gathers weights in it)
+            reused[0] = False
+        # a reused row's score is its mean so far: what keys it if another row evicts it from
+        # the table in this very update
+        scores = torch.from_numpy(self.history.lookup(index.cpu().numpy())[0]).to(index.device)
+        scored = (~reused).to(index.device)
+        part = batch if not reused.any() else {k: v[scored] for k, v in batch.items()}
+        scores[scored] = self.scores(model, part, micro_index).float()
+        return self._visit_means(index, scores, reused), self.scoring_flops(part)
+
+    def _visit_means(self, index: torch.Tensor, scores: torch.Tensor,
+                     reused: torch.Tensor | None = None) -> torch.Tensor:
+        """Fold every rank's candidates' scores into the loss history (one all-gather of
+        (index, score, reused) triples, applied rank-major on every rank, so every rank holds the
+        same table), then key this rank's candidates by their mean over visits (a `reused`
+        candidate was not scored: its mean stands in)."""
+        reused = torch.zeros(index.shape[0], dtype=torch.bool) if reused is None else reused
+        triples = torch.stack([index.double().cpu(), scores.double().cpu(),
+                               reused.double().cpu()])  # (3, n): indices exact up to 2^53
+        every = comm.all_gather_tensor(triples)  # (W, 3, n)
         self.history.update(every[:, 0].reshape(-1).long().numpy(),
-                            every[:, 1].reshape(-1).numpy())
+                            every[:, 1].reshape(-1).numpy(),
+                            every[:, 2].reshape(-1).numpy() > 0.5)
         mean, _ = self.history.lookup(index.cpu().numpy())
         mean = torch.from_numpy(mean).to(scores.device)
         # a row evicted within this very update (another row took its slot) keeps its own score
         return torch.where(torch.isnan(mean), scores.float(), mean)
+
+    def _percentiles(self, keys: torch.Tensor) -> torch.Tensor:
+        """selection.percentile_window: push every rank's keys into the window (one all-gather,
+        rank-major: the same window on every rank), then key this rank's candidates by their
+        percentile in it."""
+        every = comm.all_gather_tensor(keys.float().cpu())  # (W, n)
+        self.window.push(every.reshape(-1).numpy())
+        return torch.from_numpy(self.window.percentile(keys.float().cpu().numpy())).to(keys.device)
 
     def _sampling_keys(self, scores: torch.Tensor, micro_index: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,9 +279,12 @@ class SelectionStep:
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs to select exactly as this run would have."""
         return {"normalizer": self.normalizer.state_dict(),
-                "history": None if self.history is None else self.history.state_dict()}
+                "history": None if self.history is None else self.history.state_dict(),
+                "window": None if self.window is None else self.window.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.normalizer.load_state_dict(state.get("normalizer", {}))
         if self.history is not None and state.get("history") is not None:
             self.history.load_state_dict(state["history"])
+        if self.window is not None and state.get("window") is not None:
+            self.window.load_state_dict(state["window"])

@@ -252,3 +252,16 @@ def test_console_scripts_answer_help_and_version_without_importing_torch():
             assert proc.stdout.strip().endswith("LIGHT"), (mod, flag, proc.stdout[-500:], proc.stderr[-2000:])
             if flag == "--version":
                 assert proc.stdout.startswith(f"{prog} 0."), (mod, proc.stdout)
+
+
+def test_settings_added_since_checkpoints_leave_their_fingerprint_alone():
+    """A default recipe's fingerprint as the version before data.sources, data.weights,
+    selection.history_rescore_every and selection.percentile_window computed it (commit 3537da1):
+    its checkpoints resume with no "changed settings" warning. A new setting must join
+    ADDED_SINCE_CHECKPOINTS with its old behaviour's value, or this fails."""
+    cfg = load_config(None, ["data.data_dir=x"])
+    assert cfg.fingerprint() == "26f19aab2568f47b39e1cde1e1e0d72aeb92770ee1358c745ce15afc99cac277"
+    for changed in ('data.weights=[1.0]', "selection.percentile_window=8"):
+        sets = ["data.data_dir=x", changed] if "weights" not in changed else \
+            ['data.sources=["x"]', changed]
+        assert load_config(None, sets).fingerprint() != cfg.fingerprint()
