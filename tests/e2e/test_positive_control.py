@@ -91,15 +91,17 @@ def small_corpus(shared_data, data_dir, tmp_path_factory):
 
 
 def test_a_run_selecting_by_loss_history_resumes_exactly(small_corpus, recipe, tmp_path):
-    """6 steps selecting by the mean over visits on a corpus every step revisits, and the same run
-    stopped at step 3 and resumed: identical losses, weights and history tables, so the history
-    was saved and restored exactly (one restarted empty would hold fewer visits at step 6)."""
+    """6 steps selecting by the mean over visits on a corpus every step revisits (each row scored
+    on every other visit, keyed by its percentile among the last 256 scores), and the same run
+    stopped at step 3 and resumed: identical losses, weights, history tables and score windows,
+    so both were saved and restored exactly (a history restarted empty would hold fewer visits)."""
     from tests.training import checkpoint_at_step_3, fp32_weights, train_losses
 
     pool = small_corpus
     assert len(ShardDataset(pool, "train")) < 80
 
     sets = ('selection.history="mean"', "selection.history_size=4096", "selection.history_visits=4",
+            "selection.history_rescore_every=2", "selection.percentile_window=256",
             "run.ds_config=ds_configs/cpu_zero0_fp32.json")
     full = tmp_path / "full"
     run_train(2, recipe, pool, full, *sets)
@@ -115,9 +117,12 @@ def test_a_run_selecting_by_loss_history_resumes_exactly(small_corpus, recipe, t
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the history itself: the resumed run's table at step 6 is the uninterrupted run's
     tables = [LossHistory(4096, 4) for _ in range(2)]
-    for table, d in zip(tables, (full / "checkpoints", ckpt)):
-        state = json.loads((d / "step_00000006" / "sift_state.json").read_text())
-        table.load_state_dict(state["selection"]["history"])
+    states = [json.loads((d / "step_00000006" / "sift_state.json").read_text())["selection"]
+              for d in (full / "checkpoints", ckpt)]
+    for table, state in zip(tables, states):
+        table.load_state_dict(state["history"])
     assert np.array_equal(tables[0].keys, tables[1].keys)
     assert np.array_equal(tables[0].mean, tables[1].mean)
-    assert np.array_equal(tables[0].visits, tables[1].visits) and tables[0].visits.max() > 3
+    assert np.array_equal(tables[0].visits, tables[1].visits) and tables[0].visits.max() > 2
+    assert np.array_equal(tables[0].stale, tables[1].stale) and tables[0].stale.max() == 1
+    assert states[0]["window"] == states[1]["window"] and states[0]["window"]["size"] == 256
