@@ -53,6 +53,17 @@ def ws(tmp_path_factory, tiny_corpus) -> Path:
     (w / "a_file").write_text("x")
     (w / "busy_export").mkdir()
     (w / "busy_export" / "notes.txt").write_text("mine")
+    # mixture sources that do not fit the tiny corpus: another tokenizer, another seq_len
+    from tests.prepared import run_prep
+
+    text = w / "src" / "text.txt"
+    text.parent.mkdir()
+    text.write_text("\n\n".join(f"Document {i} holds a few words about the union, number {i}."
+                                  for i in range(400)))
+    run_prep([text], w / "other_tokenizer", "--vocab-size", "300", "--seq-len", "64",
+             "--doc-boundary", "blank-line", "--no-progress")
+    run_prep([text], w / "short_rows", "--tokenizer", str(tiny_corpus / "tokenizer"),
+             "--seq-len", "32", "--doc-boundary", "blank-line", "--no-progress")
     return w
 
 
@@ -134,6 +145,29 @@ TRAIN = [
     (D + " selection.pool=expand selection.fraction=0.000001", "loads and scores more than 256 candidates per trained row"),
     (D + " optim.decay=linear budget.steps=none budget.samples=1000", "optim.decay needs a horizon"),
     (D + " budget.steps=none", "budget: set at least one of"),
+    ('--set data.sources=["{ws}/data"] data.data_dir={ws}/data', "set data.data_dir or data.sources, not both"),
+    ('--set data.sources=["{ws}/data","{ws}/data/"]', "listed twice in data.sources"),
+    ('--set data.sources=["{ws}/data","{ws}/missing"]', "no manifest.json"),
+    ('--set data.sources=["{ws}/data","{ws}/empty_dir"]', "no manifest.json"),
+    ('--set data.sources=["{ws}/data","{ws}/a_file"]', "no manifest.json"),
+    ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"]', "prepared with another tokenizer than source"),
+    ('--set data.sources=["{ws}/data","{ws}/short_rows"]', "sequence length 32, source 'data' has 64"),
+    ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=[1]', "data.weights has 1 entries, data.sources 2"),
+    ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=[1,-1]', "data.weights must be positive and finite"),
+    ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=[1,0]', "data.weights must be positive and finite"),
+    ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=[1,nan]', "data.weights must be positive and finite"),
+    ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=[1,inf]', "data.weights must be positive and finite"),
+    ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=["a",1]', "data.weights[0]: expected a number"),
+    (D + " data.weights=[1]", "data.weights needs data.sources"),
+    ('--set data.sources=[""]', "data.sources: an entry is empty"),
+    ("--set data.sources={ws}/data", "data.sources: expected a list"),
+    ("--set data.sources=[1,2]", "data.sources[0]: expected a string"),
+    ("--set data.sources=[]", "data.data_dir is required"),
+    (D + " selection.history_rescore_every=0", "selection.history_rescore_every must be an int in [1, 1024]"),
+    (D + " selection.history_rescore_every=1.5", "selection.history_rescore_every: expected an integer"),
+    (D + ' selection.policy=sift-loss selection.history_rescore_every=3', "needs selection.history = 'mean'"),
+    (D + " selection.percentile_window=-1", "selection.percentile_window must be an int in [0, 1048576]"),
+    (D + " selection.percentile_window=2000000", "selection.percentile_window must be an int in [0, 1048576]"),
     ("--set optim.lr", "--set expects section.key=value"),
     ("--set a.b.c=1", "--set key must be section.key"),
     ("--set =1", "--set expects section.key=value"),
