@@ -127,9 +127,21 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_i
         # non-reentrant: the exit pass and the sparse head call layers directly, with kwargs
         model.activation_checkpointing_enable({"use_reentrant": False})
     if cfg.compile:
+        allow_data_dependent_shapes()
         for layer in model.bert.encoder.layer:
             layer.compile()  # in place: parameter names and state dicts are unchanged
     return model
+
+
+def allow_data_dependent_shapes() -> None:
+    """Let torch.compile trace the sparse MLM head whole: it gathers the masked positions
+    (`nonzero`, whose output size depends on the mask), which dynamo otherwise breaks the graph
+    at. With these, the full pass, the exit pass and the scoring passes each trace as one graph
+    (tests/unit/test_compile_graphs.py)."""
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.capture_scalar_outputs = True
 
 
 @dataclass
