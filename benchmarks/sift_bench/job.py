@@ -95,8 +95,8 @@ def arm_finished(cfg: TrainConfig, world_size: int) -> bool:
 
     run_arm deletes summary.json before the trainer writes config.json, so a summary is always
     the result of the config beside it."""
+    from pipeline.config import config_from_dict, resolve_path
     from pipeline.ds_config import load_ds_config
-    from pipeline.config import resolve_path
 
     out = Path(cfg.run.output_dir)
     try:
@@ -106,9 +106,12 @@ def arm_finished(cfg: TrainConfig, world_size: int) -> bool:
             return False
         # the DeepSpeed JSON by content: config.json names it by path only
         ds_config = load_ds_config(resolve_path(cfg.run.ds_config), world_size)
-    except (OSError, ValueError, KeyError, TypeError):
+        # read back through today's loader: a setting added since the arm ran takes its
+        # default, the behaviour it ran with (a setting since removed: ConfigError, not kept)
+        ran = config_from_dict(saved.get("train"))
+    except (OSError, ValueError, KeyError, TypeError):  # ConfigError is a ValueError
         return False
-    return (saved.get("train") == json.loads(json.dumps(cfg.to_dict()))
+    return (json.loads(json.dumps(ran.to_dict())) == json.loads(json.dumps(cfg.to_dict()))
             and saved.get("deepspeed") == json.loads(json.dumps(ds_config))
             and summary.get("world_size") == world_size)
 

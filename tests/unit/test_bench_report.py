@@ -241,6 +241,19 @@ def test_an_arm_is_finished_only_with_its_own_summary_and_settings(tmp_path):
     write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
     longer = arm_config({**plan, "budget_s": 20.0}, {"name": arm.name, "overrides": arm.overrides()})
     assert not arm_finished(longer, 2)  # another budget is another arm
+    # an arm run before a setting existed (its config.json lacks the key): kept, since the new
+    # setting's default is the behaviour it ran with; a setting since removed: not kept
+    older = cfg.to_dict()
+    del older["selection"]["percentile_window"], older["data"]["sources"]
+    write_json_atomic(out / "config.json", {"train": older, "deepspeed": ds_config})
+    assert arm_finished(cfg, 2)
+    older["selection"]["percentile_window"] = 8  # ... but not one that ran with another value
+    write_json_atomic(out / "config.json", {"train": older, "deepspeed": ds_config})
+    assert not arm_finished(cfg, 2)
+    write_json_atomic(out / "config.json", {"train": {**cfg.to_dict(), "gone": {"x": 1}},
+                                            "deepspeed": ds_config})
+    assert not arm_finished(cfg, 2)
+    write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "deepspeed": ds_config})
     (out / "summary.json").write_text("{not json")
     assert not arm_finished(cfg, 2)
 
