@@ -72,11 +72,15 @@ def read_json(path: Path) -> dict | None:
     """The object in `path`, or None when the file is absent."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrepError(str(path), f"unreadable JSON ({e}); remove the output directory") from e
+    if not isinstance(obj, dict):
+        raise PrepError(str(path), f"not a JSON object (a {type(obj).__name__}); remove the output "
+                                   "directory")
+    return obj
 
 
 def inspect_output(out: Path) -> tuple[str, dict | None]:

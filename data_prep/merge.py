@@ -75,8 +75,14 @@ def read_part(d: Path) -> dict:
     if manifest.get("format") != mf.FORMAT:
         raise PrepError(str(d), f"{mf.MANIFEST} is not a {mf.FORMAT} manifest")
     if not isinstance(manifest.get("part"), dict):
-        raise PrepError(str(d), "not a part: made without --num-shards (merge joins the parts of "
-                                "one run made with --num-shards N --shard-index 0..N-1)")
+        raise PrepError(str(d), "not a part: made without --num-shards, or with --num-shards 1, "
+                                "which is a whole run already (merge joins the parts of one run "
+                                "made with --num-shards N --shard-index 0..N-1)")
+    index, count = manifest["part"].get("index"), manifest["part"].get("count")
+    if not (type(index) is int and type(count) is int and 0 <= index < count) \
+            or not isinstance(manifest.get("splits"), dict):
+        raise PrepError(str(d), f"{mf.MANIFEST} is damaged (part {manifest['part']!r:.60}, splits "
+                                "not a table); rerun that node's sift-prep command into a new directory")
     return manifest
 
 

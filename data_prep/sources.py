@@ -241,6 +241,8 @@ def resolve_inputs(specs: Iterable[str], valid_only: bool = False) -> list[Sourc
             for f in files:
                 add(f)
         elif st is not None and stat.S_ISREG(st.st_mode):
+            if spec.endswith("/"):  # Path() drops the slash; the shell would say ENOTDIR
+                raise PrepError(spec, "not a directory (a file named with a trailing /)")
             _check_readable(path, spec)
             add(path)
         elif st is not None:
@@ -342,7 +344,7 @@ def _decoded(source: Source, errors: str) -> Iterator[str]:
     the line."""
     if source.path is not None and source.path.stat().st_size == 0:
         raise PrepError(source.name, "empty file")
-    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors)  # a leading BOM is no text
     offset = 0
     rest = ""
     for chunk in _raw_chunks(source):

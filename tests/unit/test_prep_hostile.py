@@ -49,6 +49,7 @@ def root(tmp_path_factory) -> Path:
     (r / "late_nul.txt").write_bytes(text.encode()[:20000] + b"\0" + b"more text\n")
     (r / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"))
     (r / "cut_utf8.txt").write_bytes("words and a caf\u00e9".encode()[:-1])
+    (r / "bom.txt").write_bytes("\ufeff \n".encode())
 
     (r / "notjson.jsonl").write_text('{"text": "fine"}\n{"text": unquoted}\n')
     (r / "nofield.jsonl").write_text(json.dumps({"body": text[:200]}) + "\n")
@@ -123,8 +124,19 @@ def _out_bad_state(out: Path) -> None:
     (out / ".sift-prep-state.json").write_bytes(b"\xff\xfe not json")
 
 
+def _out_list_manifest(out: Path) -> None:
+    out.mkdir()
+    (out / "manifest.json").write_text("[]")
+
+
+def _out_list_state(out: Path) -> None:
+    out.mkdir()
+    (out / ".sift-prep-state.json").write_text("[1, 2]")
+
+
 OUT_SETUPS = {"file": _out_file, "foreign": _out_foreign, "bad-manifest": _out_bad_manifest,
-              "other-manifest": _out_other_manifest, "bad-state": _out_bad_state}
+              "other-manifest": _out_other_manifest, "bad-state": _out_bad_state,
+              "list-manifest": _out_list_manifest, "list-state": _out_list_state}
 
 GOOD = "{root}/good.txt"
 
@@ -134,6 +146,7 @@ CASES = [
     ("missing-file", ["{root}/nope.txt"], 2, ["{root}/nope.txt", "no such file or directory"], None),
     ("missing-dir", ["{root}/nope/"], 2, ["nope", "no such file or directory"], None),
     ("file-as-dir", ["{root}/good.txt/x.txt"], 2, ["good.txt/x.txt", "no such file"], None),
+    ("file-with-slash", ["{root}/good.txt/"], 2, ["good.txt/", "not a directory"], None),
     ("empty-spec", [""], 2, ["empty input path"], None),
     ("glob-nothing", ["{root}/*.nothing"], 2, ["*.nothing", "no file matches"], None),
     ("glob-only-dirs", ["{root}/globdirs/*"], 2, ["globdirs/*", "only directories"], None),
@@ -152,6 +165,7 @@ CASES = [
     # Contents
     ("empty-file", ["{root}/empty.txt"], 2, ["empty.txt", "empty file"], None),
     ("whitespace-only", ["{root}/spaces.txt"], 2, ["spaces.txt", "no text"], None),
+    ("byte-order-mark-only", ["{root}/bom.txt"], 2, ["bom.txt", "no text"], None),
     ("binary", ["{root}/nul.txt"], 2, ["nul.txt", "binary file"], None),
     ("nul-after-8k", [GOOD, "{root}/late_nul.txt"], 2, ["late_nul.txt", "binary file"], None),
     ("invalid-utf8", ["{root}/latin1.txt"], 2, ["latin1.txt", "invalid UTF-8 at byte 3"], None),
@@ -185,6 +199,8 @@ CASES = [
     ("output-bad-manifest", [GOOD], 2, ["manifest.json", "unreadable JSON"], "bad-manifest"),
     ("output-other-manifest", [GOOD], 2, ["not a sift-shards manifest"], "other-manifest"),
     ("output-bad-state", [GOOD], 2, [".sift-prep-state.json", "unreadable JSON"], "bad-state"),
+    ("output-list-manifest", [GOOD], 2, ["manifest.json", "not a JSON object (a list)"], "list-manifest"),
+    ("output-list-state", [GOOD], 2, [".sift-prep-state.json", "not a JSON object (a list)"], "list-state"),
     ("output-empty", [GOOD, "--output", ""], 2, ["--output", "must not be empty"], None),
     ("output-missing", [GOOD, "--no-output"], 2, ["--output"], None),
     # The tokenizer
@@ -360,6 +376,12 @@ def part_sets(root, tmp_path_factory) -> Path:
     assert killed.returncode == -9, killed.stderr
     (p / "foreign").mkdir()
     (p / "foreign" / "notes.txt").write_text("somebody's notes\n")
+    for name, edit in (("listed", lambda m: [m]), ("nokeys", lambda m: {**m, "part": {}}),
+                       ("strindex", lambda m: {**m, "part": {"index": "1", "count": 2}}),
+                       ("nosplits", lambda m: {**m, "splits": []})):
+        shutil.copytree(p / "p1", p / name)
+        manifest = p / name / "manifest.json"
+        manifest.write_text(json.dumps(edit(json.loads(manifest.read_text()))))
     return p
 
 
@@ -378,6 +400,10 @@ MERGE_CASES = [
     ("half-written", ["merge", f"{P}/p0", f"{P}/half"], 2,
      [f"{P}/half", "half-written part", "--num-shards 2 --shard-index 1", "resumes"], None),
     ("not-a-part", ["merge", f"{P}/whole"], 2, [f"{P}/whole", "not a part", "--num-shards"], None),
+    ("manifest-a-list", ["merge", f"{P}/p0", f"{P}/listed"], 2, [f"{P}/listed", "not a JSON object"], None),
+    ("part-record-empty", ["merge", f"{P}/p0", f"{P}/nokeys"], 2, [f"{P}/nokeys", "manifest.json is damaged"], None),
+    ("part-index-a-string", ["merge", f"{P}/p0", f"{P}/strindex"], 2, [f"{P}/strindex", "is damaged"], None),
+    ("splits-a-list", ["merge", f"{P}/p0", f"{P}/nosplits"], 2, [f"{P}/nosplits", "is damaged"], None),
     ("damaged-shard", ["merge", f"{P}/p0", f"{P}/damaged"], 2,
      [f"{P}/damaged", "train/shard_000001.npy", "sha256", "rerun that node's command"], None),
     ("damaged-hashes", ["merge", f"{P}/d0", f"{P}/d1hashes"], 2, [f"{P}/d1hashes", "doc_hashes.npy", "sha256"], None),
