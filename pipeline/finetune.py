@@ -300,6 +300,9 @@ def check_model_dir(model_dir: Path) -> dict[str, Any]:
         found = config.get("model_type") if isinstance(config, dict) else None
         raise FinetuneError(f"{model_dir}: model_type {found!r}; sift-finetune fine-tunes BERT models "
                             "(model_type 'bert')")
+    for key in ("max_position_embeddings", "vocab_size"):
+        if key in config and (type(config[key]) is not int or config[key] < 1):
+            raise FinetuneError(f"{cfg_path}: {key} {config[key]!r} is not a positive integer")
     weights = [model_dir / w for w in WEIGHT_FILES if (model_dir / w).is_file()]
     if not weights:
         raise FinetuneError(f"{model_dir}: no weights ({' or '.join(WEIGHT_FILES)})")
@@ -460,6 +463,8 @@ def parse_seeds(text: str) -> list[int]:
         raise FinetuneError("at least one seed is needed")
     if len(set(seeds)) != len(seeds):
         raise FinetuneError(f"seeds repeat: {text!r}")
+    if not all(0 <= s < 2**32 for s in seeds):  # numpy's seeds: transformers' set_seed seeds it
+        raise FinetuneError(f"seeds must be in [0, 2**32), got {text!r}")
     return seeds
 
 
@@ -471,6 +476,8 @@ def evaluate(model: str | Path, data: str | Path, *, test_file: str | Path | Non
     """The whole evaluation: checks, data, split, one fine-tuning per seed, the report (a dict
     that json.dumps writes as it is)."""
     t_start = time.perf_counter()
+    if not 0 <= split_seed < 2**63:  # numpy's generators take no negative seed
+        raise FinetuneError(f"split seed must be in [0, 2**63), got {split_seed}")
     model_dir = Path(model)
     config = check_model_dir(model_dir)  # cheap checks first: nothing is tokenized for a bad model
     max_length = settings.max_length or default_max_length(config)

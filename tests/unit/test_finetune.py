@@ -234,6 +234,11 @@ def test_model_checks(tmp_path):
         check_model_dir(tmp_path / "nope")
     with pytest.raises(FinetuneError, match="no config.json"):
         check_model_dir(tmp_path)
+    odd = bert_dir(tmp_path / "odd")
+    (odd / "config.json").write_text(json.dumps({**json.loads((odd / "config.json").read_text()),
+                                                 "max_position_embeddings": "abc"}))
+    with pytest.raises(FinetuneError, match="max_position_embeddings 'abc' is not a positive integer"):
+        check_model_dir(odd)
     weights = d / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated, as by a full disk
     with pytest.raises(FinetuneError, match="damaged weights file"):
@@ -305,6 +310,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         ((good, two_class_csv(tmp_path), "--label-column", "y"), "no column 'y'"),
         ((good, two_class_csv(tmp_path), "--max-length", "64"), "exceeds the model's max_position_embeddings 32"),
         ((good, two_class_csv(tmp_path), "--seeds", "1,x"), "seeds must be comma-separated integers"),
+        ((good, two_class_csv(tmp_path), "--seeds", "-1"), "seeds must be in [0, 2**32)"),
+        ((good, two_class_csv(tmp_path), "--split-seed", "-1"), "split seed must be in [0, 2**63)"),
         ((good, two_class_csv(tmp_path)), "no tokenizer (tokenizer.json or vocab.txt); pass --tokenizer DIR"),
         ((good, two_class_csv(tmp_path), "--tokenizer", word_vocab(tmp_path, ["q"])), "maps 100% of the training tokens to [UNK]"),
         ((good, tmp_path / "d.parquet"), "unknown extension '.parquet'"),
