@@ -106,7 +106,11 @@ def read_latest(ckpt_dir: Path) -> str | None:
     path = Path(ckpt_dir) / LATEST
     if not path.is_file():
         return None
-    tag = path.read_text().strip()
+    try:
+        tag = path.read_text().strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} holds no tag name (undecodable bytes: checkpoint directory "
+                              "damaged)") from None
     if not (Path(ckpt_dir) / tag / STATE_FILE).is_file():
         raise CheckpointError(f"{path} names {tag!r}, but {Path(ckpt_dir) / tag / STATE_FILE} "
                               "is missing (checkpoint directory damaged)")
@@ -234,8 +238,18 @@ def prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
 
 
 def read_client_state(load_dir: Path, tag: str) -> dict[str, Any]:
-    """Our client state of (load_dir, tag): readable without torch or the engine."""
-    return json.loads((Path(load_dir) / tag / STATE_FILE).read_text())
+    """Our client state of (load_dir, tag): readable without torch or the engine. A ValueError
+    when it is not a JSON object."""
+    state = json.loads((Path(load_dir) / tag / STATE_FILE).read_text())
+    if not isinstance(state, dict):
+        raise ValueError(f"{STATE_FILE} holds a JSON {type(state).__name__}, not an object")
+    world = state.get("world_size")
+    facts = state.get("facts", {})
+    if type(world) is not int or world < 1:  # read before any engine is built
+        raise ValueError(f"{STATE_FILE}: world_size {world!r} is not a number of ranks")
+    if not isinstance(facts, dict) or not isinstance(facts.get("architecture") or {}, dict):
+        raise ValueError(f"{STATE_FILE}: its facts are not a table of what the checkpoint holds")
+    return state
 
 
 def saved_world_size(load_dir: Path, tag: str) -> int:
@@ -427,13 +441,20 @@ def load(engine: Any, load_dir: Path, tag: str, rank: int, engine_tag: str | Non
     has this rank: a larger new world size starts the extra ranks' generators fresh); returns our
     state."""
     engine_tag = engine_tag or tag
-    path, client = engine.load_checkpoint(str(load_dir), tag=engine_tag, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    try:  # files the checksums agree with can still be damaged (hashed after the damage)
+        path, client = engine.load_checkpoint(str(load_dir), tag=engine_tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        rng = rng_file(Path(load_dir) / tag, rank)
+        if path is not None and rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+    except Exception as exc:  # torch and pickle raise many types for a damaged file
+        prev = previous_complete(Path(load_dir), tag)
+        msg = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{Path(load_dir) / engine_tag}: cannot be loaded ({type(exc).__name__}: "
+                              f"{msg}); " + (f"the previous complete checkpoint is {Path(load_dir) / prev}"
+                                             if prev else "no earlier complete checkpoint is there")) from exc
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {Path(load_dir) / engine_tag}")
-    rng = rng_file(Path(load_dir) / tag, rank)
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
     if "sift" in (client or {}):
         return client["sift"]
     return read_client_state(load_dir, tag)

@@ -91,6 +91,10 @@ def damaged(tag_dir: Path, full: bool = False) -> list[str] | None:
         return None
     except (OSError, ValueError, KeyError, TypeError):
         return [MANIFEST]
+    if not isinstance(listed, dict) or not all(
+            isinstance(w, dict) and isinstance(w.get("size"), int) and isinstance(w.get("sha256"), str)
+            and isinstance(w.get("sample_sha256"), str) for w in listed.values()):
+        return [MANIFEST]  # damaged: its entries cannot be checked against
     bad = []
     for name, want in sorted(listed.items()):
         p = tag_dir / name

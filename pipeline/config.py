@@ -91,7 +91,7 @@ class DataConfig:
         _check(not self.weights or len(self.weights) == len(self.sources),
                f"data.weights has {len(self.weights)} entries, data.sources {len(self.sources)}"
                if self.sources else "data.weights needs data.sources (one weight per source)")
-        _check(all(math.isfinite(w) and w > 0 for w in self.weights),
+        _check(all(math.isfinite(w) and w > 0 for w in self.weights) and math.isfinite(sum(self.weights)),
                f"data.weights must be positive and finite, got {list(self.weights)}")
         _check(0 <= self.prefetch <= 64, f"data.prefetch must be in [0, 64] (batches held ahead), got {self.prefetch}")
         _check(self.verify in ("size", "sha256"), f"data.verify must be size or sha256, got {self.verify!r}")
@@ -140,10 +140,10 @@ class OptimConfig:
         _check(self.decay_steps is None or self.decay_time_s is None,
                "optim.decay_steps and optim.decay_time_s both set: the decay ends at one of them")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
-        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(0 <= self.weight_decay < math.inf, f"optim.weight_decay must be >= 0 and finite, got {self.weight_decay}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        _check(self.eps > 0, "optim.eps must be > 0")
+        _check(0 < self.eps < math.inf, f"optim.eps must be > 0 and finite, got {self.eps}")
         _check(self.max_nonfinite_in_row >= 1, "optim.max_nonfinite_in_row must be >= 1")
 
 
@@ -166,7 +166,8 @@ class BudgetConfig:
                "budget: set at least one of steps, samples, wall_time_s, target_accuracy")
         _check(self.steps is None or self.steps >= 1, "budget.steps must be >= 1")
         _check(self.samples is None or self.samples >= 1, "budget.samples must be >= 1")
-        _check(self.wall_time_s is None or self.wall_time_s > 0, "budget.wall_time_s must be > 0")
+        _check(self.wall_time_s is None or 0 < self.wall_time_s < math.inf,
+               f"budget.wall_time_s must be > 0 and finite, got {self.wall_time_s}")
         _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
                "budget.target_accuracy must be in (0, 1]")
 
@@ -273,7 +274,8 @@ class RunConfig:
     def __post_init__(self):
         _check(bool(self.output_dir), "run.output_dir must not be empty")
         _check(0 <= self.seed < 2**63, "run.seed must be in [0, 2**63)")
-        _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
+        _check(0 < self.dist_timeout_s <= 1e9, "run.dist_timeout_s must be > 0 and at most 1e9 "
+               f"seconds, got {self.dist_timeout_s}")
 
 
 SECTIONS: dict[str, type] = {

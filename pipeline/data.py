@@ -59,14 +59,50 @@ def load_manifest(data_dir: str | Path) -> dict:
         raise DataError(f"{data_dir}: no manifest.json (prepare the corpus with sift-prep first)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a sift-prep manifest (a JSON {type(manifest).__name__})")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a sift-prep manifest (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: shard format version {manifest.get('format_version')}, "
                         f"this reader knows {FORMAT_VERSION}")
+    _check_layout(path, manifest)
     return manifest
+
+
+def _check_layout(path: Path, manifest: dict) -> None:
+    """The keys a reader uses, with their types: a damaged or hand-edited manifest.json is one
+    DataError naming the key, not a KeyError or TypeError from deep inside a run."""
+    def fail(what: str) -> DataError:
+        return DataError(f"{path}: {what}; prepare the data again with sift-prep")
+
+    for key, kind in (("seq_len", int), ("vocab_size", int), ("dtype", str),
+                      ("tokenizer_fingerprint", str), ("special_tokens", dict), ("splits", dict)):
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise fail(f"{key!r} is missing" if key not in manifest else
+                       f"{key!r} is {value!r:.60}, not {'an integer' if kind is int else 'a ' + kind.__name__}")
+    try:
+        integer = np.issubdtype(np.dtype(manifest["dtype"]), np.integer)
+    except TypeError:
+        integer = False
+    if not integer:
+        raise fail(f"dtype {manifest['dtype']!r:.40} is not an integer type")
+    if manifest["seq_len"] < 1 or manifest["vocab_size"] < 1:
+        raise fail(f"seq_len {manifest['seq_len']} and vocab_size {manifest['vocab_size']} must be >= 1")
+    for name in SPECIAL_TOKEN_NAMES:
+        i = manifest["special_tokens"].get(name)
+        if type(i) is not int or not 0 <= i < manifest["vocab_size"]:
+            raise fail(f"special token {name!r} is {i!r}, not an id below vocab_size "
+                       f"{manifest['vocab_size']}")
+    for name, split in manifest["splits"].items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("path"), str)
+                and type(m.get("num_sequences")) is int and m["num_sequences"] >= 0 for m in shards):
+            raise fail(f"split {name!r} is not a list of shards with a path and a row count each")
 
 
 def verify_prepared(data_dir: str | Path, full: bool = False) -> None:
@@ -83,11 +119,16 @@ def verify_prepared(data_dir: str | Path, full: bool = False) -> None:
     if not tok.is_file():
         raise DataError(f"{data_dir}: tokenizer/tokenizer.json is missing (checkpoints copy it and "
                         "export needs it); prepare the data again with sift-prep")
-    with open(tok, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != manifest["tokenizer_fingerprint"]:
-            raise DataError(f"{tok} is not the tokenizer the shards were encoded with (its sha256 "
-                            "differs from manifest.json's tokenizer_fingerprint)")
+    raw = tok.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != manifest["tokenizer_fingerprint"]:
+        raise DataError(f"{tok} is not the tokenizer the shards were encoded with (its sha256 "
+                        "differs from manifest.json's tokenizer_fingerprint)")
+    ids = _tokenizer_ids(raw)
+    if ids > manifest["vocab_size"]:  # the model would be built too small for the shards' ids
+        raise DataError(f"{data_dir / 'manifest.json'}: vocab_size {manifest['vocab_size']}, but its "
+                        f"tokenizer has {ids} ids; prepare the data again with sift-prep")
     seq_len = int(manifest["seq_len"])
+    dtype = np.dtype(manifest["dtype"])
     for name, split in manifest["splits"].items():
         for meta in split["shards"]:
             path = data_dir / meta["path"]
@@ -97,14 +138,30 @@ def verify_prepared(data_dir: str | Path, full: bool = False) -> None:
                 arr = np.load(path, mmap_mode="r")
             except (ValueError, OSError) as exc:  # numpy: "mmap length is greater than file size"
                 raise DataError(f"{path}: truncated or not a shard ({exc})") from None
-            if arr.shape != (meta["num_sequences"], seq_len):
-                raise DataError(f"{path}: shape {arr.shape}, manifest.json says "
-                                f"({meta['num_sequences']}, {seq_len})")
+            if not isinstance(arr, np.ndarray):
+                raise DataError(f"{path}: not a shard (an .npz archive, not one array)")
+            if arr.shape != (meta["num_sequences"], seq_len) or arr.dtype != dtype:
+                raise DataError(f"{path}: shape {arr.shape} of {arr.dtype}, manifest.json says "
+                                f"({meta['num_sequences']}, {seq_len}) of {dtype}")
             del arr
             if full:
                 with open(path, "rb") as f:
                     if hashlib.file_digest(f, "sha256").hexdigest() != meta.get("sha256"):
                         raise DataError(f"{path}: corrupted (its sha256 differs from manifest.json)")
+
+
+def _tokenizer_ids(raw: bytes) -> int:
+    """How many token ids a tokenizers JSON file defines (vocabulary and added tokens); 0 when
+    it cannot tell (the fingerprint check has already tied the file to the shards)."""
+    try:
+        tj = json.loads(raw)
+        vocab = (tj.get("model") or {}).get("vocab")
+        n = len(vocab) if isinstance(vocab, (dict, list)) else 0
+        if isinstance(vocab, dict):
+            n = max([n, *(i + 1 for i in vocab.values() if isinstance(i, int))])
+        return max([n, *(t["id"] + 1 for t in tj.get("added_tokens") or [] if isinstance(t.get("id"), int))])
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return 0
 
 
 class RowSources:
@@ -360,7 +417,7 @@ class MaskingConfig:
     def __post_init__(self):
         if not 0.0 < self.rate < 1.0:
             raise ValueError(f"masking.rate must be in (0, 1), got {self.rate}")
-        if self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:
+        if not (self.mask_prob >= 0 and self.random_prob >= 0 and self.mask_prob + self.random_prob <= 1):
             raise ValueError("masking.mask_prob and masking.random_prob must be >= 0 and sum to <= 1,"
                              f" got {self.mask_prob} and {self.random_prob}")
 

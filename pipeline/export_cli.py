@@ -49,8 +49,13 @@ def check_target(out: Path, load_dir: Path, overwrite: bool) -> None:
     if resolved == ckpt or ckpt in resolved.parents or resolved in ckpt.parents:
         raise CheckpointError(f"{out}: inside (or holding) the checkpoint directory {load_dir}: "
                               "export to a directory of its own")
+    if resolved == Path.cwd().resolve():  # "" and "." (the export replaces OUT as a whole)
+        raise CheckpointError(f"{out}: the current directory; export to a directory of its own")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
+    above = next((a for a in out.parents if a.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CheckpointError(f"{out}: {above} is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out}: not empty ({len(list(out.iterdir()))} entries); choose a new "
                               "directory or pass --overwrite to replace its contents")
@@ -82,6 +87,8 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
         raise CheckpointError(f"{checkpoint}: no checkpoint found")
     load_dir, tag = found
     out = Path(out)
+    if out.is_symlink():  # export into what it names: the link stays, nothing is left beside it
+        out = out.resolve()
     check_target(out, load_dir, overwrite)
     damaged = damaged_files(load_dir / tag, full=verify == "sha256")
     if damaged:
@@ -94,14 +101,29 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{load_dir / tag}: unreadable client state ({exc}); export an "
                               "earlier complete checkpoint (its tag directory)") from None
-    meta = state["model"]
-    model_cfg = ModelConfig(**state["config"]["model"])
-    if "bert_config" in meta:  # the recorded architecture
-        model = build_model(model_cfg, 0, 0, 0, config=BertConfig.from_dict(meta["bert_config"]))
-    else:  # checkpoints written before it was recorded: positions were the sequence length
-        model = build_model(model_cfg, meta["vocab_size"], meta["max_seq_len"], meta["pad_token_id"],
-                            checkpoint_positions=meta["max_seq_len"])
-    weights = fp32_state_dict(load_dir, tag)
+    prev = previous_complete(load_dir, tag)
+    earlier = f"export an earlier checkpoint: {load_dir / prev}" if prev else \
+        "no earlier complete checkpoint is there"
+    if not (load_dir / "tokenizer").is_dir():
+        raise CheckpointError(f"{load_dir}: no tokenizer/ beside the checkpoints (the trainer copies "
+                              "the data's there); copy the data's tokenizer/ directory into it")
+    try:
+        meta = state["model"]
+        model_cfg = ModelConfig(**state["config"]["model"])
+        if "bert_config" in meta:  # the recorded architecture
+            model = build_model(model_cfg, 0, 0, 0, config=BertConfig.from_dict(meta["bert_config"]))
+        else:  # checkpoints written before it was recorded: positions were the sequence length
+            model = build_model(model_cfg, meta["vocab_size"], meta["max_seq_len"], meta["pad_token_id"],
+                                checkpoint_positions=meta["max_seq_len"])
+    except (KeyError, TypeError, ValueError) as exc:  # a state of another version, or edited
+        raise CheckpointError(f"{load_dir / tag}: its client state describes no model this version "
+                              f"builds ({type(exc).__name__}: {exc}); {earlier}") from None
+    try:
+        weights = fp32_state_dict(load_dir, tag)
+    except Exception as exc:  # torch and pickle raise many types for a damaged file
+        msg = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{load_dir / tag}: the weights cannot be read ({type(exc).__name__}: "
+                              f"{msg}); {earlier}") from None
     bad = nonfinite_tensors(weights)
     if bad:
         prev = previous_complete(load_dir, tag)
@@ -109,7 +131,11 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
                               f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                               + (f"export an earlier checkpoint: {load_dir / prev}" if prev else
                                  "no earlier complete checkpoint is there"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes: the recorded architecture and the weights disagree
+        msg = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{load_dir / tag}: weights do not match the recorded model ({msg})") from None
     model.tie_weights()
     tied = set(model.all_tied_weights_keys)  # decoders tied to the embeddings, both head kinds
     if set(missing) - tied or unexpected:
@@ -155,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _export_main(args)
+    except KeyboardInterrupt:  # Ctrl-C: the staging directory is removed on the way out
+        print("sift-export: interrupted", file=sys.stderr)
+        return 130
+
+
+def _export_main(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import CheckpointError
 
     try:
@@ -166,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:  # the machine: a full disk, a permission
         print(f"sift-export: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # safetensors reports a full disk as its own SafetensorError
+        if "No space left on device" not in str(exc):
+            raise
+        print(f"sift-export: {(str(exc).splitlines() or [''])[0]}", file=sys.stderr)
         return 1
     print(f"sift-export: wrote {out} from {source} (step {step})")
     return 0

@@ -52,6 +52,24 @@ from pipeline.model_config import DEFAULT_POSITIONS, DEFAULT_PRESET, EXIT_HEADS,
 SIFT_CONFIG_KEYS = ("sift_exit_layer", "sift_exit_head", "sift_exit_loss_weight", "sift_exit_detach")
 
 
+def _check_architecture(config: BertConfig, where: str) -> None:
+    """Sizes the model can be built with (the model's constructor fails deep inside, or the first
+    forward pass does, on what passes here)."""
+    from transformers.activations import ACT2FN
+
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"{where}: hidden_size {config.hidden_size} is not a multiple of "
+                         f"num_attention_heads {config.num_attention_heads}")
+    if isinstance(config.hidden_act, str) and config.hidden_act not in ACT2FN:
+        raise ValueError(f"{where}: hidden_act {config.hidden_act!r} is not an activation "
+                         f"transformers knows")
+
+
 def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_id: int,
                 checkpoint_positions: int | None = None) -> BertConfig:
     """The BertConfig for `cfg` (init_from, config file or preset) with the data's vocab and the
@@ -75,9 +93,17 @@ def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_i
         if not path.is_file():
             raise FileNotFoundError(f"model.config_file not found: {path}")
         try:
-            config = BertConfig.from_dict(json.loads(path.read_text()))
+            raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"model.config_file {path} is not a valid JSON BertConfig: {exc}") from exc
+        if not isinstance(raw, dict) or raw.get("model_type", "bert") != "bert":
+            what = f"model_type {raw.get('model_type')!r}" if isinstance(raw, dict) else f"a JSON {type(raw).__name__}"
+            raise ValueError(f"model.config_file {path} is not a BertConfig ({what})")
+        try:
+            config = BertConfig.from_dict(raw)
+        except Exception as exc:  # transformers' own validation: several types, multi-line text
+            msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"model.config_file {path} is not a valid BertConfig ({msg})") from None
         if cfg.max_positions is not None:
             config.max_position_embeddings = cfg.max_positions
         where = f"model.config_file {path}"
@@ -93,6 +119,7 @@ def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_i
         )
         where = "model.max_positions" if cfg.max_positions else (
             "the checkpoint" if checkpoint_positions else "the model")
+    _check_architecture(config, where)
     if config.max_position_embeddings < max_seq_len:
         raise ValueError(f"{where}: {config.max_position_embeddings} position embeddings, fewer "
                          f"than the data's sequence length {max_seq_len}")

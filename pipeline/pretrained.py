@@ -80,8 +80,9 @@ def pretrained_config(spec: str):
             raise _fail(spec, f"no weights ({' or '.join(WEIGHT_FILES[::2])})")
         try:
             return BertConfig.from_dict(raw)
-        except (TypeError, ValueError) as exc:
-            raise _fail(spec, f"config.json is not a BertConfig ({exc})") from None
+        except Exception as exc:  # TypeError, ValueError, transformers' multi-line validation errors
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise _fail(spec, f"config.json is not a BertConfig ({msg})") from None
     _quiet_transformers()
     try:
         from transformers import AutoConfig

@@ -38,8 +38,9 @@ def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     """Build data, model and engine from `cfg`, resume if asked, train, write the summary."""
     for data_dir in cfg.data.data_dirs:
         preflight(lambda: verify_prepared(data_dir, full=cfg.data.verify == "sha256"))
-    # a missing or empty split; the sources of a mixture with another tokenizer or seq_len
-    preflight(lambda: [open_split(cfg.data.data_dirs, split)
+    # a missing or empty split; the sources of a mixture with another tokenizer or seq_len;
+    # row_sources (per-source counts in the logs) that do not cover the split
+    preflight(lambda: [open_split(cfg.data.data_dirs, split).row_sources
                        for split in (cfg.data.train_split, cfg.data.valid_split)])
     train_set = open_split(cfg.data.data_dirs, cfg.data.train_split)
     valid_set = open_split(cfg.data.data_dirs, cfg.data.valid_split)
@@ -125,11 +126,24 @@ def check_reference(path: str, vocab_size: int) -> None:
     if not config.is_file():
         raise rundir.PreflightError(f"selection.reference_model {path}: no config.json (expected a "
                                     "directory written by sift-export or save_pretrained)")
-    vocab = json.loads(config.read_text()).get("vocab_size")
+    try:
+        raw = json.loads(config.read_text())
+    except (ValueError, OSError) as exc:
+        raise rundir.PreflightError(f"selection.reference_model {path}: config.json is not valid "
+                                    f"JSON ({exc})") from None
+    vocab = raw.get("vocab_size") if isinstance(raw, dict) else None
     if vocab != vocab_size:
         raise rundir.PreflightError(f"selection.reference_model {path} has a vocabulary of {vocab}, "
                                     f"the data {vocab_size}: train it on data prepared with the "
                                     "same tokenizer (sift-prep --tokenizer)")
+    if raw.get("model_type") != "bert":  # loaded as a BertForMaskedLM once training starts
+        raise rundir.PreflightError(f"selection.reference_model {path}: a {raw.get('model_type')} "
+                                    "model, not BERT (a sift-export or a BertForMaskedLM directory)")
+    from pipeline.pretrained import WEIGHT_FILES
+
+    if not any((config.parent / name).is_file() for name in WEIGHT_FILES):
+        raise rundir.PreflightError(f"selection.reference_model {path}: no weights "
+                                    f"({' or '.join(WEIGHT_FILES[::2])})")
 
 
 def check_checkpoint(cfg: TrainConfig, source: tuple[Path, str],

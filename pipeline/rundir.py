@@ -44,11 +44,12 @@ class RunDirError(PreflightError):
 def read_lock(output_dir: str | Path) -> dict | None:
     """The lock's holder ({host, pid, started}), None without a lock; {} when unreadable."""
     try:
-        return json.loads((Path(output_dir) / LOCK).read_text())
+        info = json.loads((Path(output_dir) / LOCK).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _holder(info: dict) -> str:
@@ -70,6 +71,9 @@ def acquire(output_dir: str | Path) -> str | None:
             info = read_lock(output_dir)
             if info is None:
                 continue  # released between our two calls: try again
+            if not info:  # empty (a run killed while writing it) or damaged: it names no run
+                raise RunDirError(f"{path}: a lock file that names no run (empty or damaged); "
+                                  f"delete it if no run is using {output_dir}") from None
             same_host = info.get("host") == me["host"]
             pid = info.get("pid")
             if same_host and isinstance(pid, int) and not process_running(pid):

@@ -12,6 +12,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from pipeline.cli_util import one_line
 from pipeline.faults import lost_peers
 from pipeline.rundir import PreflightError
 from pipeline.train_args import overrides_from, parse_args
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_ds_config(resolve_path(cfg.run.ds_config), int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:  # every rank finds the same error: rank 0 says it
         if os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
-            print(f"sift-train: configuration error: {exc}", file=sys.stderr)
+            print(f"sift-train: configuration error: {one_line(exc)}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     signal.signal(signal.SIGTERM, _raise_terminated)  # so a terminated rank still says why
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except PreflightError as exc:  # every rank got rank 0's answer: one line, nothing written
         if rank == 0:
-            print(f"sift-train: {exc}", file=sys.stderr, flush=True)
+            print(f"sift-train: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"sift-train: rank {rank}: interrupted", file=sys.stderr)
@@ -111,7 +112,11 @@ def cli() -> None:
     After an error the process ends with os._exit: a start that failed can leave torch's and
     gloo's C++ threads behind, and the interpreter's teardown then sometimes aborts ("terminate
     called without an active exception", SIGABRT), which would turn exit 2 into -6."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before the run began (imports, configuration)
+        print("sift-train: interrupted", file=sys.stderr)
+        code = 130
     if code:
         sys.stdout.flush()
         sys.stderr.flush()

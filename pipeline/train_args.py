@@ -5,6 +5,7 @@ Imports nothing heavy (torch, deepspeed and transformers take seconds; --help do
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Sequence
 
 from pipeline import __version__
@@ -43,10 +44,10 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     """Every `--set` plus the dotted settings that the other flags stand for (CLI > file)."""
     overrides = [o for group in args.overrides for o in group]
     if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
+        overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
     if args.overwrite:
         overrides.append("run.overwrite=true")
     if args.deepspeed_config:
-        overrides.append(f'run.ds_config="{args.deepspeed_config}"')
+        overrides.append(f"run.ds_config={json.dumps(args.deepspeed_config)}")  # TOML-escaped
     return overrides
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -262,12 +263,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.eval_interval_s = args.budget_s / 10
     if not 0 < args.target_fraction <= 1:
         p.error(f"--target-fraction must be in (0, 1], got {args.target_fraction}")
-    if not (args.budget_s > 0 and args.eval_interval_s > 0):
-        p.error("--budget-s and --eval-interval-s must be > 0")
+    if not (0 < args.budget_s < math.inf and 0 < args.eval_interval_s < math.inf):
+        p.error("--budget-s and --eval-interval-s must be > 0 and finite")
+    if args.timeout_s is not None and not args.timeout_s > 0:
+        p.error(f"--timeout-s must be > 0, got {args.timeout_s}")
     if args.world_size < 1:
         p.error("--world-size must be >= 1")
-    if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)):
-        p.error("--seeds needs distinct integers, e.g. --seeds 42,43,44")
+    if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)
+                                   or not all(0 <= s < 2**63 for s in args.seeds)):
+        p.error("--seeds needs distinct integers in [0, 2**63), e.g. --seeds 42,43,44")
+    if not args.name or Path(args.name).name != args.name or args.name in (".", ".."):
+        p.error(f"--name must be a file name (no directory), got {args.name!r}")
+    for flag, where in (("--out", args.out), ("--work-dir", args.work_dir)):
+        if where is not None and Path(where).exists() and not Path(where).is_dir():
+            p.error(f"{flag} {where}: exists and is not a directory")
     if args.warm_start is not None:
         if args.warm_start.isdigit():
             args.warm_start = int(args.warm_start)
@@ -280,6 +289,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "directory")
     if not Path(args.data, "manifest.json").is_file():
         p.error(f"--data {args.data}: no manifest.json (run sift-prep first)")
+    from pipeline.data import DataError, verify_prepared
+
+    try:  # a damaged data directory fails every arm: say so now
+        verify_prepared(args.data)
+    except DataError as exc:
+        p.error(f"--data: {exc}")
     if args.downstream is not None:  # now, not after hours of training
         problem = bench_downstream.check(args.downstream, args.downstream_seeds, args.downstream_args)
         if problem:
@@ -517,12 +532,16 @@ def bad_warm_start(warm: str | None) -> str | None:
     """A --warm-start CHECKPOINT_DIR that no arm could fork from, said before any job starts."""
     if warm is None or isinstance(warm, int):  # a step count: the warm start is ours
         return None
-    from pipeline.checkpoint import CheckpointError, resolve_resume
+    from pipeline.checkpoint import CheckpointError, read_client_state, resolve_resume
 
     try:
         found = resolve_resume(warm, Path(warm), what="--warm-start")
+        if found is not None:
+            read_client_state(*found)
     except CheckpointError as exc:
         return str(exc)
+    except (OSError, ValueError) as exc:
+        return f"--warm-start {warm}: unreadable client state ({exc})"
     return None if found is not None else f"--warm-start {warm}: no checkpoint found there"
 
 

@@ -38,7 +38,10 @@ def check(dataset: str, seeds: str, extra: str) -> str | None:
         parse_seeds(seeds)
     except FinetuneError as exc:
         return f"--downstream-seeds: {exc}"
-    words = shlex.split(extra)
+    try:
+        words = shlex.split(extra)
+    except ValueError as exc:  # an unbalanced quote
+        return f"--downstream-args {extra!r}: {exc}"
     owned = [w for w in words if w.split("=", 1)[0] in OWNED_FLAGS]
     if owned:
         return f"--downstream-args: {owned[0]} is set by sift-bench (seeds: --downstream-seeds)"

@@ -51,6 +51,21 @@ def ws(tmp_path_factory, tiny_corpus) -> Path:
     (broken / "sift_state.json").write_text("{not json")
     (w / "ckpt_bad_state" / "latest").write_text("step_00000001\n")
     (w / "a_file").write_text("x")
+    (w / "ckpt_binary_latest").mkdir()
+    (w / "ckpt_binary_latest" / "latest").write_bytes(b"\xff\xfe\x00")
+    for name, state, sums in (("ckpt_state_list", "[]", None),
+                              ("ckpt_state_no_world", "{}", None),
+                              ("ckpt_sums_list", json.dumps({"world_size": 1}), '{"files": []}'),
+                              ("ckpt_no_tokenizer", json.dumps({"world_size": 1}), None),
+                              ("ckpt_foreign_state", json.dumps({"world_size": 1, "model": {},
+                                                                 "config": {"model": {"bogus": 1}}}), None)):
+        tag = w / name / "step_00000001"
+        tag.mkdir(parents=True)
+        (tag / "sift_state.json").write_text(state)
+        if sums is not None:
+            (tag / "checksums.json").write_text(sums)
+        (w / name / "latest").write_text("step_00000001\n")
+    (w / "ckpt_foreign_state" / "tokenizer").mkdir()
     (w / "busy_export").mkdir()
     (w / "busy_export" / "notes.txt").write_text("mine")
     # mixture sources that do not fit the tiny corpus: another tokenizer, another seq_len
@@ -64,7 +79,47 @@ def ws(tmp_path_factory, tiny_corpus) -> Path:
              "--doc-boundary", "blank-line", "--no-progress")
     run_prep([text], w / "short_rows", "--tokenizer", str(tiny_corpus / "tokenizer"),
              "--seq-len", "32", "--doc-boundary", "blank-line", "--no-progress")
+    damaged_data(w, tiny_corpus)
+    small = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}
+    for name, body in (("cfg_gpt2", {**small, "model_type": "gpt2"}), ("cfg_heads", {**small, "hidden_size": 65}),
+                       ("cfg_act", {**small, "hidden_act": "bogus"})):
+        (w / f"{name}.json").write_text(json.dumps(body))
+    for name, model_type in (("ref_gpt2", "gpt2"), ("ref_no_weights", "bert")):
+        (w / name).mkdir()
+        (w / name / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 600}))
+    (w / "ref_gpt2" / "model.safetensors").write_bytes(b"x")
+    (w / "lock_list" / ".lock").parent.mkdir()
+    (w / "lock_list" / ".lock").write_text("[1, 2]")
     return w
+
+
+def damaged_data(w: Path, good: Path) -> None:
+    """Copies of a prepared directory, each damaged in one way (a hand-edited manifest.json, a
+    shard of another dtype)."""
+    import shutil
+
+    import numpy as np
+
+    def copy(name: str, edit=None) -> Path:
+        d = w / name
+        shutil.copytree(good, d)
+        if edit is not None:
+            m = json.loads((d / "manifest.json").read_text())
+            (d / "manifest.json").write_text(json.dumps(edit(m)))
+        return d
+
+    copy("m_list", lambda m: [m])
+    copy("m_no_fingerprint", lambda m: {k: v for k, v in m.items() if k != "tokenizer_fingerprint"})
+    copy("m_seq_len_str", lambda m: {**m, "seq_len": "abc"})
+    copy("m_no_mask", lambda m: {**m, "special_tokens": {k: v for k, v in m["special_tokens"].items()
+                                                         if k != "mask"}})
+    copy("m_vocab_10", lambda m: {**m, "vocab_size": 10})
+    copy("m_row_sources", lambda m: {**m, "splits": {**m["splits"], "train": {
+        **m["splits"]["train"], "row_sources": [{"name": "a", "rows": 5}]}}})
+    shard = next((copy("float_shard") / "train").glob("shard_*.npy"))
+    rows = np.load(shard)
+    shard.unlink()
+    np.save(shard, rows.astype(np.float64))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -159,15 +214,42 @@ TRAIN = [
     ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=[1,inf]', "data.weights must be positive and finite"),
     ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=["a",1]', "data.weights[0]: expected a number"),
     (D + " data.weights=[1]", "data.weights needs data.sources"),
+    ('--set data.sources=["{ws}/data","{ws}/other_tokenizer"] data.weights=[1e308,1e308]',
+     "data.weights must be positive and finite"),  # their sum is not
     ('--set data.sources=[""]', "data.sources: an entry is empty"),
     ("--set data.sources={ws}/data", "data.sources: expected a list"),
     ("--set data.sources=[1,2]", "data.sources[0]: expected a string"),
     ("--set data.sources=[]", "data.data_dir is required"),
+    # NaN and inf that comparisons let through (a hostile pass of issue 24)
+    (D + " masking.mask_prob=nan", "masking.mask_prob and masking.random_prob must be >= 0 and sum to <= 1"),
+    (D + " masking.random_prob=nan", "masking.mask_prob and masking.random_prob must be >= 0 and sum to <= 1"),
+    (D + " optim.weight_decay=inf", "optim.weight_decay must be >= 0 and finite"),
+    (D + " optim.eps=inf", "optim.eps must be > 0 and finite"),
+    (D + " budget.steps=none budget.wall_time_s=inf", "budget.wall_time_s must be > 0 and finite"),
+    (D + " run.dist_timeout_s=inf", "run.dist_timeout_s must be > 0 and at most 1e9 seconds"),
+    (D + " run.dist_timeout_s=1e300", "run.dist_timeout_s must be > 0 and at most 1e9 seconds"),
     (D + " selection.history_rescore_every=0", "selection.history_rescore_every must be an int in [1, 1024]"),
     (D + " selection.history_rescore_every=1.5", "selection.history_rescore_every: expected an integer"),
     (D + ' selection.policy=sift-loss selection.history_rescore_every=3', "needs selection.history = 'mean'"),
     (D + " selection.percentile_window=-1", "selection.percentile_window must be an int in [0, 1048576]"),
     (D + " selection.percentile_window=2000000", "selection.percentile_window must be an int in [0, 1048576]"),
+    # hand-edited or damaged manifests and shards (a hostile pass of issue 24)
+    ("--set data.data_dir={ws}/m_list", "not a sift-prep manifest (a JSON list)"),
+    ("--set data.data_dir={ws}/m_no_fingerprint", "'tokenizer_fingerprint' is missing"),
+    ("--set data.data_dir={ws}/m_seq_len_str", "'seq_len' is 'abc', not an integer"),
+    ("--set data.data_dir={ws}/m_no_mask", "special token 'mask' is None"),
+    ("--set data.data_dir={ws}/m_vocab_10", "vocab_size 10, but its tokenizer has 600 ids"),
+    ("--set data.data_dir={ws}/m_row_sources", "row_sources of split 'train' cover 5 rows"),
+    ("--set data.data_dir={ws}/float_shard", "of float64, manifest.json says"),
+    (D + " model.preset=none model.config_file={ws}/cfg_gpt2.json", "is not a BertConfig (model_type 'gpt2')"),
+    (D + " model.preset=none model.config_file={ws}/cfg_heads.json",
+     "hidden_size 65 is not a multiple of num_attention_heads 2"),
+    (D + " model.preset=none model.config_file={ws}/cfg_act.json", "hidden_act 'bogus' is not an activation"),
+    (D + " selection.normalize=reference selection.reference_model={ws}/ref_gpt2", "a gpt2 model, not BERT"),
+    (D + " selection.normalize=reference selection.reference_model={ws}/ref_no_weights", "no weights"),
+    (D + " --resume {ws}/ckpt_binary_latest", "holds no tag name (undecodable bytes"),
+    (D + " --resume {ws}/ckpt_state_list", "sift_state.json holds a JSON list, not an object"),
+    (D + " run.output_dir={ws}/lock_list", "a lock file that names no run (empty or damaged)"),
     ("--set optim.lr", "--set expects section.key=value"),
     ("--set a.b.c=1", "--set key must be section.key"),
     ("--set =1", "--set expects section.key=value"),
@@ -202,9 +284,16 @@ EXPORT = [
     ("{ws}/a_file {ws}/out", "neither a checkpoint directory"),
     ("{ws}/ckpt_bad_latest {ws}/out", "is missing (checkpoint directory damaged)"),
     ("{ws}/ckpt_bad_state {ws}/out", "unreadable client state"),
+    ("{ws}/ckpt_binary_latest {ws}/out", "holds no tag name (undecodable bytes"),
+    ("{ws}/ckpt_state_list {ws}/out", "sift_state.json holds a JSON list, not an object"),
+    ("{ws}/ckpt_state_no_world {ws}/out", "world_size None is not a number of ranks"),
+    ("{ws}/ckpt_sums_list {ws}/out", "damaged file(s) checksums.json"),
+    ("{ws}/ckpt_no_tokenizer {ws}/out", "no tokenizer/ beside the checkpoints"),
+    ("{ws}/ckpt_foreign_state {ws}/out", "describes no model this version builds (TypeError"),
     ("{ws}/ckpt_bad_state {ws}/busy_export", "not empty (1 entries)"),
     ("{ws}/ckpt_bad_state {ws}/ckpt_bad_state/export", "inside (or holding) the checkpoint directory"),
     ("{ws}/ckpt_bad_state {ws}/a_file", "exists and is not a directory"),
+    ("{ws}/ckpt_bad_state {ws}/a_file/out", "a_file is not a directory"),
     ("{ws}/missing", "the following arguments are required: out"),
     ("", "the following arguments are required: checkpoint, out"),
     ("{ws}/missing {ws}/out --verify md5", "invalid choice: 'md5'"),
@@ -236,6 +325,19 @@ BENCH = [
     (B + " --set optim.lr=-1", "optim.lr must be > 0"),
     (B + " --target-fraction 1.5", "target"),
     (B + " --eval-interval-s 0", "eval"),
+    (B + " --budget-s inf", "--budget-s and --eval-interval-s must be > 0 and finite"),
+    (B + " --eval-interval-s inf", "--budget-s and --eval-interval-s must be > 0 and finite"),
+    (B + " --timeout-s 0", "--timeout-s must be > 0"),
+    (B + " --timeout-s nan", "--timeout-s must be > 0"),
+    (B + " --seeds -1", "--seeds needs distinct integers in [0, 2**63)"),
+    (B + " --name a/b", "--name must be a file name"),
+    (B + " --out {ws}/a_file", "a_file: exists and is not a directory"),
+    (B + " --work-dir {ws}/a_file", "a_file: exists and is not a directory"),
+    ("--data {ws}/m_list --no-hf-baseline", "m_list/manifest.json: not a sift-prep manifest"),
+    ("--data {ws}/float_shard --no-hf-baseline", "of float64, manifest.json says"),
+    (B + ' --downstream {ws}/a_file --downstream-args "--max-length', "No closing quotation"),
+    (B + " --warm-start {ws}/ckpt_binary_latest", "holds no tag name"),
+    (B + " --warm-start {ws}/ckpt_state_list", "unreadable client state"),
 ]
 CASES = ([(T, *c) for c in TRAIN] + [("sift-export", *c) for c in EXPORT]
          + [("sift-bench", *c) for c in BENCH])
@@ -265,3 +367,47 @@ def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(program, argv, words
     assert lines[0].startswith(f"{program}: ") and words in lines[0], lines[0]
     assert "Traceback" not in err
     assert snapshot(ws) == before
+
+
+def test_a_newline_in_a_path_stays_on_one_line(ws, capsys, monkeypatch):
+    """A path that holds a newline is shown escaped: the error is still one line."""
+    monkeypatch.chdir(ws)
+    code = run_main("sift-train", ["--set", f"data.data_dir={ws}/no\nsuch"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no\\nsuch: no manifest.json" in err, err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    """Ctrl-C in sift-export (anywhere: imports, loading, writing), and in sift-train before its
+    run began (torch still importing): one line, exit 130, no traceback."""
+    import subprocess
+    import sys
+
+    import pipeline.export_cli as export_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_cli, "export", interrupted)
+    assert export_cli.main([str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == "sift-export: interrupted\n"
+    code = ("import pipeline.train as t\n"
+            "def main():\n    raise KeyboardInterrupt\n"
+            "t.main = main\nt.cli()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert (proc.returncode, proc.stderr) == (130, "sift-train: interrupted\n")
+
+
+def test_an_export_into_the_current_directory_is_refused(ws, tmp_path, capsys, monkeypatch):
+    """OUT "" or "." is the current directory, which an export cannot replace whole."""
+    from pipeline.export_cli import main
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in ("", "."):
+        assert main([str(ws / "ckpt_bad_state"), out]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the current directory; export to a directory of its own" in err
+    assert not any(here.iterdir())

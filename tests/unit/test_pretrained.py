@@ -107,6 +107,8 @@ def _write_config(path, **fields):
     (lambda p: _write_config(p, model_type="roberta", vocab_size=VOCAB), "a roberta model, not BERT"),
     (lambda p: _write_config(p, model_type="gpt2"), "a gpt2 model, not BERT"),
     (lambda p: _write_config(p, model_type="bert"), "no weights"),
+    (lambda p: (_write_config(p, model_type="bert", vocab_size="600"),
+                (p / "model.safetensors").write_bytes(b"x")), "config.json is not a BertConfig"),
     (lambda p: (p.mkdir(), (p / "config.json").write_text("{not json")), "not valid JSON"),
 ])
 def test_directories_that_are_not_a_bert_are_refused_in_one_line(make, words, tmp_path):
