@@ -45,6 +45,13 @@ def check_precision_and_stage(cfg: dict[str, Any], where: str) -> None:
     for key in ("bf16", "fp16", "zero_optimization", "torch_autocast"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise ConfigError(f"{where}: '{key}' must be an object, got {cfg[key]!r}")
+    for key in ("bf16", "fp16"):  # DeepSpeed reads "yes" as true: say which is meant
+        flag = cfg.get(key, {}).get("enabled", False)
+        if isinstance(flag, str) and flag != "auto" or not isinstance(flag, (bool, str)):
+            raise ConfigError(f"{where}: {key}.enabled must be true, false or \"auto\", got {flag!r}")
+    clip = cfg.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < float("inf"):
+        raise ConfigError(f"{where}: gradient_clipping must be a number >= 0, got {clip!r}")
     enabled = [k for k in ("bf16", "fp16") if cfg.get(k, {}).get("enabled") in (True, "auto")]
     if len(enabled) > 1:
         raise ConfigError(f"{where}: bf16 and fp16 are both enabled: choose one precision")
