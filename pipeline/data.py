@@ -136,7 +136,7 @@ def verify_prepared(data_dir: str | Path, full: bool = False) -> None:
                 raise DataError(f"{path}: shard of split {name!r} listed in manifest.json is missing")
             try:
                 arr = np.load(path, mmap_mode="r")
-            except (ValueError, OSError) as exc:  # numpy: "mmap length is greater than file size"
+            except (ValueError, OSError, EOFError) as exc:  # numpy: "mmap length is greater than file size"
                 raise DataError(f"{path}: truncated or not a shard ({exc})") from None
             if not isinstance(arr, np.ndarray):
                 raise DataError(f"{path}: not a shard (an .npz archive, not one array)")

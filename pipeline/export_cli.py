@@ -145,7 +145,10 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
     staging = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        save_hf_directory(model, tokenizer_dir, staging)
+        try:
+            save_hf_directory(model, tokenizer_dir, staging)
+        except ValueError as exc:  # transformers on a damaged tokenizer (JSON errors are ValueErrors)
+            raise CheckpointError(f"{tokenizer_dir}: not a usable tokenizer ({exc})") from None
         replace_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

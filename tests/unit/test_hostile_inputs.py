@@ -118,6 +118,7 @@ def damaged_data(w: Path, good: Path) -> None:
     copy("m_vocab_10", lambda m: {**m, "vocab_size": 10})
     copy("m_row_sources", lambda m: {**m, "splits": {**m["splits"], "train": {
         **m["splits"]["train"], "row_sources": [{"name": "a", "rows": 5}]}}})
+    next((copy("empty_shard") / "train").glob("shard_*.npy")).write_bytes(b"")
     shard = next((copy("float_shard") / "train").glob("shard_*.npy"))
     rows = np.load(shard)
     shard.unlink()
@@ -243,6 +244,7 @@ TRAIN = [
     ("--set data.data_dir={ws}/m_vocab_10", "vocab_size 10, but its tokenizer has 600 ids"),
     ("--set data.data_dir={ws}/m_row_sources", "row_sources of split 'train' cover 5 rows"),
     ("--set data.data_dir={ws}/float_shard", "of float64, manifest.json says"),
+    ("--set data.data_dir={ws}/empty_shard", "truncated or not a shard (No data left in file)"),
     (D + " model.preset=none model.config_file={ws}/cfg_gpt2.json", "is not a BertConfig (model_type 'gpt2')"),
     (D + " model.preset=none model.config_file={ws}/cfg_heads.json",
      "hidden_size 65 is not a multiple of num_attention_heads 2"),
