@@ -48,8 +48,8 @@ def copies_layout(num_rows: int, picked: np.ndarray) -> np.ndarray:
     return np.tile(picked, reps)[:num_rows]
 
 
-def _shard_entry(out: Path, rel: str, rows: np.ndarray) -> dict:
-    data = npy_bytes(rows)
+def _shard_entry(out: Path, rel: str, rows: np.ndarray, dtype: str) -> dict:
+    data = npy_bytes(rows.astype(dtype))  # rows() reads int64: stored as the manifest says
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     (out / rel).write_bytes(data)
     return {"num_sequences": int(rows.shape[0]), "path": rel,
@@ -82,7 +82,8 @@ def make_pool(source: Path, out: Path, copies_of: int = 64, seed: int = 0,
     copies = train.rows(copies_layout(n, picked))
     if copies_only:
         tr.update(shards=[], num_sequences=0, num_tokens=0)
-    tr["shards"].append(_shard_entry(tmp, f"train/shard_{len(tr['shards']):06d}.npy", copies))
+    tr["shards"].append(_shard_entry(tmp, f"train/shard_{len(tr['shards']):06d}.npy", copies,
+                                     manifest["dtype"]))
     tr["num_sequences"] += n
     tr["num_tokens"] = int(tr["num_tokens"]) + count_tokens(copies, pad)
     tr["row_sources"] = ([{"name": "copies", "rows": n}] if copies_only else
@@ -94,7 +95,8 @@ def make_pool(source: Path, out: Path, copies_of: int = 64, seed: int = 0,
     for name, rows in (("learned", learned), ("fresh", fresh)):
         new["splits"][name] = {"num_sequences": int(rows.shape[0]),
                                "num_tokens": count_tokens(rows, pad),
-                               "shards": [_shard_entry(tmp, f"{name}/shard_000000.npy", rows)]}
+                               "shards": [_shard_entry(tmp, f"{name}/shard_000000.npy", rows,
+                                                       manifest["dtype"])]}
     new["positive_control"] = {"source": str(source), "copies_of": copies_of, "seed": seed,
                                "copies_only": copies_only, "copied_rows": picked.tolist()}
     write_json_atomic(tmp / "manifest.json", new)
