@@ -417,3 +417,13 @@ def test_an_export_into_the_current_directory_is_refused(ws, tmp_path, capsys, m
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "the current directory; export to a directory of its own" in err
     assert not any(here.iterdir())
+
+
+def test_flag_values_reach_the_config_as_given():
+    """--resume and --deepspeed_config become TOML overrides: a directory named 2024, a quote or a
+    backslash in a path stay the string given (were an integer, or a path with quotes around it)."""
+    from pipeline.config import parse_override
+    from pipeline.train_args import overrides_from, parse_args
+
+    args = parse_args(["--resume", "2024", "--deepspeed_config", 'ds "v2"\\x.json'])
+    assert [parse_override(o)[1] for o in overrides_from(args)] == ["2024", 'ds "v2"\\x.json']
