@@ -518,12 +518,20 @@ def bad_arm_config(args: argparse.Namespace, arms: list["Arm"], overrides: list[
     plan = {"recipe": args.recipe, "overrides": overrides, "out_dir": str(work),
             "budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,
             "warm_start": args.warm_start}
+    from pipeline.data import load_manifest
+    from pipeline.model import bert_config
+
+    manifest = load_manifest(args.data)  # checked readable before this
+    data_shape = (int(manifest["vocab_size"]), int(manifest["seq_len"]),
+                  int(manifest["special_tokens"]["pad"]))
     try:
         if isinstance(args.warm_start, int):
             warm_start_config(plan)
         for arm in arms:
-            arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
-    except ConfigError as exc:
+            cfg = arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
+            if cfg.model.init_from is None:  # the model's own sizes: e.g. an exit past its layers
+                bert_config(cfg.model, *data_shape)
+    except (ConfigError, ValueError) as exc:  # ConfigError is a ValueError
         return str(exc)
     return None
 

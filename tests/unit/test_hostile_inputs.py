@@ -331,6 +331,7 @@ BENCH = [
     (B + " --set optim.lr=-1", "optim.lr must be > 0"),
     (B + " --target-fraction 1.5", "target"),
     (B + " --eval-interval-s 0", "eval"),
+    (B + " --quick --exit-layers 3", "model.exit_layer must be in 1..2 for this model, got 3"),
     (B + " --budget-s inf", "--budget-s and --eval-interval-s must be > 0 and finite"),
     (B + " --eval-interval-s inf", "--budget-s and --eval-interval-s must be > 0 and finite"),
     (B + " --timeout-s 0", "--timeout-s must be > 0"),
