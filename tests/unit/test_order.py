@@ -134,16 +134,14 @@ def test_version_1_order_is_the_numpy_shuffle_checkpoints_were_trained_in():
     assert order.global_indices(1000, 1000)[0].tolist() == want.tolist()
 
 
-def test_version_1_order_from_two_threads_is_always_the_right_epoch():
-    """The prefetch thread and the trainer share an order: each caller gets its own epoch's."""
-    order, ref = MaterializedOrder(5000, seed=3), MaterializedOrder(5000, seed=3)
-    want = {e: ref.epoch_order(e).copy() for e in range(4)}
+def assert_thread_safe(table, want: dict) -> None:
+    """Two threads asking a shared cache for alternating keys each get their own key's table."""
     bad = []
 
-    def ask(epochs):
-        for e in epochs:
-            if not np.array_equal(order.epoch_order(e), want[e]):
-                bad.append(e)
+    def ask(keys):
+        for k in keys:
+            if not np.array_equal(table(k), want[k]):
+                bad.append(k)
 
     threads = [threading.Thread(target=ask, args=([0, 1] * 150,)),
                threading.Thread(target=ask, args=([2, 3] * 150,))]
@@ -152,6 +150,12 @@ def test_version_1_order_from_two_threads_is_always_the_right_epoch():
     for t in threads:
         t.join()
     assert bad == []
+
+
+def test_version_1_order_from_two_threads_is_always_the_right_epoch():
+    """The prefetch thread and the trainer share an order: each caller gets its own epoch's."""
+    order, ref = MaterializedOrder(5000, seed=3), MaterializedOrder(5000, seed=3)
+    assert_thread_safe(order.epoch_order, {e: ref.epoch_order(e).copy() for e in range(4)})
 
 
 def test_unknown_order_version_is_refused():
@@ -213,18 +217,5 @@ def test_one_source_mixture_reads_its_own_keyed_order():
 
 def test_mixture_periods_from_two_threads_are_always_the_right_period():
     mix, ref = MixtureOrder([10, 20], [1, 3], seed=2), MixtureOrder([10, 20], [1, 3], seed=2)
-    want = {k: ref.period_table(k)[0].copy() for k in range(4)}
-    bad = []
-
-    def ask(periods):
-        for k in periods:
-            if not np.array_equal(mix.period_table(k)[0], want[k]):
-                bad.append(k)
-
-    threads = [threading.Thread(target=ask, args=([0, 1] * 40,)),
-               threading.Thread(target=ask, args=([2, 3] * 40,))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert bad == []
+    assert_thread_safe(lambda k: mix.period_table(k)[0],
+                       {k: ref.period_table(k)[0].copy() for k in range(4)})
