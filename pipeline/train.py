@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from pipeline.cli_util import one_line
+from pipeline.cli_util import exit_distributed_process, one_line
 from pipeline.faults import lost_peers
 from pipeline.rundir import PreflightError
 from pipeline.train_args import overrides_from, parse_args
@@ -109,19 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cli() -> None:
     """The `sift-train` / `python -m pipeline.train` entry point: main(), then the exit.
 
-    After an error the process ends with os._exit: a start that failed can leave torch's and
-    gloo's C++ threads behind, and the interpreter's teardown then sometimes aborts ("terminate
-    called without an active exception", SIGABRT), which would turn exit 2 into -6."""
+    The process always ends in exit_distributed_process (after main() closed its files and the
+    process group): the interpreter's teardown can abort with SIGABRT once gloo has run."""
     try:
         code = main()
     except KeyboardInterrupt:  # Ctrl-C before the run began (imports, configuration)
         print("sift-train: interrupted", file=sys.stderr)
         code = 130
-    if code:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_distributed_process(code)
 
 
 if __name__ == "__main__":

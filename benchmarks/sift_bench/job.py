@@ -169,4 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli_util import exit_distributed_process
+
+    exit_distributed_process(main())
