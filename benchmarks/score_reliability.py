@@ -6,7 +6,8 @@ under D independent masks and reports, for the exit score and the full model's l
 
 - `retest`: Pearson correlation of two draws' scores of the same rows (1: the score is the text's;
   0: it is the mask's), averaged over disjoint pairs of draws;
-- `retest_k`: the same for the mean of k draws against the mean of k other draws, which is what
+- `retest_k`: the same for the mean of k draws against the mean of k other draws (k = 2, 4, 8, ...
+  while two groups fit in D), which is what
   "several masks in the scoring pass" or "scores averaged over k visits" (selection.history =
   mean, a model that changes little between visits) would select by;
 - `top_half_overlap`: the share of the top half by one draw that is in the top half by another
@@ -42,6 +43,16 @@ def retest(draws: np.ndarray, k: int = 1) -> float:
     if not pairs:
         return float("nan")
     return float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in pairs]))
+
+
+def group_sizes(draws: int) -> list[int]:
+    """The k of the `retest_k` columns: powers of two from 2 while two disjoint groups fit (16
+    draws reach k = 8, the loss history's default `history_visits`)."""
+    sizes, k = [], 2
+    while 2 * k <= draws:
+        sizes.append(k)
+        k *= 2
+    return sizes
 
 
 def top_half_overlap(draws: np.ndarray) -> float:
@@ -111,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             for scorer, d in draws.items():
                 row = {"rate": rate, "normalize": name, "scorer": scorer, "rows": d.shape[1],
                        "retest": retest(d, 1), "top_half_overlap": top_half_overlap(d)}
-                for k in (2, 4):
-                    if 2 * k <= args.draws:
-                        row[f"retest_{k}"] = retest(d, k)
+                for k in group_sizes(args.draws):
+                    row[f"retest_{k}"] = retest(d, k)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"benchmark": "score_reliability", "checkpoint": str(args.checkpoint),

@@ -83,3 +83,10 @@ def test_the_benchmark_reads_planted_reliability_and_its_k_draw_means():
     noise = g.normal(0, 1, (4, 3000))
     assert abs(retest(noise)) < 0.05 and top_half_overlap(noise) == pytest.approx(0.5, abs=0.03)
     assert top_half_overlap(np.stack([text, text])) == 1.0
+
+
+def test_the_k_draw_columns_are_the_powers_of_two_that_fit_twice():
+    from benchmarks.score_reliability import group_sizes
+
+    assert group_sizes(2) == [] and group_sizes(3) == [] and group_sizes(4) == [2]
+    assert group_sizes(8) == [2, 4] and group_sizes(15) == [2, 4] and group_sizes(16) == [2, 4, 8]
