@@ -442,12 +442,18 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def derive_key(*parts: int | np.ndarray) -> np.ndarray:
+    """64-bit keys from integers or int arrays (seed, stream, epoch, ...): chained SplitMix64,
+    element-wise over the broadcast of the parts (the masks' and the sample order's keys)."""
+    k = np.uint64(0)
+    for part in parts:
+        k = mix64(k ^ np.asarray(part).astype(np.uint64))  # seeds and counters are >= 0
+    return k
+
+
 def sample_keys(seed: int, epochs: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """(B,) uint64 masking keys: a function of (seed, epoch, global index) only."""
-    epochs = np.broadcast_to(np.asarray(epochs, dtype=np.int64), np.shape(indices))
-    k = mix64(np.uint64(seed))
-    k = mix64(k ^ epochs.astype(np.uint64))
-    return mix64(k ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
+    return derive_key(seed, epochs, np.asarray(indices, dtype=np.int64))
 
 
 def _bits(keys: np.ndarray, stream: int, length: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.data import mix64
+from pipeline.data import derive_key, mix64
 
 ORDER_VERSION = 2
 """The order algorithm new runs use (1: materialized numpy shuffle; 2: keyed Feistel bijection).
@@ -40,15 +40,6 @@ every aligned period (at most W_s positions off over any window)."""
 
 _ORDER_STREAM = 0x0DE5  # keeps order keys apart from the masking keys of the same seed
 _MIXTURE_STREAM = 0x313C
-
-
-def derive_key(*parts: int | np.ndarray) -> np.ndarray:
-    """64-bit keys from integers or int arrays (seed, stream, epoch, ...): chained SplitMix64,
-    element-wise over the broadcast of the parts."""
-    k = np.uint64(0)
-    for part in parts:
-        k = mix64(k ^ np.asarray(part).astype(np.uint64))  # seeds and counters are >= 0
-    return k
 
 
 def _feistel(x: np.ndarray, half_bits: int, round_keys: np.ndarray) -> np.ndarray:
