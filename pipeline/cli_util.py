@@ -31,8 +31,14 @@ def exit_distributed_process(code: int) -> None:
     Call it after the run closed its files and destroyed the process group. torch's and gloo's
     C++ threads can outlive destroy_process_group, and the teardown then sometimes aborts
     ("terminate called without an active exception", SIGABRT): a finished run's exit 0 became -6
-    (once in ~100 two-rank CI runs, after the run printed "done")."""
+    (once in ~100 two-rank CI runs, after the run printed "done"). Under mpirun a finished rank
+    must still finalize MPI, or mpirun calls the job failed; after an error it must not wait
+    for peers that may be gone."""
     logging.shutdown()  # what atexit would have flushed
+    if code == 0:  # every rank finished: tell mpirun so (mpi4py's atexit hook would have)
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
