@@ -75,8 +75,7 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
     `out` and moved into place at the end: an export that fails leaves `out` as it was."""
     from transformers import BertConfig
 
-    from pipeline.checkpoint import (CheckpointError, damaged_files, previous_complete,
-                                     read_client_state, resolve_resume)
+    from pipeline.checkpoint import CheckpointError, damaged_files, read_client_state, resolve_resume
     from pipeline.export import save_hf_directory
     from pipeline.model import ModelConfig, build_model
 
@@ -92,18 +91,13 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
     check_target(out, load_dir, overwrite)
     damaged = damaged_files(load_dir / tag, full=verify == "sha256")
     if damaged:
-        prev = previous_complete(load_dir, tag)
         raise CheckpointError(f"{load_dir / tag}: damaged file(s) {', '.join(damaged)}; "
-                              + (f"export an earlier checkpoint: {load_dir / prev}" if prev else
-                                 "no earlier complete checkpoint is there"))
+                              + earlier_advice(load_dir, tag))
     try:
         state = read_client_state(load_dir, tag)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{load_dir / tag}: unreadable client state ({exc}); export an "
                               "earlier complete checkpoint (its tag directory)") from None
-    prev = previous_complete(load_dir, tag)
-    earlier = f"export an earlier checkpoint: {load_dir / prev}" if prev else \
-        "no earlier complete checkpoint is there"
     if not (load_dir / "tokenizer").is_dir():
         raise CheckpointError(f"{load_dir}: no tokenizer/ beside the checkpoints (the trainer copies "
                               "the data's there); copy the data's tokenizer/ directory into it")
@@ -117,20 +111,19 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
                                 checkpoint_positions=meta["max_seq_len"])
     except (KeyError, TypeError, ValueError) as exc:  # a state of another version, or edited
         raise CheckpointError(f"{load_dir / tag}: its client state describes no model this version "
-                              f"builds ({type(exc).__name__}: {exc}); {earlier}") from None
+                              f"builds ({type(exc).__name__}: {exc}); "
+                              + earlier_advice(load_dir, tag)) from None
     try:
         weights = fp32_state_dict(load_dir, tag)
     except Exception as exc:  # torch and pickle raise many types for a damaged file
         msg = (str(exc).splitlines() or [""])[0][:200]
         raise CheckpointError(f"{load_dir / tag}: the weights cannot be read ({type(exc).__name__}: "
-                              f"{msg}); {earlier}") from None
+                              f"{msg}); {earlier_advice(load_dir, tag)}") from None
     bad = nonfinite_tensors(weights)
     if bad:
-        prev = previous_complete(load_dir, tag)
         raise CheckpointError(f"{load_dir / tag}: non-finite weights in {len(bad)} tensor(s) "
                               f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
-                              + (f"export an earlier checkpoint: {load_dir / prev}" if prev else
-                                 "no earlier complete checkpoint is there"))
+                              + earlier_advice(load_dir, tag))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shapes: the recorded architecture and the weights disagree
@@ -153,6 +146,15 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out, load_dir / tag, int(state.get("train_state", {}).get("step", -1))
+
+
+def earlier_advice(load_dir: Path, tag: str) -> str:
+    """What to export instead of the unusable checkpoint `tag` (looked up only on that path)."""
+    from pipeline.checkpoint import previous_complete
+
+    prev = previous_complete(load_dir, tag)
+    return f"export an earlier checkpoint: {load_dir / prev}" if prev else \
+        "no earlier complete checkpoint is there"
 
 
 def replace_directory(new: Path, target: Path) -> None:
