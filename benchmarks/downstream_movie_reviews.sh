@@ -12,14 +12,7 @@ flags=(--max-length 64 --truncation left --seeds 1,2,3 --no-progress)
 for ckpt in "$@"; do
     name=$(basename "$(dirname "$(realpath "$ckpt")")")
     sift-export "$ckpt" "$out/$name" --overwrite
-    python - "$out/$name" <<'PY'
-import sys, torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-src = sys.argv[1]
-torch.manual_seed(0)
-BertForMaskedLM(BertConfig.from_pretrained(src)).save_pretrained(src + "_random")
-AutoTokenizer.from_pretrained(src).save_pretrained(src + "_random")
-PY
+    python -m benchmarks.random_twin "$out/$name" "$out/${name}_random"
     for m in "$name" "${name}_random"; do
         sift-finetune "$out/$m" "$reviews" "${flags[@]}" --output "$out/$m.json"
     done

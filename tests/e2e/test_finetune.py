@@ -100,14 +100,9 @@ def finetune(model: Path, data: Path, settings=FINETUNE) -> dict:
 @pytest.fixture(scope="module")
 def random_twin(pretrained, tmp_path_factory) -> Path:
     """A BertForMaskedLM of the pretrained model's config with fresh random weights, and its tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from benchmarks.random_twin import save_random_twin
 
-    twin = tmp_path_factory.mktemp("random_twin")
-    torch.manual_seed(0)
-    BertForMaskedLM(BertConfig.from_pretrained(pretrained)).save_pretrained(twin)
-    AutoTokenizer.from_pretrained(pretrained).save_pretrained(twin)
-    return twin
+    return save_random_twin(pretrained, tmp_path_factory.mktemp("random_twin"))
 
 
 @pytest.fixture(scope="module")
