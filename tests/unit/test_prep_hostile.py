@@ -369,6 +369,16 @@ def part_sets(root, tmp_path_factory) -> Path:
     shard.write_bytes(bytes(data))
     shutil.copytree(p / "d1", p / "d1hashes")
     (p / "d1hashes" / "doc_hashes.npy").write_bytes(b"")
+    # Part 1 holding part 0's documents: d0's hash list in a copy of d1, its sha256 updated in the
+    # manifest, so the copy passes every checksum and only the shared-hash check can refuse it.
+    shutil.copytree(p / "d1", p / "d1shared")
+    shutil.copyfile(p / "d0" / "doc_hashes.npy", p / "d1shared" / "doc_hashes.npy")
+    manifest = json.loads((p / "d1shared" / "manifest.json").read_text())
+    d0_hashes = json.loads((p / "d0" / "manifest.json").read_text())["doc_hashes"]
+    assert d0_hashes["count"] > 0 and d0_hashes["sha256"] != manifest["doc_hashes"]["sha256"]
+    manifest["doc_hashes"] = {**manifest["doc_hashes"], "count": d0_hashes["count"],
+                              "sha256": build.file_sha256(p / "d1shared" / "doc_hashes.npy")}
+    (p / "d1shared" / "manifest.json").write_text(json.dumps(manifest))
     # A node killed after its first shard file (the kill hook of tests/e2e/test_prep.py).
     killed = subprocess.run([sys.executable, "-m", "data_prep", corpus, "-o", p / "half", *PART_FLAGS,
                              "--num-shards", "2", "--shard-index", "1"], capture_output=True,
@@ -407,6 +417,8 @@ MERGE_CASES = [
     ("damaged-shard", ["merge", f"{P}/p0", f"{P}/damaged"], 2,
      [f"{P}/damaged", "train/shard_000001.npy", "sha256", "rerun that node's command"], None),
     ("damaged-hashes", ["merge", f"{P}/d0", f"{P}/d1hashes"], 2, [f"{P}/d1hashes", "doc_hashes.npy", "sha256"], None),
+    ("document-in-two-parts", ["merge", f"{P}/d0", f"{P}/d1shared"], 2,
+     [f"{P}/d1shared", f"holds a document that {P}/d0 holds too (hash ", "--dedup exact"], None),
     ("output-is-a-part", ["merge", f"{P}/p0", f"{P}/p1", "--output", f"{P}/p1"], 2, [f"{P}/p1", "is the part"], None),
     ("output-in-a-part", ["merge", f"{P}/p0", f"{P}/p1", "--output", f"{P}/p0/merged"], 2,
      ["p0/merged", "inside the part"], None),

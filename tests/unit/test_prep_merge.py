@@ -290,6 +290,44 @@ def test_dedup_drops_the_planted_duplicates_and_nothing_else(corpus, single):
     assert sum(plain_docs.values()) == sum(want.values()) + PLANTED
 
 
+def test_dedup_across_inputs_keeps_the_first_in_input_order(corpus, tmp_path):
+    """Copies in a second input file and in the --valid-input file are dropped and nothing else:
+    the first occurrence in input order is kept (training inputs in command-line order,
+    --valid-input files last). A copy encodes like its original, so which one was kept shows
+    only for the validation copy, through the split its document lands in."""
+    from tokenizers import Tokenizer
+
+    texts, rng = corpus["expected"], random.Random(1)
+    first, second, valid = texts[:700], texts[700:1400], texts[1400:1450]
+    copied = rng.sample(range(len(first)), 30)
+    b_docs = list(second)
+    for n, i in enumerate(copied):  # 15 exact copies of a.jsonl's documents, 15 re-wrapped ones
+        copy = first[i] if n % 2 else "  " + "\n ".join(first[i].split(" ")) + " \t"
+        b_docs.insert(rng.randrange(len(b_docs) + 1), copy)
+    v_docs = list(valid)
+    v_docs.insert(20, second[123])  # a validation copy of a training document of b.jsonl
+    files = {}
+    for name, docs in (("a", first), ("b", b_docs), ("v", v_docs)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "out"
+    finish(start([files["a"], files["b"], "--valid-input", files["v"], "--output", out, *FLAGS,
+                  "--valid-fraction", "0", "--dedup", "exact"]))
+
+    m = manifest(out)
+    assert m["documents"] == {"seen": len(first) + len(b_docs) + len(v_docs), "duplicates": len(copied) + 1,
+                              "train": len(first) + len(second), "valid": len(valid)}
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    sep = m["special_tokens"]["sep"]
+
+    def want(docs: list[str]) -> Counter:
+        return Counter(tuple(e.ids) + (sep,) for e in tok.encode_batch(docs, add_special_tokens=False))
+
+    # The original of the validation copy stays in train; valid holds only the file's own documents.
+    assert documents(out, "train") == want(first + second)
+    assert documents(out, "valid") == want(valid)
+
+
 def test_dedup_across_nodes_from_the_launcher_environment(corpus, single, tmp_path):
     """Four SLURM-style tasks (SLURM_PROCID/SLURM_NTASKS, {index} in --output): planted copies sit
     in other parts than their originals, and the merge holds what the single-node dedup run holds."""
