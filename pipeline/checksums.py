@@ -3,10 +3,12 @@
 `checksums.json` in a tag directory lists every other file with its size, the sha256 of the whole
 file, and the sha256 of a sample of it (`SAMPLE_BLOCKS` blocks of `SAMPLE_BYTES`, spread evenly,
 first and last included). Two ways to check:
-- `sample` (the default): sizes and the sampled hashes. It reads ~4 MiB per file, so it costs
-  nothing next to loading; it finds truncation, a file replaced by another, and any damage larger
-  than about 1/64 of a file, but can miss a few flipped bytes between the sampled blocks (the
-  loaded weights are then checked for NaN/Inf, which is what such damage usually produces).
+- `sample` (the default): sizes, the whole sha256 of files up to `FULL_HASH_BELOW` (64 MiB: tens
+  of milliseconds) and the sampled hashes of larger ones. It reads at most 64 MiB per file, so it
+  costs little next to loading; in a large file it finds truncation, a file replaced by another,
+  and any damage larger than about 1/64 of the file, but can miss a few flipped bytes between the
+  sampled blocks (the loaded weights are then checked for NaN/Inf, which is what such damage
+  usually produces).
 - `sha256`: every byte (about a second per GB).
 
 Why rank 0 hashes everything it sees after the write barrier: the files are already in the page
@@ -25,6 +27,7 @@ from pathlib import Path
 MANIFEST = "checksums.json"
 SAMPLE_BLOCKS = 64
 SAMPLE_BYTES = 64 * 1024
+FULL_HASH_BELOW = 64 * 1024 * 1024  # smaller files are hashed whole even in `sample` mode
 CHUNK = 8 * 1024 * 1024
 
 
@@ -102,8 +105,10 @@ def damaged(tag_dir: Path, full: bool = False) -> list[str] | None:
             size = p.stat().st_size
             if size != want["size"]:
                 bad.append(f"{name} (size {size}, written {want['size']})")
-            elif (full_digest(p) if full else sample_digest(p, size)) != \
-                    want["sha256" if full else "sample_sha256"]:
+            elif full or size <= FULL_HASH_BELOW:
+                if full_digest(p) != want["sha256"]:
+                    bad.append(f"{name} (checksum)")
+            elif sample_digest(p, size) != want["sample_sha256"]:
                 bad.append(f"{name} (checksum)")
         except FileNotFoundError:
             bad.append(f"{name} (missing)")

@@ -136,7 +136,8 @@ class OptimConfig:
         _check(self.decay in ("linear", "cosine", "constant"),
                f"optim.decay must be linear, cosine or constant, got {self.decay!r}")
         _check(self.decay_steps is None or self.decay_steps > 0, "optim.decay_steps must be > 0")
-        _check(self.decay_time_s is None or self.decay_time_s > 0, "optim.decay_time_s must be > 0")
+        _check(self.decay_time_s is None or 0 < self.decay_time_s < math.inf,
+               f"optim.decay_time_s must be > 0 and finite, got {self.decay_time_s}")
         _check(self.decay_steps is None or self.decay_time_s is None,
                "optim.decay_steps and optim.decay_time_s both set: the decay ends at one of them")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
@@ -193,7 +194,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.every_steps >= 0, "eval.every_steps must be >= 0")
-        _check(self.every_s is None or self.every_s > 0, "eval.every_s must be > 0")
+        _check(self.every_s is None or 0 < self.every_s < math.inf,
+               f"eval.every_s must be > 0 and finite, got {self.every_s}")
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.max_samples is None or self.max_samples >= 1, "eval.max_samples must be >= 1")
 
@@ -221,8 +223,8 @@ class CheckpointConfig:
 
     verify: str = "sample"
     """Before a resume, fork or export, check the checkpoint's files against the checksums
-    written with it: 'sample' (sizes and ~4 MiB per file: cheap, finds truncation and most
-    damage) or 'sha256' (every byte, about a second per GB)."""
+    written with it: 'sample' (sizes, files up to 64 MiB whole and ~4 MiB of a larger one:
+    cheap, finds truncation and most damage) or 'sha256' (every byte, about a second per GB)."""
 
     def __post_init__(self):
         _check(self.verify in ("sample", "sha256"),
@@ -230,6 +232,8 @@ class CheckpointConfig:
         _check(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
         _check(self.keep_last >= 0, "checkpoint.keep_last must be >= 0")
         _check(bool(self.resume), "checkpoint.resume must be 'none', 'auto' or a path")
+        _check(self.dir is None or bool(self.dir),
+               "checkpoint.dir must not be empty (leave it unset for <run.output_dir>/checkpoints)")
 
 
 @dataclass(frozen=True)

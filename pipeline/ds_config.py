@@ -13,6 +13,10 @@ from typing import Any
 from pipeline.config import ConfigError
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# Far beyond any real run (BERT's micro batches are 8-512 rows a device, accumulation a few
+# hundred): a larger value is a typo that would allocate without bound or never finish a step.
+MAX_MICRO_BATCH = 65536
+MAX_ACCUMULATION = 65536
 
 
 def load_ds_config(path: str | Path, world_size: int | None) -> dict[str, Any]:
@@ -55,6 +59,10 @@ def check_precision_and_stage(cfg: dict[str, Any], where: str) -> None:
     enabled = [k for k in ("bf16", "fp16") if cfg.get(k, {}).get("enabled") in (True, "auto")]
     if len(enabled) > 1:
         raise ConfigError(f"{where}: bf16 and fp16 are both enabled: choose one precision")
+    offload = cfg.get("zero_optimization", {}).get("offload_optimizer")
+    if isinstance(offload, dict) and offload.get("device", "none") != "none":
+        raise ConfigError(f"{where}: zero_optimization.offload_optimizer needs DeepSpeed's own CPU "
+                          "optimizer, and this trainer brings its AdamW ([optim]): remove it")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -75,3 +83,14 @@ def check_batch_triplet(cfg: dict[str, Any], world_size: int, where: str = "ds_c
     if tb is not None and mb is not None and ga is None and tb % (mb * world_size):
         raise ConfigError(f"{where}: train_batch_size {tb} is not a multiple of micro {mb} x "
                           f"world size {world_size}")
+    micro = mb if mb is not None else tb // ((ga or 1) * world_size)
+    if micro < 1:
+        raise ConfigError(f"{where}: train_batch_size {tb} is less than one row a rank: "
+                          f"accumulation {ga or 1} x world size {world_size}")
+    accumulation = ga if ga is not None else (tb // (micro * world_size) if tb is not None and micro else 1)
+    if micro > MAX_MICRO_BATCH:
+        raise ConfigError(f"{where}: a micro batch of {micro} rows a rank is more than {MAX_MICRO_BATCH}: "
+                          "lower train_micro_batch_size_per_gpu (accumulate for a larger batch)")
+    if accumulation > MAX_ACCUMULATION:
+        raise ConfigError(f"{where}: {accumulation} accumulation steps are more than {MAX_ACCUMULATION}: "
+                          "lower gradient_accumulation_steps or train_batch_size")

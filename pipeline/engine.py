@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import OptimConfig
+from pipeline.config import ConfigError, OptimConfig
 
 @dataclass(frozen=True)
 class EngineFacts:
@@ -77,6 +77,19 @@ def set_lr(engine: Any, lr: float) -> None:
     """Write `lr` into every param group (the ZeRO wrappers expose the base optimizer's groups)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def check_precision_supported(ds_config: dict[str, Any], where: str) -> None:
+    """fp16 on an accelerator without it (DeepSpeed's CPU backend) fails inside
+    deepspeed.initialize with a traceback: say so first, in one line."""
+    if ds_config.get("fp16", {}).get("enabled") is not True:
+        return  # (importing deepspeed costs seconds)
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if not accelerator.is_fp16_supported():
+        raise ConfigError(f"{where}: fp16 is enabled, but the {accelerator.device_name()} accelerator "
+                          "does not support it: use bf16 or fp32")
 
 
 def build_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str, Any]

@@ -20,6 +20,7 @@ PRESETS: dict[str, tuple[int, int]] = {
 """Preset name -> (encoder layers, hidden size); heads = hidden / 64, intermediate = 4 * hidden."""
 
 EXIT_HEADS = ("shared", "separate")
+MAX_POSITIONS = 65536  # sift-prep's longest row (--seq-len); more positions only allocate
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ class ModelConfig:
                 raise ValueError(f"model.init_from takes the architecture from the model: unset "
                                  f"model.{' and model.'.join(given)}")
         if self.max_positions is not None and (not isinstance(self.max_positions, int)
-                                               or self.max_positions < 1):
-            raise ValueError(f"model.max_positions must be an int >= 1, got {self.max_positions!r}")
+                                               or not 1 <= self.max_positions <= MAX_POSITIONS):
+            raise ValueError(f"model.max_positions must be an int in [1, {MAX_POSITIONS}], "
+                             f"got {self.max_positions!r}")
         if not isinstance(self.exit_layer, int) or self.exit_layer < 1:
             raise ValueError(f"model.exit_layer must be an int >= 1, got {self.exit_layer!r}")
         if self.exit_head not in EXIT_HEADS:

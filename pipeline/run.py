@@ -186,6 +186,9 @@ def claim_output_dir(cfg: TrainConfig, rank: int, fresh: bool) -> None:
     separate = rundir.separate_checkpoint_dir(out, ckpt)
 
     def claim() -> list[str]:
+        rundir.check_apart_from_data(out, ckpt, cfg.data.data_dirs)
+        if separate is not None:
+            rundir.check_checkpoints_only(separate)
         try:
             out.mkdir(parents=True, exist_ok=True)
             notes = [rundir.acquire(out)]

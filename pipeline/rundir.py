@@ -144,6 +144,55 @@ def separate_checkpoint_dir(output_dir: str | Path, ckpt_dir: str | Path) -> Pat
     return None if ckpt == out or out in ckpt.parents else ckpt
 
 
+def _overlap(target: Path, data: Path) -> str | None:
+    """How `target` sits to `data` ('is', 'lies inside', 'holds') or None, as written and with
+    links resolved (a data directory reached through a symlink counts)."""
+    for t, d in ((Path(os.path.abspath(target)), Path(os.path.abspath(data))),
+                 (target.resolve(), data.resolve())):
+        if t == d:
+            return "is"
+        if d in t.parents:
+            return "lies inside"
+        if t in d.parents:
+            return "holds"
+    return None
+
+
+def check_apart_from_data(output_dir: str | Path, ckpt_dir: str | Path,
+                          data_dirs: list[str]) -> None:
+    """The run writes neither into the corpus it reads nor around it: an output or checkpoint
+    directory that is a data directory or lies inside one, or a checkpoint directory that holds
+    one, would mix (and, with --overwrite, prune) a run's files among the shards. A data
+    directory inside the output directory is fine (the quickstart keeps runs/quickstart/data)."""
+    for what, target in (("run.output_dir", output_dir), ("checkpoint.dir", ckpt_dir)):
+        for data in data_dirs:
+            where = _overlap(Path(target), Path(data))
+            if where is not None and (where != "holds" or what == "checkpoint.dir"):
+                raise RunDirError(f"{what} {target} {where} the data directory {data}: a run "
+                                  "does not write among its shards; choose another directory")
+
+
+# What a checkpoint directory holds (pipeline.checkpoint): anything else belongs to someone else.
+CHECKPOINT_ENTRIES = ("latest", "latest_universal", "tokenizer", "zero_to_fp32.py",
+                      "zero_to_torch.py", LOCK)
+CHECKPOINT_PREFIXES = ("step_", ".tokenizer.tmp", ".write_test.")
+
+
+def check_checkpoints_only(ckpt_dir: str | Path) -> None:
+    """A checkpoint directory of its own (checkpoint.dir outside the output directory) holds
+    checkpoints only: a directory with other files (an export, notes, a corpus) would get
+    `latest` and step_* directories among them, and --overwrite or keep_last would prune there."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        return
+    foreign = sorted(p.name for p in ckpt.iterdir() if p.name not in CHECKPOINT_ENTRIES
+                     and not p.name.startswith(CHECKPOINT_PREFIXES))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunDirError(f"checkpoint.dir {ckpt} holds files that are not checkpoints ({shown}): "
+                          "choose an empty directory or one that holds only checkpoints")
+
+
 def check_writable(directory: str | Path, what: str) -> None:
     """Create `directory` and a file in it (removed again): an unwritable checkpoint directory
     found at the first save would lose everything trained before it."""

@@ -165,8 +165,8 @@ class SelectionConfig:
                              f"got {self.normalize!r}")
         if self.draw not in DRAWS:
             raise ValueError(f"selection.draw must be one of {DRAWS}, got {self.draw!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"selection.temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"selection.temperature must be > 0 and finite, got {self.temperature!r}")
         if not 0.0 < self.epsilon <= 1.0:
             raise ValueError(f"selection.epsilon must be in (0, 1], got {self.epsilon!r}")
         if not 0.0 < self.token_ema_rate <= 1.0:

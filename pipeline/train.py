@@ -38,13 +38,23 @@ def check_one_ds_config(recipe: str | None, overrides: list[str], flag: str) -> 
                           "name different DeepSpeed configs: give one")
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed (host or device): the sizes, not the code, need changing."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
+                                           or "out of memory" in str(exc).lower()))
+
+
 def explained(exc: BaseException) -> bool:
     """Errors whose one line says all (what happened, what is intact, what to do): a stop
-    signal, a checkpoint that cannot be written or read, the non-finite stop."""
+    signal, a checkpoint that cannot be written or read, the non-finite stop, memory that ran
+    out."""
     from pipeline.checkpoint import CheckpointError
     from pipeline.trainer import NonFiniteLossError
 
-    return isinstance(exc, (Terminated, CheckpointError, NonFiniteLossError))
+    return isinstance(exc, (Terminated, CheckpointError, NonFiniteLossError)) or out_of_memory(exc)
 
 
 def _raise_terminated(signum, frame):
@@ -71,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import comm
 
         comm.discover_env()  # the world size the batch triplet is checked against
-        load_ds_config(resolve_path(cfg.run.ds_config), int(os.environ.get("WORLD_SIZE", "1")))
+        ds = load_ds_config(resolve_path(cfg.run.ds_config), int(os.environ.get("WORLD_SIZE", "1")))
+        from pipeline.engine import check_precision_supported
+
+        check_precision_supported(ds, cfg.run.ds_config)
     except ConfigError as exc:  # every rank finds the same error: rank 0 says it
         if os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
             print(f"sift-train: configuration error: {one_line(exc)}", file=sys.stderr)
@@ -96,8 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         lost = (lost_peers(cfg.run.output_dir, world, rank, str(exc), patience_s=3.0)
                 if world > 1 else "")
-        print(f"sift-train: rank {rank} failed{lost}: {type(exc).__name__}: {exc}", file=sys.stderr,
-              flush=True)
+        what = (f"out of memory ({one_line(exc)[:200]}): lower the micro batch "
+                "(train_micro_batch_size_per_gpu), eval.batch_size or the model size"
+                if out_of_memory(exc) else f"{type(exc).__name__}: {exc}")
+        print(f"sift-train: rank {rank} failed{lost}: {what}", file=sys.stderr, flush=True)
         if not (lost or explained(exc)):  # a traceback only for what no line explains
             traceback.print_exc()
         sys.stderr.flush()

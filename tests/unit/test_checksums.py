@@ -40,15 +40,25 @@ def test_truncation_a_missing_file_and_a_sampled_block_are_found(tag_dir):
                                           "sub/part.pt (missing)"]
 
 
-def test_a_small_change_between_sampled_blocks_needs_the_full_check(tag_dir):
-    """What the default sample can miss (a few bytes between its blocks, same size): the full
-    check finds it. The resume then also checks the loaded weights for NaN/Inf."""
+def test_a_small_change_between_sampled_blocks_needs_the_full_check(tag_dir, monkeypatch):
+    """What the default sample can miss in a large file (a few bytes between its blocks, same
+    size): the full check finds it. The resume then also checks the loaded weights for NaN/Inf.
+    (8 MiB stands in for a file over FULL_HASH_BELOW.)"""
+    monkeypatch.setattr(checksums, "FULL_HASH_BELOW", 1024 * 1024)
     offsets = checksums.sample_offsets(8 * 1024 * 1024)
     between = offsets[10] + checksums.SAMPLE_BYTES + 100  # after block 10, before block 11
     assert between + 8 < offsets[11]
     overwrite(tag_dir / "big.pt", between, b"\xff" * 8)
     assert checksums.damaged(tag_dir) == []
     assert checksums.damaged(tag_dir, full=True) == ["big.pt (checksum)"]
+
+
+def test_a_file_below_64_mib_is_hashed_whole_by_the_default_check(tag_dir):
+    """The same change in a file the size of a small model's checkpoint (a hostile pass zeroed
+    4 KiB in the middle of an 18 MB one, and it resumed): the default check finds it."""
+    offsets = checksums.sample_offsets(8 * 1024 * 1024)
+    overwrite(tag_dir / "big.pt", offsets[10] + checksums.SAMPLE_BYTES + 100, b"\xff" * 8)
+    assert checksums.damaged(tag_dir) == ["big.pt (checksum)"]
 
 
 def test_a_small_file_is_hashed_whole_by_the_sample(tag_dir):

@@ -40,6 +40,13 @@ def ws(tmp_path_factory, tiny_corpus) -> Path:
           "mismatch": {**DS_OK, "train_batch_size": 999},
           "no_batch": {"zero_optimization": {"stage": 0}},
           "neg_micro": {**DS_OK, "train_micro_batch_size_per_gpu": -4},
+          "micro_huge": {**DS_OK, "train_micro_batch_size_per_gpu": 10**9},
+          "total_huge": {"train_batch_size": 10**12, "zero_optimization": {"stage": 0}},
+          "accumulation_huge": {**DS_OK, "gradient_accumulation_steps": 10**9},
+          "less_than_a_row": {"train_batch_size": 4, "gradient_accumulation_steps": 8,
+                              "zero_optimization": {"stage": 0}},
+          "offload": {**DS_OK, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+          "fp16": {**DS_OK, "fp16": {"enabled": True}},
           "list": [1, 2, 3]}
     for name, body in ds.items():
         (w / f"ds_{name}.json").write_text(json.dumps(body))
@@ -178,7 +185,25 @@ TRAIN = [
     (D + " model.exit_loss_weight=-1", "model.exit_loss_weight must be finite and >= 0"),
     (D + " model.init_from=some/dir model.preset=bert-base", "unset model.preset"),
     (D + " model.init_from=some/dir model.max_positions=512", "unset model.max_positions"),
-    (D + " model.max_positions=0", "model.max_positions must be an int >= 1"),
+    (D + " model.max_positions=0", "model.max_positions must be an int in [1, 65536]"),
+    # a fresh hostile pass (issue 24's target): values that allocated without bound, never
+    # finished a step, failed inside DeepSpeed with a traceback, or trained where they should not
+    (D + " model.max_positions=100000000", "model.max_positions must be an int in [1, 65536]"),
+    (D + " selection.temperature=inf", "selection.temperature must be > 0 and finite"),
+    (D + " optim.decay_time_s=inf", "optim.decay_time_s must be > 0 and finite"),
+    (D + " eval.every_s=inf", "eval.every_s must be > 0 and finite"),
+    (D + ' checkpoint.dir=""', "checkpoint.dir must not be empty"),
+    (D + " run.ds_config={ws}/ds_micro_huge.json", "a micro batch of 1000000000 rows a rank is more than 65536"),
+    (D + " run.ds_config={ws}/ds_total_huge.json", "a micro batch of 1000000000000 rows a rank is more than 65536"),
+    (D + " run.ds_config={ws}/ds_accumulation_huge.json", "1000000000 accumulation steps are more than 65536"),
+    (D + " run.ds_config={ws}/ds_less_than_a_row.json", "train_batch_size 4 is less than one row a rank"),
+    (D + " run.ds_config={ws}/ds_offload.json", "offload_optimizer needs DeepSpeed's own CPU optimizer"),
+    (D + " run.ds_config={ws}/ds_fp16.json", "fp16 is enabled, but the cpu accelerator does not support it"),
+    (D + " run.output_dir={ws}/data", "run.output_dir {ws}/data is the data directory"),
+    (D + " run.output_dir={ws}/data/run", "lies inside the data directory"),
+    (D + " checkpoint.dir={ws}/data", "checkpoint.dir {ws}/data is the data directory"),
+    (D + " checkpoint.dir={ws}", "holds the data directory"),
+    (D + " checkpoint.dir={ws}/busy_export", "holds files that are not checkpoints (notes.txt)"),
     (D + " model.init_from=x checkpoint.init_from=y", "not both"),
     (D + " selection.policy=bogus", "selection.policy"),
     (D + " selection.fraction=0", "selection.fraction"),
@@ -371,7 +396,7 @@ def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(program, argv, words
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, (code, err[-2000:])
     assert len(lines) == 1, err[-2000:]
-    assert lines[0].startswith(f"{program}: ") and words in lines[0], lines[0]
+    assert lines[0].startswith(f"{program}: ") and words.replace("{ws}", str(ws)) in lines[0], lines[0]
     assert "Traceback" not in err
     assert snapshot(ws) == before
 
