@@ -21,7 +21,7 @@ import datetime
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -162,6 +162,26 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_dist_info()[1]
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_rank_env(env: Mapping[str, str]) -> str | None:
+    """What is wrong with the rank variables a launcher (or a user) set, or None: integers, a
+    rank in [0, WORLD_SIZE). A rank outside the world waits for peers that never come."""
+    if "RANK" not in env:
+        return None
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = env.get(name, "0" if name == "LOCAL_RANK" else "")
+        try:
+            values[name] = int(text)
+        except ValueError:
+            return f"{name}={text!r} is not an integer (RANK is set, so the environment says how " \
+                   "many ranks there are; a launcher such as deepspeed or torchrun sets these)"
+    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world < 1 or not 0 <= rank < world or local < 0:
+        return (f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: a rank must be in "
+                "[0, WORLD_SIZE) and LOCAL_RANK >= 0")
+    return None
 
 
 def discover_env() -> None:

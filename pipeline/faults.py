@@ -131,8 +131,21 @@ class FaultInjector:
 
     @classmethod
     def from_env(cls) -> "FaultInjector":
+        """The faults SIFT_FAULTS names; a value that is not a JSON object of known keys with
+        integer values is a ValueError naming the variable."""
         text = os.environ.get(cls.ENV)
-        return cls(json.loads(text) if text else None)
+        try:
+            spec = json.loads(text) if text else None
+        except ValueError:
+            raise ValueError(f"{cls.ENV}={text!r} is not JSON (a test hook: unset it)") from None
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError(f"{cls.ENV} must be a JSON object, got {type(spec).__name__}")
+        for key, value in (spec or {}).items():
+            values = value if key == "nan_at_micro_batches" and isinstance(value, list) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{cls.ENV}: {key} must be an integer{' list' if len(values) > 1 else ''}, "
+                                 f"got {value!r}")
+        return cls(spec)
 
     def step_started(self, step: int, rank: int) -> None:
         if rank == self.kill_rank and step == self.kill_at_step:

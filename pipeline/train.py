@@ -13,7 +13,7 @@ import traceback
 from typing import Sequence
 
 from pipeline.cli_util import exit_distributed_process, one_line
-from pipeline.faults import lost_peers
+from pipeline.faults import FaultInjector, lost_peers
 from pipeline.rundir import PreflightError
 from pipeline.train_args import overrides_from, parse_args
 
@@ -81,18 +81,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import comm
 
         comm.discover_env()  # the world size the batch triplet is checked against
+        wrong = comm.check_rank_env(os.environ)
+        if wrong is not None:  # every rank says it: which of them is rank 0 is what is wrong
+            print(f"sift-train: launch error: {wrong}", file=sys.stderr)
+            return 2
+        FaultInjector.from_env()  # a test hook: a bad value is one line before anything starts
         ds = load_ds_config(resolve_path(cfg.run.ds_config), int(os.environ.get("WORLD_SIZE", "1")))
         from pipeline.engine import check_precision_supported
 
         check_precision_supported(ds, cfg.run.ds_config)
-    except ConfigError as exc:  # every rank finds the same error: rank 0 says it
+    except (ConfigError, ValueError) as exc:  # every rank finds the same error: rank 0 says it
         if os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
             print(f"sift-train: configuration error: {one_line(exc)}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     signal.signal(signal.SIGTERM, _raise_terminated)  # so a terminated rank still says why
     try:
-        rank, world_size = comm.init_distributed(timeout_s=cfg.run.dist_timeout_s)
+        try:
+            rank, world_size = comm.init_distributed(timeout_s=cfg.run.dist_timeout_s)
+        except Exception as exc:  # nothing ran yet: a peer that never came, an address unreachable
+            print(f"sift-train: rank {rank}: could not join the process group of "
+                  f"{os.environ.get('WORLD_SIZE', '?')} ranks at {os.environ.get('MASTER_ADDR', '?')}:"
+                  f"{os.environ.get('MASTER_PORT', '?')} within run.dist_timeout_s = "
+                  f"{cfg.run.dist_timeout_s:g} s ({type(exc).__name__}: {one_line(exc)[:200]}): "
+                  "start every rank (a launcher such as deepspeed or torchrun does)",
+                  file=sys.stderr, flush=True)
+            return 1
         from pipeline.run import run  # after init: importing deepspeed's engine is slow
 
         run(cfg, rank, world_size)

@@ -172,6 +172,25 @@ def test_configuration_class_errors_are_one_line_and_exit_2(recipe, data_dir, tm
         assert "Traceback" not in proc.stderr, sets
 
 
+def test_a_rank_whose_peers_never_come_says_so_in_one_line(recipe, data_dir, tmp_path):
+    """WORLD_SIZE=2 and one process (a launcher that started half the ranks): the rendezvous
+    times out after run.dist_timeout_s with one line naming the group, not a traceback."""
+    import sys
+
+    from data_prep.io_util import free_port
+
+    env = {**job_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(recipe), "--set",
+                           f"data.data_dir={data_dir}", f"run.output_dir={tmp_path / 'out'}",
+                           "run.dist_timeout_s=3"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sift-train:")]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert "could not join the process group of 2 ranks at 127.0.0.1:" in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_a_checkpoint_damaged_in_place_is_refused_naming_the_file_and_the_last_good_tag(
         runs, recipe, data_dir, tmp_path):
     """Bytes overwritten in the middle of an optimizer partition, its size unchanged: the

@@ -453,3 +453,32 @@ def test_flag_values_reach_the_config_as_given():
 
     args = parse_args(["--resume", "2024", "--deepspeed_config", 'ds "v2"\\x.json'])
     assert [parse_override(o)[1] for o in overrides_from(args)] == ["2024", 'ds "v2"\\x.json']
+
+
+ENV_CASES = [  # a launcher's (or a user's) environment that cannot describe a process group
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "launch error: RANK=5, WORLD_SIZE=2, LOCAL_RANK=0: a rank must be in"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "launch error: RANK='x' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "launch error: RANK=0, WORLD_SIZE=0"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1"),
+    ({"SIFT_FAULTS": "bogus"}, "SIFT_FAULTS='bogus' is not JSON"),
+    ({"SIFT_FAULTS": "[1]"}, "SIFT_FAULTS must be a JSON object, got list"),
+    ({"SIFT_FAULTS": '{"kill_at_step": "a"}'}, "SIFT_FAULTS: kill_at_step must be an integer, got 'a'"),
+]
+
+
+@pytest.mark.parametrize("env, words", ENV_CASES, ids=[str(e) for e, _ in ENV_CASES])
+def test_a_bad_launch_environment_is_one_line_exit_2(env, words, ws, capsys, monkeypatch):
+    """A rank outside its world waited for peers until the timeout (10 minutes by default); a
+    damaged SIFT_FAULTS failed inside the trainer with a JSON traceback."""
+    monkeypatch.chdir(ws)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SIFT_FAULTS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = snapshot(ws)
+    code = run_main("sift-train", ["--set", f"data.data_dir={ws}/data"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert (code, len(lines)) == (2, 1), err[-2000:]
+    assert lines[0].startswith("sift-train: ") and words in lines[0], lines[0]
+    assert snapshot(ws) == before
