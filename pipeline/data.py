@@ -287,6 +287,13 @@ class ShardDataset(RowSources):
         for s in np.unique(shard_of):
             sel = np.nonzero(shard_of == s)[0]
             out[sel] = shards[s][indices[sel] - self._starts[s]]
+            # an id the model has no embedding for: a shard changed after sift-prep wrote it
+            # (data.verify = "size" checks sizes only); one max per batch costs microseconds
+            if out[sel].max(initial=0) >= self.vocab_size:
+                raise DataError(f"{self.data_dir / self._shard_meta[s]['path']}: a row holds token id "
+                                f"{int(out[sel].max())}, outside the vocabulary of {self.vocab_size}: the "
+                                "shard changed since sift-prep wrote it (data.verify = \"sha256\" checks "
+                                "every byte before training); prepare it again")
         return out
 
     def __getitem__(self, index: int) -> np.ndarray:

@@ -50,11 +50,13 @@ def out_of_memory(exc: BaseException) -> bool:
 def explained(exc: BaseException) -> bool:
     """Errors whose one line says all (what happened, what is intact, what to do): a stop
     signal, a checkpoint that cannot be written or read, the non-finite stop, memory that ran
-    out."""
+    out, a shard found damaged while reading."""
     from pipeline.checkpoint import CheckpointError
+    from pipeline.data import DataError
     from pipeline.trainer import NonFiniteLossError
 
-    return isinstance(exc, (Terminated, CheckpointError, NonFiniteLossError)) or out_of_memory(exc)
+    return isinstance(exc, (Terminated, CheckpointError, NonFiniteLossError, DataError)) \
+        or out_of_memory(exc)
 
 
 def _raise_terminated(signum, frame):

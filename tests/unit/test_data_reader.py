@@ -86,3 +86,20 @@ def test_token_counts_count_every_row_or_an_even_spread_without_specials(tiny_co
     assert picks.size == 7 and (few == expected_few).all()
     with pytest.raises(ValueError, match="max_rows"):
         token_counts(ds, max_rows=0)
+
+
+def test_a_token_id_outside_the_vocabulary_names_the_shard(tmp_path, tiny_corpus):
+    """A shard changed after sift-prep wrote it, at the same size (what data.verify = "size"
+    lets through): the row that holds an id the model has no embedding for is a DataError naming
+    the shard (it was an IndexError traceback from inside the embedding)."""
+    import shutil
+
+    data = shutil.copytree(tiny_corpus, tmp_path / "data")
+    ds = ShardDataset(data, "train")
+    shard = data / ds._shard_meta[0]["path"]
+    rows = np.load(shard, mmap_mode="r+")
+    rows[1, 3] = ds.vocab_size  # the first id past the vocabulary
+    rows.flush()
+    assert ds.rows(np.array([0])).shape == (1, ds.seq_len)  # other rows still read
+    with pytest.raises(DataError, match=rf"{shard.name}: a row holds token id {ds.vocab_size}, outside"):
+        ds.rows(np.array([0, 1]))
