@@ -28,6 +28,7 @@ A leaf module: rank and world size never matter to the model.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,25 @@ def _check_architecture(config: BertConfig, where: str) -> None:
     if isinstance(config.hidden_act, str) and config.hidden_act not in ACT2FN:
         raise ValueError(f"{where}: hidden_act {config.hidden_act!r} is not an activation "
                          f"transformers knows")
+
+
+def parameter_count(config: BertConfig) -> int:
+    """BERT's parameters from its sizes: embeddings, layers, pooler-free MLM head (tied decoder)."""
+    h, i = config.hidden_size, config.intermediate_size
+    embeddings = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size + 2) * h
+    layer = 4 * h * h + 2 * h * i + 9 * h + i  # attention, MLP, their biases and two LayerNorms
+    return embeddings + config.num_hidden_layers * layer + h * h + 3 * h + config.vocab_size
+
+
+def _check_fits_in_memory(config: BertConfig, where: str) -> None:
+    """A model whose fp32 weights alone exceed this machine's memory (it is built in host memory
+    before it moves to a device) would be built layer by layer until the OOM killer ends it."""
+    need = 4 * parameter_count(config)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"{where}: ~{parameter_count(config) / 1e9:.1f} B parameters need "
+                         f"{need / 2**30:.0f} GiB for their fp32 weights alone, more than this machine's "
+                         f"{have / 2**30:.0f} GiB of memory")
 
 
 def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_id: int,
@@ -128,6 +148,7 @@ def bert_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int, pad_token_i
             f"model.exit_layer must be in 1..{config.num_hidden_layers} for this model, got {cfg.exit_layer}"
         )
     config.vocab_size = vocab_size
+    _check_fits_in_memory(config, where)
     config.pad_token_id = pad_token_id
     config.hidden_dropout_prob = cfg.hidden_dropout
     config.attention_probs_dropout_prob = cfg.attention_dropout

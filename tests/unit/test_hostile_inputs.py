@@ -91,7 +91,9 @@ def ws(tmp_path_factory, tiny_corpus) -> Path:
     damaged_data(w, tiny_corpus)
     small = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}
     for name, body in (("cfg_gpt2", {**small, "model_type": "gpt2"}), ("cfg_heads", {**small, "hidden_size": 65}),
-                       ("cfg_act", {**small, "hidden_act": "bogus"})):
+                       ("cfg_act", {**small, "hidden_act": "bogus"}),
+                       ("cfg_layers", {**small, "num_hidden_layers": 10**6}),
+                       ("cfg_wide", {**small, "hidden_size": 10**6, "num_attention_heads": 1})):
         (w / f"{name}.json").write_text(json.dumps(body))
     for name, model_type in (("ref_gpt2", "gpt2"), ("ref_no_weights", "bert")):
         (w / name).mkdir()
@@ -274,6 +276,8 @@ TRAIN = [
     (D + " model.preset=none model.config_file={ws}/cfg_heads.json",
      "hidden_size 65 is not a multiple of num_attention_heads 2"),
     (D + " model.preset=none model.config_file={ws}/cfg_act.json", "hidden_act 'bogus' is not an activation"),
+    (D + " model.preset=none model.config_file={ws}/cfg_layers.json", "B parameters need"),  # was built
+    (D + " model.preset=none model.config_file={ws}/cfg_wide.json", "B parameters need"),  # until OOM
     (D + " selection.normalize=reference selection.reference_model={ws}/ref_gpt2", "a gpt2 model, not BERT"),
     (D + " selection.normalize=reference selection.reference_model={ws}/ref_no_weights", "no weights"),
     (D + " --resume {ws}/ckpt_binary_latest", "holds no tag name (undecodable bytes"),
