@@ -59,6 +59,23 @@ def check_target(out: Path, load_dir: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out}: not empty ({len(list(out.iterdir()))} entries); choose a new "
                               "directory or pass --overwrite to replace its contents")
+    foreign = sorted(p.name for p in out.iterdir() if not is_model_file(p.name)) if out.is_dir() else []
+    if foreign:  # --overwrite replaces the whole directory: only a model directory may go
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CheckpointError(f"{out}: holds files that are not an exported model ({shown}); "
+                              "--overwrite replaces only an earlier export: choose another directory")
+
+
+# What save_pretrained writes for a BERT and its tokenizer (and a model card): a directory holding
+# only these is an earlier export that --overwrite may replace.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", "pytorch_model.bin.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "added_tokens.json",
+               "README.md")
+
+
+def is_model_file(name: str) -> bool:
+    return name in MODEL_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
 def nonfinite_tensors(state_dict: "dict[str, torch.Tensor]") -> list[str]:
@@ -179,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the checkpoint's files against its checksums: sampled (default) "
                         "or every byte")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the contents of a non-empty output directory")
+                   help="replace an earlier export in OUT (a directory of model and tokenizer "
+                        "files only; any other file is refused)")
     p.add_argument("--version", action="version", version=f"sift-export {__version__}")
     return p
 

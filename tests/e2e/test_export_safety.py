@@ -33,9 +33,15 @@ def test_an_export_never_overwrites_silently_and_refuses_the_checkpoint_dir(runs
     assert (target / "notes.txt").read_text() == "mine" and len(list(target.iterdir())) == 1
     one_line(sift_export(ckpt, ckpt / "export"), "inside (or holding) the checkpoint directory")
     assert not (ckpt / "export").exists()
+    # --overwrite replaces an earlier export only, never a directory of other files
+    one_line(sift_export(ckpt, target, "--overwrite"), "holds files that are not an exported model (notes.txt)")
+    assert (target / "notes.txt").read_text() == "mine" and len(list(target.iterdir())) == 1
+    (target / "notes.txt").unlink()
+    assert sift_export(ckpt, target).returncode == 0
+    (target / "model.safetensors").write_bytes(b"an earlier export")
     proc = sift_export(ckpt, target, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (target / "model.safetensors").is_file() and not (target / "notes.txt").exists()
+    assert (target / "model.safetensors").read_bytes() != b"an earlier export"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 

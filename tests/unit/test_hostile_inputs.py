@@ -326,6 +326,8 @@ EXPORT = [
     ("{ws}/ckpt_no_tokenizer {ws}/out", "no tokenizer/ beside the checkpoints"),
     ("{ws}/ckpt_foreign_state {ws}/out", "describes no model this version builds (TypeError"),
     ("{ws}/ckpt_bad_state {ws}/busy_export", "not empty (1 entries)"),
+    # --overwrite replaced any directory whole (a hostile pass deleted a sift-prep output so)
+    ("{ws}/ckpt_bad_state {ws}/busy_export --overwrite", "holds files that are not an exported model (notes.txt)"),
     ("{ws}/ckpt_bad_state {ws}/ckpt_bad_state/export", "inside (or holding) the checkpoint directory"),
     ("{ws}/ckpt_bad_state {ws}/a_file", "exists and is not a directory"),
     ("{ws}/ckpt_bad_state {ws}/a_file/out", "a_file is not a directory"),
