@@ -214,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export_main(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import CheckpointError
 
+    if not sys.stderr.isatty():  # transformers' "Writing model shards" bar is noise in a log
+        import transformers
+
+        transformers.logging.disable_progress_bar()
     try:
         out, source, step = export(args.checkpoint, args.out, overwrite=args.overwrite,
                                      verify=args.verify)

@@ -248,8 +248,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     args.overrides = [o for group in args.overrides for o in group]
+    for flag in ("policies", "fractions", "pools", "exit_layers", "exit_heads", "seeds"):
+        if getattr(args, flag, None) == []:  # given, but empty (a shell variable that was unset)
+            p.error(f"--{flag.replace('_', '-')} needs at least one value")
     if any(len(v) < 2 for v in args.variants):
         p.error("--variant needs a TAG and at least one SECTION.KEY=VALUE")
+    tags = [v[0] for v in args.variants]
+    if len(set(tags)) != len(tags):
+        p.error(f"--variant tags must differ: {sorted({t for t in tags if tags.count(t) > 1})} given twice")
     if args.quick:
         defaults = dict(budget_s=6.0, eval_interval_s=1.5, fractions=[0.5], pools=["expand"],
                         exit_layers=[1], exit_heads=["shared"], name="time_to_accuracy_quick")
@@ -274,6 +280,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--seeds needs distinct integers in [0, 2**63), e.g. --seeds 42,43,44")
     if not args.name or Path(args.name).name != args.name or args.name in (".", ".."):
         p.error(f"--name must be a file name (no directory), got {args.name!r}")
+    if len(args.name.encode()) > 200:  # its files are NAME.json, NAME_seed42_accuracy_vs_time.png...
+        p.error(f"--name must be at most 200 bytes, got {len(args.name.encode())}")
+    for flag in ("policies", "fractions", "pools", "exit_layers", "exit_heads"):
+        values = getattr(args, flag) or []
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:  # the same arm twice: twice the time for one result
+            p.error(f"--{flag.replace('_', '-')} lists {', '.join(twice)} more than once")
     for flag, where in (("--out", args.out), ("--work-dir", args.work_dir)):
         if where is not None and Path(where).exists() and not Path(where).is_dir():
             p.error(f"{flag} {where}: exists and is not a directory")

@@ -369,6 +369,14 @@ BENCH = [
     (B + " --timeout-s nan", "--timeout-s must be > 0"),
     (B + " --seeds -1", "--seeds needs distinct integers in [0, 2**63)"),
     (B + " --name a/b", "--name must be a file name"),
+    # a fresh hostile pass: the report's file names failed after every arm had run; the same arm
+    # listed twice ran twice
+    (B + " --name " + "n" * 300, "--name must be at most 200 bytes"),
+    (B + " --fractions 0.5,0.5", "--fractions lists 0.5 more than once"),
+    (B + " --policies ,", "--policies needs at least one value"),  # ran the default policies
+    (B + " --policies sift-loss,random,sift-loss", "--policies lists sift-loss more than once"),
+    (B + " --exit-layers 1,1", "--exit-layers lists 1 more than once"),
+    (B + " --variant v optim.lr=1e-3 --variant v optim.lr=2e-3", "--variant tags must differ: ['v'] given twice"),
     (B + " --out {ws}/a_file", "a_file: exists and is not a directory"),
     (B + " --work-dir {ws}/a_file", "a_file: exists and is not a directory"),
     ("--data {ws}/m_list --no-hf-baseline", "m_list/manifest.json: not a sift-prep manifest"),
