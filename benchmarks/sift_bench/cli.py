@@ -275,6 +275,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--timeout-s must be > 0, got {args.timeout_s}")
     if args.world_size < 1:
         p.error("--world-size must be >= 1")
+    if args.world_size > (os.cpu_count() or 1):  # every rank is a process on this machine
+        p.error(f"--world-size {args.world_size} is more ranks than this machine's {os.cpu_count()} "
+                "cores (sift-bench runs every rank here)")
+    if args.eval_interval_s >= args.budget_s:
+        p.error(f"--eval-interval-s {args.eval_interval_s:g} is not shorter than --budget-s "
+                f"{args.budget_s:g}: no evaluation between the start and the end to time accuracy by")
     if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)
                                    or not all(0 <= s < 2**63 for s in args.seeds)):
         p.error("--seeds needs distinct integers in [0, 2**63), e.g. --seeds 42,43,44")
@@ -525,8 +531,14 @@ def bad_arm_config(args: argparse.Namespace, arms: list["Arm"], overrides: list[
     """Every arm's configuration (recipe, --set, --variant, the harness's settings) as the job
     will build it, checked now: a bad setting is one line before any job, not a traceback inside
     one an hour later."""
-    from benchmarks.sift_bench.job import arm_config, warm_start_config
+    from benchmarks.sift_bench.job import HARNESS_KEYS, arm_config, warm_start_config
     from pipeline.config import ConfigError
+
+    for flag, settings in [("--set", args.overrides)] + [(f"--variant {v[0]}", v[1:]) for v in args.variants]:
+        owned = sorted({o.split("=", 1)[0].strip() for o in settings} & HARNESS_KEYS)
+        if owned:  # the harness's value would win silently, or the arms would not compare
+            return (f"{flag}: {', '.join(owned)} is set by sift-bench for every arm (budgets, "
+                    "evaluation, checkpoints and outputs are the harness's; --data names the corpus)")
 
     plan = {"recipe": args.recipe, "overrides": overrides, "out_dir": str(work),
             "budget_s": args.budget_s, "eval_interval_s": args.eval_interval_s,

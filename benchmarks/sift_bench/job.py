@@ -34,6 +34,13 @@ HARNESS_OVERRIDES = (
 )
 
 
+# Keys a --set or --variant may not give: the harness sets them for every arm (above and in
+# arm_config), and --data names the corpus.
+HARNESS_KEYS = frozenset([o.split("=", 1)[0] for o in HARNESS_OVERRIDES] + [
+    "budget.wall_time_s", "eval.every_s", "run.output_dir", "checkpoint.init_from",
+    "checkpoint.keep_last", "data.data_dir", "data.sources", "data.weights"])
+
+
 # With `sift-bench --downstream` every arm keeps its final weights, one checkpoint, for
 # `sift-export` and `sift-finetune` after the job.
 SAVE_FINAL_OVERRIDES = ("checkpoint.at_end=true", "checkpoint.keep_last=1")

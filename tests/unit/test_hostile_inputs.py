@@ -373,6 +373,11 @@ BENCH = [
     # listed twice ran twice
     (B + " --name " + "n" * 300, "--name must be at most 200 bytes"),
     (B + " --fractions 0.5,0.5", "--fractions lists 0.5 more than once"),
+    (B + " --world-size 1000", "--world-size 1000 is more ranks than this machine's"),  # started 1000
+    (B + " --budget-s 5 --eval-interval-s 100", "--eval-interval-s 100 is not shorter than --budget-s 5"),
+    (B + " --set checkpoint.dir={ws}/ckpt", "--set: checkpoint.dir is set by sift-bench for every arm"),
+    (B + " --variant v data.data_dir={ws}/empty_dir", "--variant v: data.data_dir is set by sift-bench"),
+    (B + " --variant v run.output_dir={ws}/x budget.steps=5", "--variant v: budget.steps, run.output_dir is set"),
     (B + " --policies ,", "--policies needs at least one value"),  # ran the default policies
     (B + " --policies sift-loss,random,sift-loss", "--policies lists sift-loss more than once"),
     (B + " --exit-layers 1,1", "--exit-layers lists 1 more than once"),
