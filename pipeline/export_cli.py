@@ -40,9 +40,24 @@ def fp32_state_dict(load_dir: Path, tag: str) -> "dict[str, torch.Tensor]":
     return {k: v.float() for k, v in sd.items()}
 
 
-def check_target(out: Path, load_dir: Path, overwrite: bool) -> None:
+def check_target(out: Path, load_dir: Path, overwrite: bool) -> Path:
     """The export goes to an empty (or new) directory outside the checkpoints, unless
-    --overwrite replaces a directory's contents: a user's files are never written over silently."""
+    --overwrite replaces an earlier export: a user's files are never written over silently. A
+    name the file system refuses (too long, a loop) is said as such, before anything loads.
+    Returns the directory to write (a symlink's target)."""
+    from pipeline.checkpoint import CheckpointError
+
+    try:
+        if out.is_symlink():  # export into what it names: the link stays, nothing is left beside it
+            out = out.resolve()
+        _check_target(out, load_dir, overwrite)
+        return out
+    except OSError as exc:
+        raise CheckpointError(f"{str(out)[:100]}{'...' if len(str(out)) > 100 else ''}: cannot "
+                              f"export there ({exc.strerror or exc})") from None
+
+
+def _check_target(out: Path, load_dir: Path, overwrite: bool) -> None:
     from pipeline.checkpoint import CheckpointError
 
     resolved, ckpt = out.resolve(), Path(load_dir).resolve()
@@ -59,11 +74,22 @@ def check_target(out: Path, load_dir: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out}: not empty ({len(list(out.iterdir()))} entries); choose a new "
                               "directory or pass --overwrite to replace its contents")
+    staging = staging_dir(out)
+    try:  # the export is written beside OUT first: a place it cannot write is found before loading
+        staging.mkdir(parents=True)
+        staging.rmdir()
+    except OSError as exc:
+        raise CheckpointError(f"{out}: cannot write the export there ({exc.strerror or exc})") from None
     foreign = sorted(p.name for p in out.iterdir() if not is_model_file(p.name)) if out.is_dir() else []
     if foreign:  # --overwrite replaces the whole directory: only a model directory may go
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise CheckpointError(f"{out}: holds files that are not an exported model ({shown}); "
                               "--overwrite replaces only an earlier export: choose another directory")
+
+
+def staging_dir(out: Path) -> Path:
+    """Where an export is written before it replaces OUT (a killed export never looks done)."""
+    return out.parent / f".{out.name}.export-{os.getpid()}"
 
 
 # What save_pretrained writes for a BERT and its tokenizer (and a model card): a directory holding
@@ -102,10 +128,7 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
     if found is None:
         raise CheckpointError(f"{checkpoint}: no checkpoint found")
     load_dir, tag = found
-    out = Path(out)
-    if out.is_symlink():  # export into what it names: the link stays, nothing is left beside it
-        out = out.resolve()
-    check_target(out, load_dir, overwrite)
+    out = check_target(Path(out), load_dir, overwrite)
     damaged = damaged_files(load_dir / tag, full=verify == "sha256")
     if damaged:
         raise CheckpointError(f"{load_dir / tag}: damaged file(s) {', '.join(damaged)}; "
@@ -152,7 +175,7 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
         raise CheckpointError(f"{load_dir / tag}: weights do not match the recorded model "
                               f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
     tokenizer_dir = load_dir / "tokenizer"
-    staging = out.parent / f".{out.name}.export-{os.getpid()}"
+    staging = staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         try:

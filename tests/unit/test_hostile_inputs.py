@@ -328,6 +328,8 @@ EXPORT = [
     ("{ws}/ckpt_bad_state {ws}/busy_export", "not empty (1 entries)"),
     # --overwrite replaced any directory whole (a hostile pass deleted a sift-prep output so)
     ("{ws}/ckpt_bad_state {ws}/busy_export --overwrite", "holds files that are not an exported model (notes.txt)"),
+    ("{ws}/ckpt_bad_state /proc/sift-export", "/proc/sift-export: cannot write the export there"),  # exit 1
+    ("{ws}/ckpt_bad_state {ws}/" + "x" * 300, "cannot export there (File name too long)"),  # after loading
     ("{ws}/ckpt_bad_state {ws}/ckpt_bad_state/export", "inside (or holding) the checkpoint directory"),
     ("{ws}/ckpt_bad_state {ws}/a_file", "exists and is not a directory"),
     ("{ws}/ckpt_bad_state {ws}/a_file/out", "a_file is not a directory"),
