@@ -144,7 +144,7 @@ def separate_checkpoint_dir(output_dir: str | Path, ckpt_dir: str | Path) -> Pat
     return None if ckpt == out or out in ckpt.parents else ckpt
 
 
-def _overlap(target: Path, data: Path) -> str | None:
+def overlap(target: Path, data: Path) -> str | None:
     """How `target` sits to `data` ('is', 'lies inside', 'holds') or None, as written and with
     links resolved (a data directory reached through a symlink counts)."""
     for t, d in ((Path(os.path.abspath(target)), Path(os.path.abspath(data))),
@@ -166,7 +166,7 @@ def check_apart_from_data(output_dir: str | Path, ckpt_dir: str | Path,
     directory inside the output directory is fine (the quickstart keeps runs/quickstart/data)."""
     for what, target in (("run.output_dir", output_dir), ("checkpoint.dir", ckpt_dir)):
         for data in data_dirs:
-            where = _overlap(Path(target), Path(data))
+            where = overlap(Path(target), Path(data))
             if where is not None and (where != "holds" or what == "checkpoint.dir"):
                 raise RunDirError(f"{what} {target} {where} the data directory {data}: a run "
                                   "does not write among its shards; choose another directory")

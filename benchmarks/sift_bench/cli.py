@@ -526,6 +526,18 @@ def earlier_benchmark(work: Path, out: Path, name: str, allowed: bool) -> str | 
             "--work-dir")
 
 
+def beside_the_data(data: str, work: Path, out: Path) -> str | None:
+    """The arms' work directory and the report's directory lie apart from the corpus (the arms
+    would write their runs among its shards)."""
+    from pipeline.rundir import overlap
+
+    for flag, where in (("--work-dir", work), ("--out", out)):
+        how = overlap(where, Path(data))
+        if how in ("is", "lies inside"):
+            return f"{flag} {where} {how} the data directory {data}: choose another directory"
+    return None
+
+
 def bad_arm_config(args: argparse.Namespace, arms: list["Arm"], overrides: list[str],
                    work: Path) -> str | None:
     """Every arm's configuration (recipe, --set, --variant, the harness's settings) as the job
@@ -597,7 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     work = Path(args.work_dir or REPO / "runs" / "bench" / args.name).resolve()
     args.work_dir = str(work)
-    problem = earlier_benchmark(work, out, args.name, args.resume or args.overwrite) or \
+    problem = beside_the_data(args.data, work, out) or \
+        earlier_benchmark(work, out, args.name, args.resume or args.overwrite) or \
         bad_warm_start(args.warm_start)
     if problem:
         print(f"sift-bench: error: {problem}", file=sys.stderr)

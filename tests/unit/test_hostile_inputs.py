@@ -376,6 +376,8 @@ BENCH = [
     (B + " --name " + "n" * 300, "--name must be at most 200 bytes"),
     (B + " --fractions 0.5,0.5", "--fractions lists 0.5 more than once"),
     (B + " --world-size 1000", "--world-size 1000 is more ranks than this machine's"),  # started 1000
+    ("--data {ws}/data --no-hf-baseline --work-dir {ws}/data/bench", "/bench lies inside the data directory {ws}/data"),
+    ("--data {ws}/data --no-hf-baseline --work-dir {ws}/w --out {ws}/data", "--out {ws}/data is the data directory"),
     (B + " --budget-s 5 --eval-interval-s 100", "--eval-interval-s 100 is not shorter than --budget-s 5"),
     (B + " --set checkpoint.dir={ws}/ckpt", "--set: checkpoint.dir is set by sift-bench for every arm"),
     (B + " --variant v data.data_dir={ws}/empty_dir", "--variant v: data.data_dir is set by sift-bench"),
