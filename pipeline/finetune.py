@@ -468,6 +468,27 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def labeled_split(data: str | Path, test_file: str | Path | None, text_column: str, label_column: str,
+                  test_fraction: float, split_seed: int
+                  ) -> tuple[list[str], np.ndarray, list[str], np.ndarray, list[str], dict[str, Any]]:
+    """The training and test examples (texts, label ids), the label names and how they were
+    split: DATA and a --test-file, or a stratified split of DATA. FinetuneError for data that
+    cannot be fine-tuned on (unreadable, one class, too few examples to split)."""
+    data_set = read_dataset(data, text_column, label_column)
+    labels, names = encode_labels(data_set.labels)
+    if len(names) < 2:
+        raise FinetuneError(f"{data}: one class ({names[0]!r}); classification needs at least two")
+    if test_file is not None:
+        test_set = read_dataset(test_file, text_column, label_column)
+        test_labels, _ = encode_labels(test_set.labels, names)
+        return (data_set.texts, labels, test_set.texts, test_labels, names,
+                {"kind": "test-file", "test_file": str(test_file)})
+    train_idx, test_idx = stratified_split(labels, test_fraction, split_seed)
+    return ([data_set.texts[i] for i in train_idx], labels[train_idx],
+            [data_set.texts[i] for i in test_idx], labels[test_idx], names,
+            {"kind": "stratified", "test_fraction": test_fraction, "split_seed": split_seed})
+
+
 def evaluate(model: str | Path, data: str | Path, *, test_file: str | Path | None = None,
              tokenizer: str | Path | None = None, text_column: str = "text", label_column: str = "label",
              test_fraction: float = 0.2, split_seed: int = 0, seeds: Sequence[int] = (1, 2, 3),
@@ -487,22 +508,8 @@ def evaluate(model: str | Path, data: str | Path, *, test_file: str | Path | Non
 
     new_weights = new_weights_of(model_dir)
 
-    data_set = read_dataset(data, text_column, label_column)
-    labels, names = encode_labels(data_set.labels)
-    if len(names) < 2:
-        raise FinetuneError(f"{data}: one class ({names[0]!r}); classification needs at least two")
-    if test_file is not None:
-        test_set = read_dataset(test_file, text_column, label_column)
-        test_labels, _ = encode_labels(test_set.labels, names)
-        train_texts, train_labels = data_set.texts, labels
-        test_texts = test_set.texts
-        split = {"kind": "test-file", "test_file": str(test_file)}
-    else:
-        train_idx, test_idx = stratified_split(labels, test_fraction, split_seed)
-        train_texts = [data_set.texts[i] for i in train_idx]
-        test_texts = [data_set.texts[i] for i in test_idx]
-        train_labels, test_labels = labels[train_idx], labels[test_idx]
-        split = {"kind": "stratified", "test_fraction": test_fraction, "split_seed": split_seed}
+    train_texts, train_labels, test_texts, test_labels, names, split = labeled_split(
+        data, test_file, text_column, label_column, test_fraction, split_seed)
 
     tok_dir = Path(tokenizer) if tokenizer is not None else model_dir
     tok = load_tokenizer(tok_dir, model_dir, int(config.get("vocab_size", 0)) or 10**9)

@@ -538,6 +538,19 @@ def beside_the_data(data: str, work: Path, out: Path) -> str | None:
     return None
 
 
+def unwritable(work: Path, out: Path) -> str | None:
+    """The work and report directories, created and written to now (the last check: a refused
+    benchmark creates nothing), not when the first arm or the report writes there."""
+    from pipeline.rundir import RunDirError, check_writable
+
+    for flag, where in (("--work-dir", work), ("--out", out)):
+        try:
+            check_writable(where, "benchmark's files")
+        except RunDirError as exc:
+            return f"{flag} {exc}"
+    return None
+
+
 def bad_arm_config(args: argparse.Namespace, arms: list["Arm"], overrides: list[str],
                    work: Path) -> str | None:
     """Every arm's configuration (recipe, --set, --variant, the harness's settings) as the job
@@ -617,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     overrides = [*(QUICK_OVERRIDES if args.quick else () if args.recipe else DEFAULT_OVERRIDES),
                  *args.overrides, f"data.data_dir={Path(args.data).resolve()}"]
-    problem = bad_arm_config(args, arms, overrides, work)
+    problem = bad_arm_config(args, arms, overrides, work) or unwritable(work, out)
     if problem:
         print(f"sift-bench: error: {problem}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ OWNED_FLAGS = ("--seeds", "--output", "-o", "--progress", "--no-progress")
 
 def check(dataset: str, seeds: str, extra: str) -> str | None:
     """Why these --downstream settings cannot work (None: they parse), said before any training."""
-    from pipeline.finetune import FinetuneError, parse_seeds
+    from pipeline.finetune import FinetuneError, labeled_split, parse_seeds
     from pipeline.finetune_cli import build_parser
 
     if not Path(dataset).exists():
@@ -48,10 +48,15 @@ def check(dataset: str, seeds: str, extra: str) -> str | None:
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            build_parser().parse_args(["MODEL", dataset, *words])
+            args = build_parser().parse_args(["MODEL", dataset, *words])
     except SystemExit:
         why = said.getvalue().strip().removeprefix("sift-finetune: error: ").removesuffix(" (see --help)")
         return f"--downstream-args {extra!r}: {why}"
+    try:  # the data itself, as sift-finetune will read and split it after hours of training
+        labeled_split(dataset, args.test_file, args.text_column, args.label_column, args.test_fraction,
+                      args.split_seed)
+    except FinetuneError as exc:
+        return f"--downstream: {exc}"
     return None
 
 

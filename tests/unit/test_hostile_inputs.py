@@ -75,6 +75,7 @@ def ws(tmp_path_factory, tiny_corpus) -> Path:
             (tag / "checksums.json").write_text(sums)
         (w / name / "latest").write_text("step_00000001\n")
     (w / "ckpt_foreign_state" / "tokenizer").mkdir()
+    (w / "one_class.csv").write_text("text,label\n" + "".join(f"review {i},pos\n" for i in range(20)))
     (w / "busy_export").mkdir()
     (w / "busy_export" / "notes.txt").write_text("mine")
     # mixture sources that do not fit the tiny corpus: another tokenizer, another seq_len
@@ -376,6 +377,10 @@ BENCH = [
     (B + " --name " + "n" * 300, "--name must be at most 200 bytes"),
     (B + " --fractions 0.5,0.5", "--fractions lists 0.5 more than once"),
     (B + " --world-size 1000", "--world-size 1000 is more ranks than this machine's"),  # started 1000
+    # the downstream data was read only after every arm had trained
+    (B + " --downstream {ws}/a_file", "--downstream: {ws}/a_file: unknown extension ''"),
+    ("--data {ws}/data --no-hf-baseline --work-dir /proc/sift-bench", "--work-dir /proc/sift-bench: cannot write"),
+    (B + " --downstream {ws}/one_class.csv", "one class ('pos'); classification needs at least two"),
     ("--data {ws}/data --no-hf-baseline --work-dir {ws}/data/bench", "/bench lies inside the data directory {ws}/data"),
     ("--data {ws}/data --no-hf-baseline --work-dir {ws}/w --out {ws}/data", "--out {ws}/data is the data directory"),
     (B + " --budget-s 5 --eval-interval-s 100", "--eval-interval-s 100 is not shorter than --budget-s 5"),
