@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(f"sift-finetune: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
-        from pipeline.finetune import FinetuneError, FinetuneSettings, evaluate, parse_seeds
+        from pipeline.finetune import FinetuneError, evaluate, parse_seeds
     except ImportError as exc:  # an environment problem, not a bug of the caller's
         print(f"sift-finetune: error: {exc}", file=sys.stderr)
         return 1
@@ -78,9 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sift-finetune: error: --output {args.output}: {problem}", file=sys.stderr)
         return 2
     try:
-        settings = FinetuneSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                    max_length=args.max_length, weight_decay=args.weight_decay,
-                                    warmup=args.warmup, truncation=args.truncation)
+        settings = settings_from(args)
         # stdout carries the report: whatever the libraries print meanwhile (a progress bar's
         # last line, say) goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
@@ -157,6 +155,15 @@ def _quiet_libraries(progress: bool) -> None:
     transformers.logging.set_verbosity_error()
     if not progress:
         transformers.logging.disable_progress_bar()
+
+
+def settings_from(args: argparse.Namespace) -> "FinetuneSettings":
+    """The fine-tuning settings of parsed arguments (a FinetuneError for values out of range)."""
+    from pipeline.finetune import FinetuneSettings
+
+    return FinetuneSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                            max_length=args.max_length, weight_decay=args.weight_decay,
+                            warmup=args.warmup, truncation=args.truncation)
 
 
 if __name__ == "__main__":

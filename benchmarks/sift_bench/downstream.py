@@ -30,7 +30,7 @@ OWNED_FLAGS = ("--seeds", "--output", "-o", "--progress", "--no-progress")
 def check(dataset: str, seeds: str, extra: str) -> str | None:
     """Why these --downstream settings cannot work (None: they parse), said before any training."""
     from pipeline.finetune import FinetuneError, labeled_split, parse_seeds
-    from pipeline.finetune_cli import build_parser
+    from pipeline.finetune_cli import build_parser, settings_from
 
     if not Path(dataset).exists():
         return f"--downstream {dataset}: no such file or directory"
@@ -52,7 +52,8 @@ def check(dataset: str, seeds: str, extra: str) -> str | None:
     except SystemExit:
         why = said.getvalue().strip().removeprefix("sift-finetune: error: ").removesuffix(" (see --help)")
         return f"--downstream-args {extra!r}: {why}"
-    try:  # the data itself, as sift-finetune will read and split it after hours of training
+    try:  # the settings and the data, as sift-finetune will take them after hours of training
+        settings_from(args)
         labeled_split(dataset, args.test_file, args.text_column, args.label_column, args.test_fraction,
                       args.split_seed)
     except FinetuneError as exc:
