@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and fine-tune it on DATASET (sift-finetune: a labeled .csv/.tsv/.jsonl or a "
                         "directory of class subdirectories); the report puts downstream accuracy "
                         "beside masked-LM accuracy (default: off)")
-    p.add_argument("--downstream-seeds", default="1,2,3",
+    p.add_argument("--downstream-seeds", default=None,
                    help="sift-finetune seeds per arm (default 1,2,3)")
     p.add_argument("--downstream-args", default="", metavar="FLAGS",
                    help="more sift-finetune flags, one quoted string, e.g. "
@@ -314,6 +314,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         verify_prepared(args.data)
     except DataError as exc:
         p.error(f"--data: {exc}")
+    if args.downstream is None and (args.downstream_seeds is not None or args.downstream_args):
+        p.error("--downstream-seeds and --downstream-args need --downstream DATASET")
+    if args.downstream_seeds is None:
+        args.downstream_seeds = "1,2,3"
     if args.downstream is not None:  # now, not after hours of training
         problem = bench_downstream.check(args.downstream, args.downstream_seeds, args.downstream_args)
         if problem:
@@ -558,6 +562,7 @@ def bad_arm_config(args: argparse.Namespace, arms: list["Arm"], overrides: list[
     one an hour later."""
     from benchmarks.sift_bench.job import HARNESS_KEYS, arm_config, warm_start_config
     from pipeline.config import ConfigError
+    from pipeline.rundir import PreflightError
 
     for flag, settings in [("--set", args.overrides)] + [(f"--variant {v[0]}", v[1:]) for v in args.variants]:
         owned = sorted({o.split("=", 1)[0].strip() for o in settings} & HARNESS_KEYS)
@@ -581,9 +586,30 @@ def bad_arm_config(args: argparse.Namespace, arms: list["Arm"], overrides: list[
             cfg = arm_config(plan, {"name": arm.name, "overrides": arm.overrides()})
             if cfg.model.init_from is None:  # the model's own sizes: e.g. an exit past its layers
                 bert_config(cfg.model, *data_shape)
+            if isinstance(args.warm_start, str):  # a user's checkpoint: does it fit every arm?
+                warm_start_fits(cfg, args.warm_start, args.data, args.world_size)
     except (ConfigError, ValueError) as exc:  # ConfigError is a ValueError
         return str(exc)
+    except PreflightError as exc:
+        return f"--warm-start: {exc}"
     return None
+
+
+def warm_start_fits(cfg: Any, warm: str, data: str, world_size: int) -> None:
+    """The check each arm's job makes before forking from `warm` (architecture, vocabulary,
+    tokenizer, ZeRO stage: pipeline.run.check_checkpoint), made here once per arm."""
+    from pipeline import checkpoint
+    from pipeline.config import resolve_path
+    from pipeline.data import ShardDataset
+    from pipeline.ds_config import load_ds_config
+    from pipeline.run import check_checkpoint
+
+    source = checkpoint.resolve_resume(warm, Path(warm), what="--warm-start")
+    if source is None:
+        return  # bad_warm_start says so
+    check_checkpoint(cfg, source, ShardDataset(data, cfg.data.train_split),
+                     load_ds_config(resolve_path(cfg.run.ds_config), world_size),
+                     checkpoint.saved_positions(*source), fork=True)
 
 
 def bad_warm_start(warm: str | None) -> str | None:

@@ -260,3 +260,13 @@ def test_warm_start_forks_every_arm_from_one_vanilla_checkpoint(state_union_shar
         assert (work / "arms" / name / "export" / "model.safetensors").is_file()
     table = (out / "time_to_accuracy_quick.md").read_text()
     assert "| arm | final MLM accuracy | downstream accuracy | downstream macro-F1 |" in table
+    # A warm start (a directory) the arms cannot fork from is refused before any job (each arm's
+    # job found it, one after another, with a traceback); nothing of the first benchmark changes.
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    proc = subprocess.run([*cmd[:cmd.index("--warm-start")], "--warm-start", str(work / "warm_start" / "checkpoints"),
+                           *cmd[cmd.index("--warm-start") + 2:], "--name", "misfit", "--set",
+                           "model.preset=bert-mini"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "--warm-start: " in lines[0] and "does not fit this run: model num_hidden_layers" in lines[0], lines[0]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before

@@ -381,6 +381,7 @@ BENCH = [
     (B + " --downstream {ws}/a_file", "--downstream: {ws}/a_file: unknown extension ''"),
     ("--data {ws}/data --no-hf-baseline --work-dir /proc/sift-bench", "--work-dir /proc/sift-bench: cannot write"),
     (B + " --downstream {ws}/one_class.csv", "one class ('pos'); classification needs at least two"),
+    (B + " --downstream-seeds 1,2", "--downstream-seeds and --downstream-args need --downstream DATASET"),
     (B + " --downstream {ws}/one_class.csv --downstream-args=--epochs=-1", "epochs must be a finite number > 0"),
     (B + " --downstream {ws}/one_class.csv --downstream-args=--lr=nan", "lr must be a finite number > 0"),
     ("--data {ws}/data --no-hf-baseline --work-dir {ws}/data/bench", "/bench lies inside the data directory {ws}/data"),
