@@ -53,6 +53,7 @@ ARM_KEYS = ("selection.policy", "selection.fraction", "selection.pool", "model.e
 # Settings the harness applies when no --recipe is given (a recipe owns them otherwise): a
 # wall-time budget has no step horizon, so the LR is constant after warmup in every arm alike.
 DEFAULT_OVERRIDES = ("optim.decay=constant",)
+MAX_BUDGET_S = 30 * 86400  # a month per arm: beyond it a typo, not a benchmark
 QUICK_OVERRIDES = (
     "model.preset=bert-tiny", "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
     "optim.decay=constant", "optim.lr=2e-3", "optim.warmup_steps=10", "optim.weight_decay=0.0",
@@ -271,6 +272,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--target-fraction must be in (0, 1], got {args.target_fraction}")
     if not (0 < args.budget_s < math.inf and 0 < args.eval_interval_s < math.inf):
         p.error("--budget-s and --eval-interval-s must be > 0 and finite")
+    if args.budget_s > MAX_BUDGET_S:  # every arm runs this long, one after another
+        p.error(f"--budget-s must be at most {MAX_BUDGET_S:g} seconds (~{MAX_BUDGET_S / 86400:.0f} days) "
+                f"an arm, got {args.budget_s:g}")
     if args.timeout_s is not None and not args.timeout_s > 0:
         p.error(f"--timeout-s must be > 0, got {args.timeout_s}")
     if args.world_size < 1:

@@ -367,6 +367,7 @@ BENCH = [
     (B + " --eval-interval-s 0", "eval"),
     (B + " --quick --exit-layers 3", "model.exit_layer must be in 1..2 for this model, got 3"),
     (B + " --budget-s inf", "--budget-s and --eval-interval-s must be > 0 and finite"),
+    (B + " --budget-s 1e300", "--budget-s must be at most 2.592e+06 seconds"),  # ran "forever"
     (B + " --eval-interval-s inf", "--budget-s and --eval-interval-s must be > 0 and finite"),
     (B + " --timeout-s 0", "--timeout-s must be > 0"),
     (B + " --timeout-s nan", "--timeout-s must be > 0"),
