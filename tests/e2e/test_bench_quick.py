@@ -263,9 +263,10 @@ def test_warm_start_forks_every_arm_from_one_vanilla_checkpoint(state_union_shar
     # A warm start (a directory) the arms cannot fork from is refused before any job (each arm's
     # job found it, one after another, with a traceback); nothing of the first benchmark changes.
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
-    proc = subprocess.run([*cmd[:cmd.index("--warm-start")], "--warm-start", str(work / "warm_start" / "checkpoints"),
-                           *cmd[cmd.index("--warm-start") + 2:], "--name", "misfit", "--set",
-                           "model.preset=bert-mini"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    misfit = [sys.executable, "-m", "benchmarks.sift_bench.cli", "--quick", "--data", str(state_union_shards),
+              "--warm-start", str(work / "warm_start" / "checkpoints"), "--out", str(out),
+              "--work-dir", str(tmp_path / "work2"), "--name", "misfit", "--set", "model.preset=bert-mini"]
+    proc = subprocess.run(misfit, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert "--warm-start: " in lines[0] and "does not fit this run: model num_hidden_layers" in lines[0], lines[0]
