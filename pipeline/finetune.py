@@ -32,6 +32,7 @@ FILE_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 MAX_UNK_SHARE = 0.5
+MAX_EPOCHS = 1000
 
 
 class FinetuneError(ValueError):
@@ -58,6 +59,8 @@ def read_dataset(path: str | Path, text_column: str = "text", label_column: str 
         raise FinetuneError(f"{path}: no such file or directory")
     if path.is_dir():
         data = read_class_dirs(path)
+    elif not path.is_file():  # a FIFO or a device: reading would wait forever or never end
+        raise FinetuneError(f"{path}: not a regular file")
     else:
         kind = FILE_KINDS.get(path.suffix.lower())
         if kind is None:
@@ -266,6 +269,8 @@ class FinetuneSettings:
     def __post_init__(self):
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise FinetuneError(f"epochs must be a finite number > 0, got {self.epochs}")
+        if self.epochs > MAX_EPOCHS:  # a typo, not a fine-tuning: it would run for days
+            raise FinetuneError(f"epochs must be at most {MAX_EPOCHS}, got {self.epochs:g}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FinetuneError(f"lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1:
@@ -350,6 +355,10 @@ def load_tokenizer(tokenizer_dir: Path, model_dir: Path, vocab_size: int):
     if len(tok) > vocab_size:
         raise FinetuneError(f"{tokenizer_dir}: tokenizer has {len(tok)} tokens, the model's "
                             f"vocabulary {vocab_size}: they do not belong together")
+    lacking = [name for name in ("pad_token", "cls_token", "sep_token") if getattr(tok, name) is None]
+    if lacking:  # batches are padded and framed with them
+        raise FinetuneError(f"{tokenizer_dir}: the tokenizer names no {', '.join(lacking)} (a BERT "
+                            f"tokenizer has [PAD], [CLS] and [SEP]){hint}")
     return tok
 
 

@@ -117,6 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def is_report(path: "Path") -> bool:
+    """An earlier report of this tool (a JSON object with its keys), which --output may replace."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"model", "dataset", "runs", "accuracy"} <= doc.keys()
+
+
 def unwritable_output(path: str | None) -> str | None:
     """Why the report could not be written to `path` (None: it can, or there is no --output)."""
     if path is None:
@@ -127,6 +138,10 @@ def unwritable_output(path: str | None) -> str | None:
     out = Path(path)
     if out.is_dir():
         return "is a directory; name a file"
+    if out.exists() and not out.is_file():  # a device: the atomic write would replace it
+        return "exists and is not a regular file; name a file"
+    if out.is_file() and not is_report(out):  # the data, the model's config.json, anything
+        return "exists and is not a sift-finetune report; name a new file (an earlier report is replaced)"
     if not out.parent.is_dir():
         return f"no such directory {out.parent}"
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +288,18 @@ def two_class_csv(tmp_path: Path, classes=("a", "b")) -> Path:
     return f
 
 
+def no_pad_tokenizer(tmp_path: Path) -> Path:
+    """A real tokenizers file with the x-words and [UNK] but no [PAD]/[CLS]/[SEP]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path / "no_pad"
+    d.mkdir(exist_ok=True)
+    tok = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, **{f"x{i}": i + 1 for i in range(10)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     good = bert_dir(tmp_path)
     roberta = bert_dir(tmp_path, "roberta")
@@ -320,8 +333,18 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         ((foreign, two_class_csv(tmp_path), "--tokenizer", x_words, "--epochs", "1"),
          "weight(s) of the model its config.json describes are not in its weights file "
          "(e.g. bert.encoder.layer.1."),
+        # a fresh hostile pass (issue 24): an --output that was the model's config.json or the data
+        # was overwritten with the report, a device was replaced by it, a FIFO as data hung, an
+        # absurd epoch count ran for days, a tokenizer without [PAD] failed in several lines
+        ((good, two_class_csv(tmp_path), "--output", good / "config.json"), "exists and is not a sift-finetune report"),
+        ((good, two_class_csv(tmp_path), "--output", two_class_csv(tmp_path)), "exists and is not a sift-finetune report"),
+        ((good, two_class_csv(tmp_path), "--output", "/dev/null"), "exists and is not a regular file"),
+        ((good, tmp_path / "fifo.csv"), "fifo.csv: not a regular file"),
+        ((good, two_class_csv(tmp_path), "--epochs", "1e9"), "epochs must be at most 1000"),
+        ((good, two_class_csv(tmp_path), "--tokenizer", no_pad_tokenizer(tmp_path)), "the tokenizer names no pad_token"),
     ]
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    os.mkfifo(tmp_path / "fifo.csv")
     for args, problem in cases:
         proc = run_in_process(*args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
