@@ -36,6 +36,10 @@ from pipeline.trainer import Trainer
 
 def run(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     """Build data, model and engine from `cfg`, resume if asked, train, write the summary."""
+    if not sys.stderr.isatty():  # transformers' weight-loading bars (init_from, a reference
+        import transformers      # model) are noise in a log file
+
+        transformers.logging.disable_progress_bar()
     for data_dir in cfg.data.data_dirs:
         preflight(lambda: verify_prepared(data_dir, full=cfg.data.verify == "sha256"))
     # a missing or empty split; the sources of a mixture with another tokenizer or seq_len;
