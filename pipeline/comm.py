@@ -166,7 +166,9 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def check_rank_env(env: Mapping[str, str]) -> str | None:
     """What is wrong with the rank variables a launcher (or a user) set, or None: integers, a
-    rank in [0, WORLD_SIZE). A rank outside the world waits for peers that never come."""
+    rank in [0, WORLD_SIZE), a port, and all five of them (without LOCAL_RANK DeepSpeed falls back
+    to MPI discovery and runs a world of one, whatever WORLD_SIZE said). A rank outside the world
+    waits for peers that never come."""
     if "RANK" not in env:
         return None
     values = {}
@@ -181,6 +183,13 @@ def check_rank_env(env: Mapping[str, str]) -> str | None:
     if world < 1 or not 0 <= rank < world or local < 0:
         return (f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: a rank must be in "
                 "[0, WORLD_SIZE) and LOCAL_RANK >= 0")
+    missing = [n for n in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(n)]
+    if missing:
+        return (f"RANK and WORLD_SIZE are set but {', '.join(missing)} not: set all five (a launcher "
+                "such as deepspeed or torchrun does), or none for one process")
+    port = env["MASTER_PORT"]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"MASTER_PORT={port!r} is not a port number (1-65535)"
     return None
 
 

@@ -80,11 +80,15 @@ def _check_target(out: Path, load_dir: Path, overwrite: bool) -> None:
         staging.rmdir()
     except OSError as exc:
         raise CheckpointError(f"{out}: cannot write the export there ({exc.strerror or exc})") from None
-    foreign = sorted(p.name for p in out.iterdir() if not is_model_file(p.name)) if out.is_dir() else []
+    names = [p.name for p in out.iterdir()] if out.is_dir() else []
+    foreign = sorted(n for n in names if not is_model_file(n))
     if foreign:  # --overwrite replaces the whole directory: only a model directory may go
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise CheckpointError(f"{out}: holds files that are not an exported model ({shown}); "
                               "--overwrite replaces only an earlier export: choose another directory")
+    if names and not ("config.json" in names and any(is_weights_file(n) for n in names)):
+        raise CheckpointError(f"{out}: holds no exported model (a config.json and weights; a "
+                              "tokenizer directory?); --overwrite replaces only an earlier export")
 
 
 def staging_dir(out: Path) -> Path:
@@ -102,6 +106,11 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "mo
 
 def is_model_file(name: str) -> bool:
     return name in MODEL_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
+def is_weights_file(name: str) -> bool:
+    return name in ("model.safetensors", "pytorch_model.bin") or (
+        name.startswith("model-") and name.endswith(".safetensors"))
 
 
 def nonfinite_tensors(state_dict: "dict[str, torch.Tensor]") -> list[str]:

@@ -43,6 +43,7 @@ _SCORING = {
 }
 
 POLICIES = tuple(_SCORING)
+MIN_TEMPERATURE = 1e-6  # draw = sample: far below it the softmax is a top-k, and float32 underflows
 POOLS = ("expand", "shrink")
 SCOPES = ("global", "local")
 NORMALIZATIONS = ("none", "unigram", "token-ema", "reference")
@@ -167,6 +168,9 @@ class SelectionConfig:
             raise ValueError(f"selection.draw must be one of {DRAWS}, got {self.draw!r}")
         if not 0 < self.temperature < math.inf:
             raise ValueError(f"selection.temperature must be > 0 and finite, got {self.temperature!r}")
+        if self.temperature < MIN_TEMPERATURE:  # float32 scores: 1e-300 is 0, and 0/0 is NaN
+            raise ValueError(f"selection.temperature must be at least {MIN_TEMPERATURE:g} (lower is "
+                             f"draw = 'top-k'), got {self.temperature!r}")
         if not 0.0 < self.epsilon <= 1.0:
             raise ValueError(f"selection.epsilon must be in (0, 1], got {self.epsilon!r}")
         if not 0.0 < self.token_ema_rate <= 1.0:

@@ -193,6 +193,7 @@ TRAIN = [
     # finished a step, failed inside DeepSpeed with a traceback, or trained where they should not
     (D + " model.max_positions=100000000", "model.max_positions must be an int in [1, 65536]"),
     (D + " selection.temperature=inf", "selection.temperature must be > 0 and finite"),
+    (D + " selection.draw=sample selection.temperature=1e-300", "selection.temperature must be at least 1e-06"),
     (D + " optim.decay_time_s=inf", "optim.decay_time_s must be > 0 and finite"),
     (D + " eval.every_s=inf", "eval.every_s must be > 0 and finite"),
     (D + ' checkpoint.dir=""', "checkpoint.dir must not be empty"),
@@ -329,6 +330,7 @@ EXPORT = [
     ("{ws}/ckpt_bad_state {ws}/busy_export", "not empty (1 entries)"),
     # --overwrite replaced any directory whole (a hostile pass deleted a sift-prep output so)
     ("{ws}/ckpt_bad_state {ws}/busy_export --overwrite", "holds files that are not an exported model (notes.txt)"),
+    ("{ws}/ckpt_bad_state {ws}/data/tokenizer --overwrite", "holds no exported model"),  # was replaced
     ("{ws}/ckpt_bad_state /proc/sift-export", "/proc/sift-export: cannot write the export there"),  # exit 1
     ("{ws}/ckpt_bad_state {ws}/" + "x" * 300, "cannot export there (File name too long)"),  # after loading
     ("{ws}/ckpt_bad_state {ws}/ckpt_bad_state/export", "inside (or holding) the checkpoint directory"),
@@ -492,6 +494,9 @@ ENV_CASES = [  # a launcher's (or a user's) environment that cannot describe a p
     ({"RANK": "x", "WORLD_SIZE": "2"}, "launch error: RANK='x' is not an integer"),
     ({"RANK": "0", "WORLD_SIZE": "0"}, "launch error: RANK=0, WORLD_SIZE=0"),
     ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE are set but LOCAL_RANK, MASTER_ADDR, MASTER_PORT not"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
+     "MASTER_PORT='abc' is not a port number"),
     ({"SIFT_FAULTS": "bogus"}, "SIFT_FAULTS='bogus' is not JSON"),
     ({"SIFT_FAULTS": "[1]"}, "SIFT_FAULTS must be a JSON object, got list"),
     ({"SIFT_FAULTS": '{"kill_at_step": "a"}'}, "SIFT_FAULTS: kill_at_step must be an integer, got 'a'"),
@@ -500,10 +505,11 @@ ENV_CASES = [  # a launcher's (or a user's) environment that cannot describe a p
 
 @pytest.mark.parametrize("env, words", ENV_CASES, ids=[str(e) for e, _ in ENV_CASES])
 def test_a_bad_launch_environment_is_one_line_exit_2(env, words, ws, capsys, monkeypatch):
-    """A rank outside its world waited for peers until the timeout (10 minutes by default); a
+    """A rank outside its world waited for peers until the timeout (10 minutes by default); RANK
+    and WORLD_SIZE=2 without LOCAL_RANK ran as a world of one (DeepSpeed's MPI fallback); a
     damaged SIFT_FAULTS failed inside the trainer with a JSON traceback."""
     monkeypatch.chdir(ws)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SIFT_FAULTS"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SIFT_FAULTS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
