@@ -27,6 +27,17 @@
 #               floor over that budget; 2048 validation sequences every 10 s of training.
 #               SIFT_GPU_AB_ARGS adds sift-bench arguments, split on spaces (e.g. --variant ema
 #               selection.normalize="token-ema"), each arm ~2.3 min more
+#   pc          the positive control (issue 28; benchmarks/positive_control.toml): a pool whose
+#               training half is copies of 64 rows, vanilla on it for SIFT_GPU_PC_WARM steps
+#               (default 4500) so the copies are learned, then vanilla / random / full-loss /
+#               sift-loss at exit layers 1 and 2, SIFT_GPU_PC_BUDGET_S (default 40) seconds each;
+#               pc_check.log says whether the copies were learned (full-model accuracy) (~8 min;
+#               a CPU smoke test with bert-tiny, 20 warm-start steps and 4 s arms: 150 s)
+#   rd          the repeated-data A/B (issue 28; benchmarks/repeated_data.toml): the embedded
+#               corpus prepared with the data's tokenizer as one small source (~3.3 k rows of 128),
+#               vanilla on it for SIFT_GPU_RD_WARM steps (default 250 of B 128, ~10 epochs), then
+#               vanilla / random / sift-loss / sift-loss with the loss history (mean, and scored
+#               every third visit) for SIFT_GPU_RD_BUDGET_S (default 20) seconds each (~8 min)
 # A summary of every stage's exit code goes to OUT_DIR/stages.txt. With SIFT_GPU_ARCHIVE=FILE.tgz
 # the results folder (checkpoints left out) is packed into that one file after every stage: the
 # device tool brings back only a handful of files, and a run cut short keeps what it finished.
@@ -50,8 +61,8 @@ preset=${SIFT_GPU_CHECK_PRESET:-bert-medium}  # train/bench/ab stages (bert-tiny
 stages=" ${SIFT_GPU_CHECK_STAGES:-efficiency variants profile train bench} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 for s in $stages; do  # a misspelt stage would otherwise run nothing, silently
-    case $s in efficiency|variants|profile|train|bench|compile|memory|ab) ;;
-        *) echo "gpu_check: unknown stage '$s' in SIFT_GPU_CHECK_STAGES (efficiency variants profile train bench compile memory ab)" >&2; exit 2 ;;
+    case $s in efficiency|variants|profile|train|bench|compile|memory|ab|pc|rd) ;;
+        *) echo "gpu_check: unknown stage '$s' in SIFT_GPU_CHECK_STAGES (efficiency variants profile train bench compile memory ab pc rd)" >&2; exit 2 ;;
     esac
 done
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$out/stages.txt"; }
@@ -163,7 +174,33 @@ if want ab; then
         --set model.preset=$preset run.ds_config="$out/ds_zero0_autocast_bf16.json" optim.lr=3e-4 \
               optim.warmup_steps=500 'optim.decay="linear"' eval.max_samples=2048
 fi
+# the positive control and the repeated-data A/B (issue 28) at the GPU's batch, one process each
+if want pc; then
+    stage pc_pool 120 "$py" -m benchmarks.positive_control pool "$data" "$out/pc_data"
+    stage positive_control 580 "$py" -m benchmarks.sift_bench.cli --data "$out/pc_data" \
+        --recipe benchmarks/positive_control.toml --world-size 1 --warm-start "${SIFT_GPU_PC_WARM:-4500}" \
+        --budget-s "${SIFT_GPU_PC_BUDGET_S:-40}" --eval-interval-s "${SIFT_GPU_PC_EVAL_S:-6}" \
+        --policies sift-loss,full-loss,random --fractions 0.5 --pools expand --exit-layers 1,2 \
+        --exit-heads shared --no-hf-baseline --name positive_control --out "$out" \
+        --work-dir "$out/pc_runs" --set model.preset=$preset run.ds_config="$out/ds_zero0_autocast_bf16.json"
+    stage pc_check 120 "$py" -m benchmarks.positive_control check "$out/pc_runs/warm_start/checkpoints" \
+        "$out/pc_data"
+fi
+if want rd; then
+    seq_len=$("$py" -c "import json, sys; print(json.load(open(sys.argv[1]))['seq_len'])" "$data/manifest.json")
+    stage rd_data 120 "$py" -m data_prep --tokenizer "$data/tokenizer" --seq-len "$seq_len" \
+        --valid-fraction 0.1 --output "$out/rd_data" --no-progress
+    stage repeated_data 580 "$py" -m benchmarks.sift_bench.cli --data "$out/rd_data" \
+        --recipe benchmarks/repeated_data.toml --world-size 1 --warm-start "${SIFT_GPU_RD_WARM:-250}" \
+        --budget-s "${SIFT_GPU_RD_BUDGET_S:-20}" --eval-interval-s "${SIFT_GPU_RD_EVAL_S:-2}" \
+        --policies sift-loss,random --fractions 0.5 --pools expand --exit-layers 1 --exit-heads shared \
+        --no-hf-baseline --variant hist selection.history=mean \
+        --variant stale3 selection.history=mean selection.history_rescore_every=3 \
+        --name repeated_data --out "$out" --work-dir "$out/rd_runs" \
+        --set model.preset=$preset run.ds_config="$out/ds_zero0_autocast_bf16.json"
+fi
 # checkpoints are large and rebuilt in seconds: keep the logs, summaries and metrics
-rm -rf "$out"/train_*/checkpoints "$out"/sift_*_runs/*/arms/*/checkpoints 2>/dev/null
+rm -rf "$out"/train_*/checkpoints "$out"/sift_*_runs/*/arms/*/checkpoints \
+    "$out"/pc_runs/warm_start/checkpoints "$out"/rd_runs/warm_start/checkpoints 2>/dev/null
 log "done: $out"
 archive
