@@ -95,7 +95,7 @@ def main() -> None:
         "benchmark": "order_scaling",
         "command": "python benchmarks/order_scaling.py " + " ".join(sys.argv[1:]),
         "per_rank": args.per_rank, "world": args.world, "batches": args.batches,
-        "machine": machine_info(),
+        "machine": machine_info(repo=ROOT),
         "rows": rows,
         "keyed_time_ratio_1e10_vs_1e6": keyed[-1]["s_per_batch"] / keyed[0]["s_per_batch"],
         "keyed_rss_growth_mib_max": max(r["rss_growth_mib"] for r in keyed),
