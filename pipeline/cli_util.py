@@ -15,6 +15,12 @@ import sys
 _LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
+def first_few(names: list[str], shown: int = 3) -> str:
+    """The first `shown` of `names` and how many more: what an error line lists of a directory."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def one_line(text: object) -> str:
     """`text` with line breaks and other control characters escaped ("\\n"): one line."""
     return _LINE_BREAKING.sub(lambda m: repr(m.group())[1:-1], str(text))

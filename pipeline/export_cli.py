@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from pipeline import __version__
-from pipeline.cli_util import OneLineParser
+from pipeline.cli_util import OneLineParser, first_few
 
 if TYPE_CHECKING:
     import torch
@@ -83,8 +83,7 @@ def _check_target(out: Path, load_dir: Path, overwrite: bool) -> None:
     names = [p.name for p in out.iterdir()] if out.is_dir() else []
     foreign = sorted(n for n in names if not is_model_file(n))
     if foreign:  # --overwrite replaces the whole directory: only a model directory may go
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise CheckpointError(f"{out}: holds files that are not an exported model ({shown}); "
+        raise CheckpointError(f"{out}: holds files that are not an exported model ({first_few(foreign)}); "
                               "--overwrite replaces only an earlier export: choose another directory")
     if names and not ("config.json" in names and any(is_weights_file(n) for n in names)):
         raise CheckpointError(f"{out}: holds no exported model (a config.json and weights; a "

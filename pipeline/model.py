@@ -82,10 +82,10 @@ def parameter_count(config: BertConfig) -> int:
 def _check_fits_in_memory(config: BertConfig, where: str) -> None:
     """A model whose fp32 weights alone exceed this machine's memory (it is built in host memory
     before it moves to a device) would be built layer by layer until the OOM killer ends it."""
-    need = 4 * parameter_count(config)
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    params = parameter_count(config)
+    need, have = 4 * params, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
-        raise ValueError(f"{where}: ~{parameter_count(config) / 1e9:.1f} B parameters need "
+        raise ValueError(f"{where}: ~{params / 1e9:.1f} B parameters need "
                          f"{need / 2**30:.0f} GiB for their fp32 weights alone, more than this machine's "
                          f"{have / 2**30:.0f} GiB of memory")
 

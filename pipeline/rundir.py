@@ -26,6 +26,7 @@ import socket
 import time
 from pathlib import Path
 
+from pipeline.cli_util import first_few
 from pipeline.faults import process_running
 
 LOCK = ".lock"
@@ -188,8 +189,7 @@ def check_checkpoints_only(ckpt_dir: str | Path) -> None:
     foreign = sorted(p.name for p in ckpt.iterdir() if p.name not in CHECKPOINT_ENTRIES
                      and not p.name.startswith(CHECKPOINT_PREFIXES))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise RunDirError(f"checkpoint.dir {ckpt} holds files that are not checkpoints ({shown}): "
+        raise RunDirError(f"checkpoint.dir {ckpt} holds files that are not checkpoints ({first_few(foreign)}): "
                           "choose an empty directory or one that holds only checkpoints")
 
 

@@ -87,12 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wrong is not None:  # every rank says it: which of them is rank 0 is what is wrong
             print(f"sift-train: launch error: {wrong}", file=sys.stderr)
             return 2
-        FaultInjector.from_env()  # a test hook: a bad value is one line before anything starts
+        try:  # a test hook: a bad value is one line before anything starts
+            FaultInjector.from_env()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         ds = load_ds_config(resolve_path(cfg.run.ds_config), int(os.environ.get("WORLD_SIZE", "1")))
         from pipeline.engine import check_precision_supported
 
         check_precision_supported(ds, cfg.run.ds_config)
-    except (ConfigError, ValueError) as exc:  # every rank finds the same error: rank 0 says it
+    except ConfigError as exc:  # every rank finds the same error: rank 0 says it
         if os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
             print(f"sift-train: configuration error: {one_line(exc)}", file=sys.stderr)
         return 2
